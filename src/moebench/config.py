@@ -1,0 +1,278 @@
+"""Typed configuration of one training run and of a study (a grid of runs).
+
+Every field is validated before any work starts: unknown keys are refused (`extra="forbid"`),
+enumerations are `Literal`s, so errors name the field, the value and the allowed values.
+The JSON schema that Snakemake validates study files against is generated from `StudyConfig`
+(`moebench schema`), and a test keeps the committed schema in sync.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    """Base: unknown keys are errors, assignment is validated, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def _finite(v: float, name: str) -> float:
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v}")
+    return v
+
+
+class DataConfig(Strict):
+    """Where the token streams come from (see `moebench.data`)."""
+
+    source: Literal["shakespeare", "cpython", "synthetic", "file", "hf"] = "shakespeare"
+    path: str | None = Field(None, description="text file for source=file")
+    hf_name: str | None = Field(None, description="Hugging Face dataset name for source=hf")
+    vocab_size: int = Field(1024, ge=260, le=262144, description="byte-level BPE vocabulary")
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="documents held out")
+    max_bytes: int | None = Field(None, gt=0, description="cap on corpus bytes (fast tests)")
+    # synthetic source: topics drawn from Zipf(skew); each topic is a Markov source
+    synthetic_topics: int = Field(16, ge=1)
+    synthetic_skew: float = Field(1.2, ge=0.0, description="Zipf exponent over topics")
+    synthetic_docs: int = Field(400, ge=2)
+    synthetic_doc_tokens: int = Field(512, ge=16)
+
+    @model_validator(mode="after")
+    def _source_args(self) -> DataConfig:
+        if self.source == "file" and not self.path:
+            raise ValueError("data.path is required when data.source='file'")
+        if self.source == "hf" and not self.hf_name:
+            raise ValueError("data.hf_name is required when data.source='hf'")
+        return self
+
+
+class ModelConfig(Strict):
+    """DeepSeekMoE decoder shape (see `moebench.model`)."""
+
+    d_model: int = Field(128, ge=8)
+    n_layers: int = Field(4, ge=1)
+    n_heads: int = Field(4, ge=1)
+    n_dense_layers: int = Field(1, ge=0)
+    dense_hidden: int = Field(512, ge=1)
+    n_shared_experts: int = Field(1, ge=0)
+    expert_hidden: int = Field(64, ge=1)
+    init_std: float = Field(0.02, gt=0.0)
+    expert_impl: Literal["loop", "grouped"] = "grouped"
+
+    @model_validator(mode="after")
+    def _shape(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}"
+            )
+        if self.n_dense_layers > self.n_layers:
+            raise ValueError(
+                f"model.n_dense_layers={self.n_dense_layers} exceeds model.n_layers={self.n_layers}"
+            )
+        return self
+
+
+class TopologyConfig(Strict):
+    """Expert-parallel layout: experts in contiguous blocks on GPUs, GPUs in nodes."""
+
+    num_nodes: int = Field(4, ge=1)
+    gpus_per_node: int = Field(2, ge=1)
+
+    @property
+    def num_devices(self) -> int:
+        return self.num_nodes * self.gpus_per_node
+
+
+class RouterSettings(Strict):
+    """Router options; `limit` picks what a group is (device for V2, node for V3)."""
+
+    num_experts: int = Field(16, ge=1)
+    top_k: int = Field(4, ge=1)
+    score_fn: Literal["softmax", "sigmoid"] = "softmax"
+    limit: Literal["none", "device", "node"] = "none"
+    group_limit: int = Field(2, ge=1, description="M: max devices/nodes per token")
+    group_score: Literal["max", "top2_sum", "topk_sum"] = "max"
+    normalize: bool = False
+    route_scale: float = Field(1.0, gt=0.0)
+
+
+class BiasConfig(Strict):
+    """Aux-loss-free bias ([V3] §2.1.2, [LF] Alg. 1)."""
+
+    enabled: bool = False
+    rate: float = Field(1e-3, ge=0.0)
+    rule: Literal["sign", "proportional", "multiplicative"] = "sign"
+    freeze_frac: float = Field(1.0, gt=0.0, le=1.0, description="rate drops to 0 after this")
+    recenter: bool = False
+
+    _rate_finite = field_validator("rate")(lambda v: _finite(v, "balance.bias.rate"))
+
+
+class CapacityConfig(Strict):
+    """Token dropping ([Switch] eq. 3, [V2] §2.2.4). factor=None means no dropping."""
+
+    factor: float | None = Field(None, gt=0.0)
+    policy: Literal["probs", "position"] = "probs"
+    level: Literal["expert", "device"] = "expert"
+    protected_frac: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class BalanceConfig(Strict):
+    """Coefficients of every balance loss (0 = off) plus bias and capacity settings."""
+
+    switch_alpha: float = Field(0.0, ge=0.0, description="[Switch] eq. 4 (code form)")
+    expert_alpha: float = Field(0.0, ge=0.0, description="[V2] eq. 23, per sequence")
+    device_alpha: float = Field(0.0, ge=0.0, description="[V2] eq. 26")
+    comm_alpha: float = Field(0.0, ge=0.0, description="[V2] eq. 29")
+    seq_alpha: float = Field(0.0, ge=0.0, description="[V3] eq. 17, per sequence")
+    global_alpha: float = Field(0.0, ge=0.0, description="[V3] §4.5.3 batch-wise form")
+    aux_counts: Literal["literal", "actual"] = Field(
+        "literal", description="f_i from the plain unbiased top-K or the routing performed"
+    )
+    bias: BiasConfig = BiasConfig()
+    capacity: CapacityConfig = CapacityConfig()
+
+    @field_validator(
+        "switch_alpha", "expert_alpha", "device_alpha", "comm_alpha", "seq_alpha", "global_alpha"
+    )
+    @classmethod
+    def _alpha_finite(cls, v: float, info: Any) -> float:
+        return _finite(v, f"balance.{info.field_name}")
+
+
+class TrainConfig(Strict):
+    """Optimisation and bookkeeping of one run (see `moebench.train`)."""
+
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(16, ge=1, description="sequences per micro-batch")
+    grad_accum: int = Field(1, ge=1)
+    seq_len: int = Field(64, ge=2)
+    lr: float = Field(3e-3, gt=0.0)
+    min_lr_frac: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    eval_every: int = Field(50, ge=1)
+    eval_batches: int = Field(8, ge=1)
+    log_every: int = Field(10, ge=1)
+    ckpt_every: int = Field(50, ge=1)
+    trace_tokens: int = Field(4096, ge=1, description="validation tokens in routing_trace")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(1, ge=1, description="torch CPU threads (1 = bitwise reproducible)")
+
+
+class TrackingConfig(Strict):
+    """MLflow: None disables it; files stay the source of truth."""
+
+    uri: str | None = None
+    experiment: str = "moebench"
+    parent_run_id: str | None = None
+
+
+class RunConfig(Strict):
+    """Everything `moebench train` needs: the resolved config of one run."""
+
+    study: str = "adhoc"
+    dataset: str = "shakespeare"
+    strategy: str = "none"
+    seed: int = Field(0, ge=0)
+    data_dir: str = Field("work/data/shakespeare", description="output of `moebench data`")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    topology: TopologyConfig = TopologyConfig()
+    router: RouterSettings = RouterSettings()
+    balance: BalanceConfig = BalanceConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        r, t = self.router, self.topology
+        if r.top_k > r.num_experts:
+            raise ValueError(f"router.top_k={r.top_k} exceeds router.num_experts={r.num_experts}")
+        for name, n in (("num_devices", t.num_devices), ("num_nodes", t.num_nodes)):
+            if r.num_experts % n:
+                raise ValueError(
+                    f"router.num_experts={r.num_experts} must be divisible by topology.{name}={n}"
+                )
+        groups = self.num_groups
+        if r.limit != "none" and r.group_limit > groups:
+            raise ValueError(
+                f"router.group_limit={r.group_limit} exceeds the {groups} "
+                f"{r.limit}s of the topology (allowed: 1..{groups})"
+            )
+        if r.limit != "none" and r.top_k > r.group_limit * (r.num_experts // groups):
+            raise ValueError(
+                f"router.top_k={r.top_k} exceeds group_limit x experts per {r.limit} "
+                f"= {r.group_limit * (r.num_experts // groups)}"
+            )
+        if self.balance.bias.rule == "multiplicative" and r.score_fn != "sigmoid":
+            raise ValueError("balance.bias.rule='multiplicative' needs router.score_fn='sigmoid'")
+        return self
+
+    @property
+    def num_groups(self) -> int:
+        """Groups of the group-limited router: devices, nodes, or 1 (no limit)."""
+        return {
+            "none": 1,
+            "device": self.topology.num_devices,
+            "node": self.topology.num_nodes,
+        }[self.router.limit]
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge `over` into a copy of `base` (dicts merge, everything else replaces)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn `a.b=1` strings into a nested dict; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(raw)
+    return out
+
+
+def format_validation_error(err: ValidationError, where: str) -> str:
+    """One line per problem: dotted field, the offending value and pydantic's reason."""
+    lines = [f"invalid {where}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  {loc}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def load_run_config(path: Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a run config YAML (or defaults) and apply `--set` overrides; ValueError if bad."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise ValueError(f"config file {path} does not exist")
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file {path} must hold a mapping, got {type(raw).__name__}")
+    raw = deep_merge(raw, parse_overrides(overrides or []))
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ValueError(format_validation_error(err, f"run config {path or '(defaults)'}")) from None

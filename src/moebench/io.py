@@ -1,0 +1,60 @@
+"""Atomic file output: every file is written to a temporary sibling and renamed into place,
+so a reader (or a kill -9) never sees a half-written file."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` only if the body succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file for writing; it replaces `path` when the block exits cleanly."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_open(path) as f:
+        f.write(text)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Deterministic JSON (sorted keys) so that identical runs give identical bytes."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n")
+
+
+def write_yaml(path: str | Path, obj: Any) -> None:
+    write_text(path, yaml.safe_dump(obj, sort_keys=True))
+
+
+def write_parquet(path: str | Path, table: pa.Table) -> None:
+    """Parquet without wall-clock metadata, so equal tables give equal bytes."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", write_statistics=False)
