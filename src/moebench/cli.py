@@ -10,3 +10,20 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
 def main() -> None:
     app()
+
+
+from moebench.data.cli import data  # noqa: E402
+
+app.command("data")(data)
+
+from moebench.train.cli import train  # noqa: E402
+
+app.command("train")(train)
+
+from moebench.report.cli import aggregate, mlflow_init, resolve, schema, where  # noqa: E402
+
+app.command("resolve")(resolve)
+app.command("schema")(schema)
+app.command("mlflow-init")(mlflow_init)
+app.command("aggregate")(aggregate)
+app.command("where")(where)

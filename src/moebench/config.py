@@ -10,10 +10,18 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 
 class Strict(BaseModel):
@@ -276,3 +284,199 @@ def load_run_config(path: Path | None, overrides: list[str] | None = None) -> Ru
         return RunConfig.model_validate(raw)
     except ValidationError as err:
         raise ValueError(format_validation_error(err, f"run config {path or '(defaults)'}")) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Study: a grid of runs (datasets x strategies x seeds) over shared defaults. Owned by the
+# pipeline; `workflow/schemas/study.schema.json` is generated from `StudyConfig`.
+
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+"""Study, dataset and strategy names become path parts and Snakemake wildcards."""
+
+_OVERRIDABLE = ("model", "topology", "router", "balance", "train")
+"""RunConfig sections a study's `base` and its strategies may set."""
+
+
+def _override_model(cls: type[BaseModel]) -> type[BaseModel]:
+    """A copy of `cls` whose fields are all optional (None = not set), nested models included.
+
+    Strategy overrides are validated field by field against it (types, ranges, allowed values,
+    unknown keys), so both pydantic and the generated JSON schema refuse a bad override before
+    it is merged; the merged RunConfig is validated again as a whole (cross-field rules)."""
+    fields: dict[str, Any] = {}
+    for name, info in cls.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            inner: Any = _override_model(ann)
+        else:
+            inner = Annotated[ann, *info.metadata] if info.metadata else ann
+        fields[name] = (inner | None, Field(None, description=info.description))
+    return create_model(
+        f"{cls.__name__}Override",
+        __config__=ConfigDict(extra="forbid", frozen=True),
+        __doc__=f"Fields of {cls.__name__} to override (unset = inherit).",
+        **fields,
+    )
+
+
+StrategyOverride = _override_model(
+    create_model(
+        "Strategy",
+        __config__=ConfigDict(extra="forbid"),
+        **{s: (RunConfig.model_fields[s].annotation, ...) for s in _OVERRIDABLE},
+    )
+)
+"""A strategy: a partial RunConfig over model/topology/router/balance/train."""
+
+
+class RunDefaults(Strict):
+    """RunConfig sections shared by every run of a study (strategies override them)."""
+
+    model: ModelConfig = ModelConfig()
+    topology: TopologyConfig = TopologyConfig()
+    router: RouterSettings = RouterSettings()
+    balance: BalanceConfig = BalanceConfig()
+    train: TrainConfig = TrainConfig()
+
+
+class StudyTracking(Strict):
+    """MLflow for a study: one experiment, one parent run, one child run per training run."""
+
+    uri: str | None = Field(
+        "sqlite:///results/mlflow/mlflow.db",
+        description="tracking URI (sqlite file or http(s) server); null disables MLflow",
+    )
+    artifact_location: str | None = Field(
+        None,
+        description="artifact root of a new experiment; default: <sqlite db dir>/mlruns/"
+        "<experiment> for a sqlite store, the server's default for a server",
+    )
+    experiment: str | None = Field(None, description="experiment name; default: the study name")
+
+
+class JobResources(Strict):
+    """Snakemake resources of one kind of job (SLURM reads them; locally only threads count)."""
+
+    threads: int = Field(1, ge=1)
+    mem_mb: int = Field(2000, ge=100)
+    runtime: int = Field(30, ge=1, description="minutes")
+    gpu: int = Field(0, ge=0, description="GPUs per job (SLURM `gpu` resource)")
+
+
+class StudyResources(Strict):
+    """Per-stage job resources; `train.threads` also sets torch's CPU threads of each run."""
+
+    data: JobResources = JobResources()
+    kernels: JobResources = JobResources()
+    train: JobResources = JobResources()
+    comm: JobResources = JobResources()
+
+
+class StudyConfig(Strict):
+    """A study file (`configs/*.yaml`): the grid datasets x strategies x seeds over `base`.
+
+    `run_config(dataset, strategy, seed)` deep-merges `base` with the strategy's override and
+    validates the result as a RunConfig; every grid point is checked when the study loads, so
+    a bad strategy is refused before any job starts."""
+
+    study: str = Field(pattern=_NAME_PATTERN, description="name: results/runs/<study>/...")
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+    datasets: dict[Annotated[str, Field(pattern=_NAME_PATTERN)], DataConfig] = Field(
+        min_length=1
+    )
+    strategies: dict[Annotated[str, Field(pattern=_NAME_PATTERN)], StrategyOverride] = Field(  # type: ignore[valid-type]
+        min_length=1
+    )
+    base: RunDefaults = RunDefaults()
+    tracking: StudyTracking = StudyTracking()
+    resources: StudyResources = StudyResources()
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _grid_valid(self) -> StudyConfig:
+        for dataset in self.datasets:
+            for strategy in self.strategies:
+                self.run_config(dataset, strategy, self.seeds[0])
+        return self
+
+    @property
+    def experiment(self) -> str:
+        """MLflow experiment name of this study."""
+        return self.tracking.experiment or self.study
+
+    def data_dir(self, dataset: str) -> str:
+        """Where `moebench data` writes the token streams of `dataset` for this study."""
+        return f"work/data/{self.study}/{dataset}"
+
+    def data_config(self, dataset: str) -> RunConfig:
+        """The config `moebench data` reads for `dataset`: base settings, its data section."""
+        if dataset not in self.datasets:
+            raise ValueError(
+                f"dataset={dataset!r} is not in the study (allowed: {list(self.datasets)})"
+            )
+        return RunConfig.model_validate(
+            self.base.model_dump()
+            | {
+                "study": self.study,
+                "dataset": dataset,
+                "data_dir": self.data_dir(dataset),
+                "data": self.datasets[dataset].model_dump(),
+            }
+        )
+
+    def run_config(self, dataset: str, strategy: str, seed: int) -> RunConfig:
+        """The resolved config of one run: base <- strategy override, plus its identity."""
+        for kind, name, known in (
+            ("dataset", dataset, self.datasets),
+            ("strategy", strategy, self.strategies),
+        ):
+            if name not in known:
+                raise ValueError(f"{kind}={name!r} is not in the study (allowed: {list(known)})")
+        if seed not in self.seeds:
+            raise ValueError(f"seed={seed} is not in the study (allowed: {self.seeds})")
+        raw = deep_merge(
+            self.base.model_dump(), self.strategies[strategy].model_dump(exclude_unset=True)
+        )
+        raw["train"]["threads"] = self.resources.train.threads
+        raw |= {
+            "study": self.study,
+            "dataset": dataset,
+            "strategy": strategy,
+            "seed": seed,
+            "data_dir": self.data_dir(dataset),
+            "data": self.datasets[dataset].model_dump(),
+            "tracking": {"uri": self.tracking.uri, "experiment": self.experiment},
+        }
+        try:
+            return RunConfig.model_validate(raw)
+        except ValidationError as err:
+            problems = format_validation_error(err, "").splitlines()[1:]
+            raise ValueError(
+                f"strategy {strategy!r} (dataset {dataset!r}) gives an invalid run config: "
+                + "; ".join(p.strip() for p in problems)
+            ) from None
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    """Read and validate a study YAML; ValueError naming the file, field and value if bad."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"study file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"study file {path} must hold a mapping, got {type(raw).__name__}")
+    return study_from_dict(raw, str(path))
+
+
+def study_from_dict(raw: dict[str, Any], where: str = "study config") -> StudyConfig:
+    """Validate a study mapping (e.g. Snakemake's `config`); ValueError listing every problem."""
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ValueError(format_validation_error(err, where)) from None

@@ -1,0 +1,229 @@
+"""`prepare`: a corpus -> train.bin, val.bin, tokenizer.json and manifest.json in one directory.
+
+Token files are raw little-endian uint16 (uint32 when vocab_size > 65536) streams in which
+every document is followed by the EOS id 0. The manifest is written last and names the
+config, seed and source fingerprint it was made from, plus size and SHA-256 of every file;
+a rerun with the same inputs and intact files returns it without work, anything else
+(missing, stale or damaged files, a kill half way) is rebuilt from scratch. Every file is
+written atomically, so a reader sees either a complete file or none; a stale manifest is
+removed before rebuilding, so a directory without manifest is incomplete.
+
+Manifest keys: format, source, source_fingerprint, seed, config (DataConfig dump),
+tokenizer ("byte_bpe" | "synthetic_wordlevel"), tokenizer_file, tokenizer_sha256,
+tokenizer_vocab_size (entries trained), vocab_size (id space = config vocab_size: every id is
+below it), eos_id, dtype, versions, splits.<train|val>.{file, n_tokens, n_docs, bytes
+(UTF-8 bytes of the documents' text; null for synthetic), bytes_per_token, sha256, doc_ids},
+and for the synthetic source `synthetic` (topic_probs, topic_counts per split).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tokenizers
+from tokenizers import Tokenizer
+
+from moebench.config import DataConfig
+from moebench.data.sources import assign_val, load_documents, source_fingerprint
+from moebench.data.synthetic import synthetic_corpus
+from moebench.data.tokenizer import (
+    EOS_ID,
+    encode_documents,
+    synthetic_tokenizer,
+    token_dtype,
+    train_bpe,
+)
+from moebench.io import atomic_open, write_json, write_text
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """One split before writing: document ids, the token stream and its text size."""
+
+    doc_ids: list[str]
+    tokens: np.ndarray
+    n_bytes: int | None
+
+
+def log(msg: str) -> None:
+    """Progress line on stderr (stdout stays free for results)."""
+    print(f"[moebench data] {msg}", file=sys.stderr, flush=True)
+
+
+def bin_file(split: str) -> str:
+    return f"{split}.bin"
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def identity(cfg: DataConfig, seed: int) -> dict[str, Any]:
+    """What decides the output; a manifest is reused only if all of it is equal."""
+    return {
+        "format": FORMAT,
+        "config": cfg.model_dump(mode="json"),
+        "seed": seed,
+        "source_fingerprint": source_fingerprint(cfg),
+    }
+
+
+def reusable_manifest(out: Path, ident: dict[str, Any]) -> dict[str, Any] | None:
+    """The existing manifest if it matches `ident` and every file's size and SHA-256."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or any(manifest.get(k) != v for k, v in ident.items()):
+        return None
+    try:
+        itemsize = np.dtype(manifest["dtype"]).itemsize
+        files = [(manifest["tokenizer_file"], None, manifest["tokenizer_sha256"])] + [
+            (s["file"], s["n_tokens"] * itemsize, s["sha256"]) for s in manifest["splits"].values()
+        ]
+    except (KeyError, TypeError, AttributeError):
+        return None
+    for name, size, digest in files:
+        path = out / name
+        if not path.is_file() or (size is not None and path.stat().st_size != size):
+            return None
+        if sha256_file(path) != digest:
+            return None
+    return manifest
+
+
+def text_splits(cfg: DataConfig, seed: int) -> tuple[Tokenizer, str, dict[str, SplitData]]:
+    """Documents -> split by document -> BPE trained on train -> encoded streams."""
+    log(
+        f"loading source {cfg.source!r}"
+        + (f" (max_bytes={cfg.max_bytes})" if cfg.max_bytes else "")
+    )
+    docs = load_documents(cfg)
+    is_val = assign_val([d.id for d in docs], cfg.val_fraction, seed)
+    by_split = {
+        "train": [d for d, v in zip(docs, is_val, strict=True) if not v],
+        "val": [d for d, v in zip(docs, is_val, strict=True) if v],
+    }
+    n_bytes = {k: sum(len(d.text.encode("utf-8")) for d in v) for k, v in by_split.items()}
+    log(
+        f"{len(docs)} documents: train {len(by_split['train'])} ({n_bytes['train']} bytes), "
+        f"val {len(by_split['val'])} ({n_bytes['val']} bytes)"
+    )
+    log(f"training byte-level BPE (vocab_size={cfg.vocab_size}) on the train split")
+    tok = train_bpe([d.text for d in by_split["train"]], cfg.vocab_size)
+    dtype = token_dtype(cfg.vocab_size)
+    splits = {}
+    for name, split_docs in by_split.items():
+        log(f"encoding {name}")
+        tokens = encode_documents(tok, [d.text for d in split_docs], dtype)
+        splits[name] = SplitData([d.id for d in split_docs], tokens, n_bytes[name])
+    return tok, "byte_bpe", splits
+
+
+def synthetic_splits(
+    cfg: DataConfig, seed: int
+) -> tuple[Tokenizer, str, dict[str, SplitData], dict[str, Any]]:
+    """Zipf-topic Markov documents split by document; ids are written as generated."""
+    log(
+        f"generating {cfg.synthetic_docs} synthetic documents x {cfg.synthetic_doc_tokens} "
+        f"tokens ({cfg.synthetic_topics} topics, skew {cfg.synthetic_skew})"
+    )
+    corpus = synthetic_corpus(cfg, seed)
+    is_val = np.asarray(assign_val(corpus.doc_ids, cfg.val_fraction, seed))
+    dtype = token_dtype(cfg.vocab_size)
+    eos_N1 = np.full((len(corpus.doc_ids), 1), EOS_ID, dtype=np.int64)
+    rows_NL = np.concatenate([corpus.tokens, eos_N1], axis=1).astype(dtype)
+    splits, topic_counts = {}, {}
+    for name, mask_N in (("train", ~is_val), ("val", is_val)):
+        ids = [d for d, m in zip(corpus.doc_ids, mask_N, strict=True) if m]
+        splits[name] = SplitData(ids, rows_NL[mask_N].reshape(-1), None)
+        topic_counts[name] = np.bincount(
+            corpus.topics[mask_N], minlength=cfg.synthetic_topics
+        ).tolist()
+    extra = {"topic_probs": corpus.topic_probs.tolist(), "topic_counts": topic_counts}
+    return synthetic_tokenizer(cfg.vocab_size), "synthetic_wordlevel", splits, extra
+
+
+def prepare(cfg: DataConfig, out_dir: str | Path, seed: int) -> dict[str, Any]:
+    """Write train.bin, val.bin, tokenizer.json and manifest.json under `out_dir`.
+
+    Returns the manifest. Skips all work if `out_dir` already holds a complete, intact
+    output of the same config, seed and source; otherwise rebuilds everything (so resuming
+    after a kill is rerunning). Raises ValueError for bad input (naming the field).
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed={seed!r} must be an integer >= 0")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir={str(out)!r} exists and is not a directory")
+    ident = identity(cfg, seed)
+    if (manifest := reusable_manifest(out, ident)) is not None:
+        log(f"{out} is up to date (manifest, sizes and sha256 match); nothing to do")
+        return manifest
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    for name in (TOKENIZER_FILE, *map(bin_file, SPLITS)):
+        for stale in out.glob(f".{name}.*.tmp"):  # left by a killed run
+            stale.unlink()
+
+    extra: dict[str, Any] = {}
+    if cfg.source == "synthetic":
+        tok, kind, splits, extra = synthetic_splits(cfg, seed)
+    else:
+        tok, kind, splits = text_splits(cfg, seed)
+    dtype = token_dtype(cfg.vocab_size)
+
+    tok_text = tok.to_str()
+    write_text(out / TOKENIZER_FILE, tok_text)
+    split_meta = {}
+    for name in SPLITS:
+        s = splits[name]
+        payload = s.tokens.astype(dtype, copy=False).tobytes()
+        with atomic_open(out / bin_file(name), "wb") as f:
+            f.write(payload)
+        n_tokens = int(s.tokens.size)
+        split_meta[name] = {
+            "file": bin_file(name),
+            "n_tokens": n_tokens,
+            "n_docs": len(s.doc_ids),
+            "bytes": s.n_bytes,
+            "bytes_per_token": None if s.n_bytes is None else s.n_bytes / n_tokens,
+            "sha256": hashlib.sha256(payload).hexdigest(),
+            "doc_ids": s.doc_ids,
+        }
+        log(f"wrote {bin_file(name)}: {n_tokens} tokens, {len(s.doc_ids)} documents")
+
+    manifest = {
+        **ident,
+        "source": cfg.source,
+        "tokenizer": kind,
+        "tokenizer_file": TOKENIZER_FILE,
+        "tokenizer_sha256": hashlib.sha256(tok_text.encode("utf-8")).hexdigest(),
+        "tokenizer_vocab_size": tok.get_vocab_size(),
+        "vocab_size": cfg.vocab_size,
+        "eos_id": EOS_ID,
+        "dtype": dtype.name,
+        "versions": {"tokenizers": tokenizers.__version__, "numpy": np.__version__},
+        "splits": split_meta,
+        **({"synthetic": extra} if extra else {}),
+    }
+    write_json(out / MANIFEST, manifest)
+    log(f"wrote {out / MANIFEST}")
+    return manifest

@@ -1,0 +1,275 @@
+"""The DeepSeekMoE feed-forward layer: shared experts + fine-grained routed experts.
+
+    y_t = FFN_shared(u_t) + sum_i g_{i,t} FFN_i(u_t)           [V2] eq. (20), [V3] eq. (12)
+
+The residual u_t is added by the transformer block, not here ([V3-code] `MoE`/`Block`).
+The N_s shared experts are one SwiGLU of width N_s * expert_hidden, the same function as
+N_s experts with concatenated weights ([V3-code]; routing.md §1). The router is a bias-free
+linear layer computed in float32 (hidden state and weight cast to float32, autocast off:
+[HF-V2], [Switch] §2.4); selection and gates come from `moebench.routing.route`, the
+aux-loss-free bias only selects ([V3] eq. 16). Capacity dropping (training only, [Switch]
+eq. 3, [V2] §2.2.4) zeroes the gate of a dropped assignment without renormalising the rest
+(balancing.md §7.3). Each layer returns its alpha-weighted balance losses (balancing.md §1:
+the model's aux loss is their sum over MoE layers).
+
+Two expert paths compute the same function:
+- "loop": the reference, one gather / SwiGLU / scatter per expert.
+- "grouped": assignments sorted by expert (stable, so token order is kept within an
+  expert), then one grouped GEMM per projection: `moebench.kernels.grouped_experts` or
+  `torch._grouped_mm` on CUDA, a loop over the sorted contiguous segments on CPU (CPU
+  `torch._grouped_mm` has no backward in torch 2.13).
+
+Legend: T tokens, H d_model, F expert hidden width, E routed experts, K experts per token,
+B sequences, S sequence length, A kept (token, slot) assignments.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moebench.balancing import (
+    comm_loss,
+    device_drop,
+    device_loss,
+    drop_by_capacity,
+    expert_capacity,
+    expert_loss,
+    global_loss,
+    literal_topk,
+    seq_loss,
+    switch_loss,
+)
+from moebench.config import RunConfig
+from moebench.routing import Layout, RouterConfig, route
+
+AUX_NAMES = ("switch", "expert", "device", "comm", "seq", "global")
+
+
+class NonFiniteRouterLogits(FloatingPointError):
+    """Router logits of MoE layer `layer` (0-based among MoE layers) hold NaN or inf."""
+
+    def __init__(self, layer: int) -> None:
+        super().__init__(f"router logits of MoE layer {layer} contain NaN or inf")
+        self.layer = layer
+
+
+@dataclass(frozen=True)
+class LayerRouting:
+    """What one MoE layer routed: `experts_TK` int64, gate `weights_TK` float32 (zero where
+    dropped), `keep_TK` bool (False = dropped by capacity), unbiased `scores_TE` float32."""
+
+    experts_TK: Tensor
+    weights_TK: Tensor
+    keep_TK: Tensor
+    scores_TE: Tensor
+
+
+def router_config(cfg: RunConfig) -> RouterConfig:
+    """The `RouterConfig` of a run: groups are devices (limit=device, [V2] §2.2.2) or nodes
+    (limit=node, [V3] §2.1.2) of the topology; "mul" bias for the multiplicative rule."""
+    r = cfg.router
+    return RouterConfig(
+        num_experts=r.num_experts,
+        top_k=r.top_k,
+        score_fn=r.score_fn,
+        num_groups=cfg.num_groups,
+        group_limit=r.group_limit if cfg.num_groups > 1 else 1,
+        group_score=r.group_score,
+        normalize=r.normalize,
+        route_scale=r.route_scale,
+        bias_mode="mul" if cfg.balance.bias.rule == "multiplicative" else "add",
+    )
+
+
+def run_layout(cfg: RunConfig) -> Layout:
+    """Expert placement of the run's topology (contiguous blocks of experts per GPU)."""
+    t = cfg.topology
+    return Layout.contiguous(cfg.router.num_experts, t.num_nodes, t.gpus_per_node)
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x) [Shazeer 2020]: the dense FFN and the shared experts."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d_model, hidden, bias=False)
+        self.w3 = nn.Linear(d_model, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def _grouped_kernel() -> Any:
+    """`moebench.kernels.grouped_experts` when the kernels package provides it, else None."""
+    try:
+        return importlib.import_module("moebench.kernels").grouped_experts
+    except (ImportError, AttributeError):
+        return None
+
+
+def _grouped_mm_segments(x_AH: Tensor, w_EHF: Tensor, counts: list[int]) -> Tensor:
+    """Rows of x sorted by expert times each expert's matrix: one matmul per segment."""
+    parts = [seg @ w_EHF[e] for e, seg in enumerate(x_AH.split(counts)) if counts[e]]
+    return torch.cat(parts) if parts else x_AH.new_zeros(0, w_EHF.shape[-1])
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts of width F stored as stacked matrices (what a grouped GEMM needs):
+    w1, w3 [E, H, F] and w2 [E, F, H]; expert e computes (silu(x w1_e) * x w3_e) w2_e."""
+
+    def __init__(self, num_experts: int, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+        self.w3 = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, d_model))
+
+    def forward_loop(self, x_TH: Tensor, experts_TK: Tensor, gates_TK: Tensor,
+                     keep_TK: Tensor) -> Tensor:
+        """Reference path: for each expert, gather its kept tokens, apply it, scatter-add."""
+        out_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
+        for e in range(self.w1.shape[0]):
+            tok_A, slot_A = ((experts_TK == e) & keep_TK).nonzero(as_tuple=True)
+            if tok_A.numel() == 0:
+                continue
+            x_AH = x_TH[tok_A]
+            y_AH = (F.silu(x_AH @ self.w1[e]) * (x_AH @ self.w3[e])) @ self.w2[e]
+            out_TH.index_add_(0, tok_A, y_AH.float() * gates_TK[tok_A, slot_A, None])
+        return out_TH.to(x_TH.dtype)
+
+    def forward_grouped(self, x_TH: Tensor, experts_TK: Tensor, gates_TK: Tensor,
+                        keep_TK: Tensor) -> Tensor:
+        """Grouped path: sort kept assignments by expert, one grouped GEMM per projection."""
+        T, K = experts_TK.shape
+        E = self.w1.shape[0]
+        flat_keep = keep_TK.reshape(-1)
+        expert_A = experts_TK.reshape(-1)[flat_keep]
+        gate_A = gates_TK.reshape(-1)[flat_keep]
+        tok_A = torch.arange(T, device=x_TH.device).repeat_interleave(K)[flat_keep]
+        order_A = torch.sort(expert_A, stable=True).indices
+        tok_A, gate_A = tok_A[order_A], gate_A[order_A]
+        counts_E = torch.bincount(expert_A, minlength=E)
+        x_AH = x_TH[tok_A]
+        kernel = _grouped_kernel() if x_TH.is_cuda else None
+        if kernel is not None:
+            y_AH = kernel(x_AH, counts_E, self.w1, self.w3, self.w2)
+        elif x_TH.is_cuda:
+            offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
+            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled() else x_AH.dtype
+
+            def gmm(a: Tensor, w: Tensor) -> Tensor:
+                return torch._grouped_mm(a.to(dtype), w.to(dtype), offs=offs_E)
+
+            y_AH = gmm(F.silu(gmm(x_AH, self.w1)) * gmm(x_AH, self.w3), self.w2)
+        else:
+            counts = counts_E.tolist()
+            h_AF = F.silu(_grouped_mm_segments(x_AH, self.w1, counts)) * _grouped_mm_segments(
+                x_AH, self.w3, counts
+            )
+            y_AH = _grouped_mm_segments(h_AF, self.w2, counts)
+        out_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
+        out_TH.index_add_(0, tok_A, y_AH.float() * gate_A[:, None])
+        return out_TH.to(x_TH.dtype)
+
+
+class MoELayer(nn.Module):
+    """Shared experts + routed experts of one DeepSeekMoE layer (see the module docstring).
+
+    `index` is the layer's position among the MoE layers (what bias rows, traces and error
+    messages refer to). `impl` selects the expert path ("loop" or "grouped").
+    """
+
+    def __init__(self, cfg: RunConfig, index: int) -> None:
+        super().__init__()
+        m, r = cfg.model, cfg.router
+        self.index = index
+        self.impl = m.expert_impl
+        self.balance = cfg.balance
+        self.router_cfg = router_config(cfg)
+        self.device_of_expert_E: Tensor
+        self.register_buffer(
+            "device_of_expert_E", run_layout(cfg).device_of_expert.clone(), persistent=False
+        )
+        # Comm loss M ([V2] eq. 30): the device limit when routing is device-limited, else
+        # the most devices a token can reach (min(K, D)); our convention for other limits.
+        D = cfg.topology.num_devices
+        self.comm_limit = r.group_limit if r.limit == "device" else min(r.top_k, D)
+        self.router = nn.Linear(m.d_model, r.num_experts, bias=False)
+        hidden_shared = m.n_shared_experts * m.expert_hidden
+        self.shared = SwiGLU(m.d_model, hidden_shared) if hidden_shared else None
+        self.experts = RoutedExperts(r.num_experts, m.d_model, m.expert_hidden)
+
+    def router_logits(self, x_TH: Tensor) -> Tensor:
+        """float32 [T, E] logits u_t^T e_i with hidden and weight in float32, autocast off."""
+        with torch.autocast(x_TH.device.type, enabled=False):
+            return F.linear(x_TH.float(), self.router.weight.float())
+
+    def _keep(self, experts_TK: Tensor, scores_TE: Tensor, protected_T: Tensor | None
+              ) -> Tensor:
+        """bool [T, K]: assignments within capacity (all True at eval or without a factor).
+
+        level "expert": per-expert capacity ceil(T K / E * factor) ([Switch] eq. 3);
+        level "device": V2 device budget, `protected_T` tokens never dropped ([V2] §2.2.4)."""
+        cap = self.balance.capacity
+        T, K = experts_TK.shape
+        if not self.training or cap.factor is None:
+            return torch.ones(T, K, dtype=torch.bool, device=experts_TK.device)
+        if cap.level == "expert":
+            capacity = expert_capacity(T, self.router_cfg.num_experts, K, cap.factor)
+            return drop_by_capacity(experts_TK, scores_TE, capacity, cap.policy)
+        return device_drop(experts_TK, scores_TE, self.device_of_expert_E, cap.factor,
+                           protected_T)
+
+    def aux_losses(self, scores_TE: Tensor, experts_TK: Tensor, seq_len: int) -> dict[str, Tensor]:
+        """alpha-weighted balance losses of this layer, only those with alpha > 0.
+
+        f counts `experts_TK` (the routing performed) for aux_counts="actual", or the plain
+        unbiased top-K ([V3] eq. 18 read literally) for "literal"; balancing.md §5.
+        Sequence-level scopes ([V2] eq. 23-31 and [V3] eq. 17 with T = one sequence) use
+        `seq_len`; switch and global use the whole micro-batch."""
+        b = self.balance
+        alphas = {name: getattr(b, f"{name}_alpha") for name in AUX_NAMES}
+        if not any(alphas.values()):
+            return {}
+        if b.aux_counts == "literal":
+            experts_TK = literal_topk(scores_TE, self.router_cfg.top_k)
+        dev_E = self.device_of_expert_E
+        terms = {
+            "switch": lambda: switch_loss(scores_TE, experts_TK),
+            "expert": lambda: expert_loss(scores_TE, experts_TK, seq_len),
+            "device": lambda: device_loss(scores_TE, experts_TK, dev_E, seq_len),
+            "comm": lambda: comm_loss(scores_TE, experts_TK, dev_E, self.comm_limit, seq_len),
+            "seq": lambda: seq_loss(scores_TE, experts_TK, seq_len),
+            "global": lambda: global_loss(scores_TE, experts_TK),
+        }
+        return {name: alpha * terms[name]() for name, alpha in alphas.items() if alpha > 0}
+
+    def forward(self, x_BSH: Tensor, bias_E: Tensor | None = None,
+                protected_T: Tensor | None = None
+                ) -> tuple[Tensor, LayerRouting, dict[str, Tensor]]:
+        """Returns (shared + routed output [B, S, H], the routing, alpha-weighted aux losses).
+
+        `protected_T` marks tokens exempt from device-level dropping. Raises
+        `NonFiniteRouterLogits` when the router output holds NaN or inf."""
+        B, S, H = x_BSH.shape
+        x_TH = x_BSH.reshape(B * S, H)
+        logits_TE = self.router_logits(x_TH)
+        if not bool(torch.isfinite(logits_TE).all()):
+            raise NonFiniteRouterLogits(self.index)
+        routing = route(logits_TE, self.router_cfg, bias_E)
+        keep_TK = self._keep(routing.experts, routing.scores, protected_T)
+        gates_TK = routing.weights * keep_TK
+        forward = (self.experts.forward_loop if self.impl == "loop"
+                   else self.experts.forward_grouped)
+        y_TH = forward(x_TH, routing.experts, gates_TK, keep_TK)
+        if self.shared is not None:
+            y_TH = y_TH + self.shared(x_TH)
+        aux = self.aux_losses(routing.scores, routing.experts, S) if self.training else {}
+        layer = LayerRouting(routing.experts, gates_TK.detach(), keep_TK, routing.scores)
+        return y_TH.reshape(B, S, H), layer, aux

@@ -1,0 +1,139 @@
+"""Pipeline commands: `moebench resolve`, `schema`, `mlflow-init`, `aggregate`, `where`.
+Heavy imports (mlflow, matplotlib, pandas) happen inside the commands that need them."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moebench.config import StudyConfig, load_study
+from moebench.report import paths
+from moebench.report.study import SCHEMA_FILE
+
+StudyFile = Annotated[Path, typer.Option("--study", help="study YAML (configs/*.yaml)")]
+ResultsDir = Annotated[Path, typer.Option("--results", help="results root holding runs/")]
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Bad input (ValueError) ends the command with its message and exit code 2."""
+    try:
+        yield
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
+def resolve(
+    study: StudyFile,
+    dataset: Annotated[str, typer.Option(help="dataset name of the study")],
+    out: Annotated[Path, typer.Option(help="resolved RunConfig YAML to write")],
+    strategy: Annotated[
+        str | None, typer.Option(help="strategy name (omit for the data config)")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="seed (omit for the data config)")] = None,
+) -> None:
+    """Write the resolved RunConfig of one grid point (base <- strategy override)."""
+    from moebench.report.study import resolve as resolve_to
+
+    with _user_errors():
+        resolve_to(load_study(study), dataset, strategy, seed, out)
+
+
+def schema(
+    out: Annotated[Path, typer.Option(help="where to write the JSON schema")] = SCHEMA_FILE,
+    check: Annotated[bool, typer.Option(help="only check that `out` is up to date")] = False,
+) -> None:
+    """Write (or check) the JSON schema of study files, generated from StudyConfig."""
+    from moebench.io import write_text
+    from moebench.report.study import schema_text
+
+    text = schema_text()
+    if check:
+        if not out.is_file() or out.read_text() != text:
+            typer.echo(f"{out} is out of date: run `moebench schema`", err=True)
+            raise typer.Exit(1)
+        return
+    write_text(out, text)
+
+
+def mlflow_init(
+    study: StudyFile,
+    out: Annotated[
+        Path | None, typer.Option(help="parent-run id file (default: results/mlflow/parents/)")
+    ] = None,
+) -> None:
+    """Create the MLflow store, the study's experiment and its parent run (once, before the
+    training jobs write concurrently); write the parent run id to a file."""
+    from moebench.report.tracking import init_parent
+
+    with _user_errors():
+        cfg = load_study(study)
+        run_id = init_parent(cfg, out or paths.parent_run_file(cfg.study))
+    typer.echo(f"MLflow experiment {cfg.experiment!r}, parent run {run_id} at {cfg.tracking.uri}")
+
+
+def aggregate(
+    results: ResultsDir = paths.RESULTS,
+    study: Annotated[
+        Path | None,
+        typer.Option(help="study YAML: tables of this study only, logged to its MLflow parent"),
+    ] = None,
+) -> None:
+    """Collect every run directory into summary.parquet; write tables and figures."""
+    from moebench.report.aggregate import aggregate as run_aggregate
+    from moebench.report.aggregate import study_means
+
+    with _user_errors():
+        cfg = load_study(study) if study else None
+        df, written = run_aggregate(results, [cfg.study] if cfg else None)
+        if cfg is not None and cfg.tracking.uri:
+            _log_parent(cfg, results, study_means(df[df["study"] == cfg.study]), written)
+    for path in written:
+        typer.echo(str(path))
+
+
+def _log_parent(
+    cfg: StudyConfig, results: Path, means: dict[str, float], files: list[Path]
+) -> None:
+    """Log the study's means and tables to its MLflow parent run, if `mlflow-init` made one."""
+    from moebench.report.tracking import log_study
+
+    parent_file = paths.parent_run_file(cfg.study, results)
+    if not parent_file.is_file():
+        typer.echo(f"no MLflow parent run ({parent_file} missing): not logged", err=True)
+        return
+    assert cfg.tracking.uri is not None
+    tables = [p for p in files if p.suffix in (".md", ".csv")]
+    log_study(cfg.tracking.uri, parent_file.read_text().strip(), means, tables)
+
+
+def where(
+    study: Annotated[Path, typer.Option(help="study YAML")] = Path("configs/default.yaml"),
+    results: ResultsDir = paths.RESULTS,
+) -> None:
+    """Print where the tables, figures, report and MLflow store of a study are."""
+    with _user_errors():
+        cfg = load_study(study)
+    name = cfg.study
+    lines = [
+        f"study {name!r}",
+        f"  summary (all runs): {paths.summary_file(results)}",
+        f"  tables:  {paths.table_file(name, 'md', results)}, "
+        f"{paths.table_file(name, 'csv', results)}",
+        f"  figures: {results / 'figures'}/{name}-*.png",
+        f"  report:  {paths.report_file(results)}"
+        f"  (snakemake --report {paths.report_file(results)} --configfile {study})",
+    ]
+    uri = cfg.tracking.uri
+    if uri is None:
+        lines.append("  MLflow: disabled (tracking.uri: null)")
+    else:
+        lines.append(f"  MLflow: {uri}  experiment {cfg.experiment!r}")
+        if uri.startswith("sqlite:"):
+            lines.append(f"          mlflow ui --backend-store-uri {uri}")
+    typer.echo("\n".join(lines))

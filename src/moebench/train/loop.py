@@ -1,0 +1,539 @@
+"""The training loop of `moebench train`: one run of one strategy, resumable, deterministic.
+
+Optimisation: AdamW (weight decay on matrices only: every parameter with >= 2 dims, i.e.
+embeddings, linear and expert weights; norms are not decayed), linear warmup then cosine
+decay to `min_lr_frac * lr`, gradient clipping by global norm, gradient accumulation over
+`grad_accum` micro-batches; bf16 autocast on CUDA, float32 on CPU. The aux-loss-free bias is
+updated exactly once per optimizer step from the loads of all its micro-batches ([V3]
+§2.1.2), with rate 0 from step floor(freeze_frac * steps) on, and is frozen in evaluation.
+
+Outputs (run directory contract in contracts.md), every file through `moebench.io`:
+- config.resolved.yaml; summary.json; routing_trace.parquet (written at the end).
+- metrics.jsonl: deterministic records only ({"kind": "train", ...} every log_every steps
+  and at the last step, {"kind": "eval", ...} every eval_every steps and at the end). The
+  wall-clock fields (tokens_per_s, mfu, elapsed_s) go to timing.jsonl instead, so the same
+  config and seed give a byte-identical metrics.jsonl (bitwise on CPU). summary.json keeps
+  the run's mean tokens_per_s, mfu and elapsed_s; `TIMING_KEYS` names them, the only
+  summary fields that differ between identical runs.
+- Both .jsonl files are appended live (one flushed line per record) and rewritten
+  atomically from the checkpoint on resume and once at the end, so the final files are
+  complete and a killed-and-resumed run ends with the same bytes as an uninterrupted one.
+
+Metrics: `load` is the per-layer, per-expert count of the routing performed (before
+capacity dropping) summed over the step's micro-batches; `maxvio_batch` the mean over
+layers of its MaxVio ([LF] eq. 4); `drop_frac` the fraction of assignments dropped by
+capacity; `aux` the alpha-weighted balance losses summed over layers (mean over
+micro-batches); `loss` = ce_loss + sum(aux). MFU = (6 * active params + 12 * layers *
+d_model * seq_len) * tokens/s / peak bf16 FLOP/s (nanoGPT/PaLM accounting: embedding lookup
+excluded, attention counted non-causally; active params count top_k of E routed experts);
+peak is the dense bf16 tensor-core rate of the GPU (H100/H200/H800 SXM 989e12, A100
+312e12); unknown GPUs and CPUs give null.
+
+Legend: L MoE layers, E routed experts, K experts per token, B batch, S sequence length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from moebench.balancing import BiasController
+from moebench.config import RunConfig
+from moebench.data import TokenStream
+from moebench.io import write_json, write_text, write_yaml
+from moebench.metrics import max_vio, max_vio_layers
+from moebench.model import MoETransformer, NonFiniteRouterLogits
+from moebench.train.checkpoint import (
+    CKPT_NAME,
+    identity,
+    load_checkpoint,
+    matches,
+    save_checkpoint,
+)
+from moebench.train.trace import write_trace
+
+TIMING_KEYS = ("elapsed_s", "mfu", "tokens_per_s")
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12}
+FILES = ("config.resolved.yaml", "metrics.jsonl", "timing.jsonl", "summary.json",
+         "routing_trace.parquet")
+
+
+class TrainingDiverged(RuntimeError):
+    """NaN/inf router logits or loss: names the step, the MoE layer (if a router) and the
+    last good checkpoint, which is left untouched."""
+
+    def __init__(self, step: int, layer: int | None, checkpoint: str) -> None:
+        what = (f"router logits of MoE layer {layer} contain NaN or inf" if layer is not None
+                else "the loss is NaN or inf (router logits finite)")
+        super().__init__(f"training diverged at step {step}: {what}; "
+                         f"last good checkpoint: {checkpoint}")
+        self.step = step
+        self.layer = layer
+
+
+def log(msg: str) -> None:
+    """Progress on stderr (stdout stays free for results)."""
+    print(f"[moebench train] {msg}", file=sys.stderr, flush=True)
+
+
+def resolve_device(cfg: RunConfig) -> torch.device:
+    """train.device: "auto" = CUDA when available, else CPU."""
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device='cuda' but no CUDA device is available; "
+                         "allowed here: 'auto', 'cpu'")
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(want)
+
+
+def machine_label(device: torch.device) -> str:
+    """Hardware name, independent of the host name: the GPU's, or "cpu-<model>"."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"cpu-{line.split(':', 1)[1].strip()}"
+    return f"cpu-{platform.processor() or platform.machine()}"
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of the GPU (see the module docstring), None if unknown or CPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def git_sha() -> str:
+    """HEAD of the repository holding this file, "unknown" outside git or before a commit."""
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return res.stdout.strip() if res.returncode == 0 else "unknown"
+
+
+def lr_at(step: int, cfg: RunConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup over warmup_steps,
+    then cosine from lr to min_lr_frac * lr at the last step."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    span = max(t.steps - 1 - t.warmup_steps, 1)
+    progress = min((step - t.warmup_steps) / span, 1.0)
+    floor = t.min_lr_frac * t.lr
+    return floor + (t.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def default_ckpt_dir(cfg: RunConfig) -> Path:
+    """work/ckpt/<study>/<dataset>/<strategy>/seed~<n> (the run directory's sub-path)."""
+    return Path("work/ckpt") / cfg.study / cfg.dataset / cfg.strategy / f"seed~{cfg.seed}"
+
+
+def _dumps(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True) + "\n"
+
+
+@dataclass(frozen=True)
+class Run:
+    """Validated inputs of one run (`prepare`); nothing has been written yet."""
+
+    cfg: RunConfig
+    out: Path
+    ckpt_dir: Path
+    device: torch.device
+    train_data: TokenStream
+    val_data: TokenStream
+    checkpoint: dict[str, Any] | None
+
+
+def prepare(cfg: RunConfig, out: Path, ckpt_dir: Path | None = None) -> Run:
+    """Check everything a run needs (device, data, tracking store, checkpoint) and write
+    nothing; ValueError naming the problem otherwise."""
+    out, ckpt_dir = Path(out), Path(ckpt_dir) if ckpt_dir is not None else default_ckpt_dir(cfg)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    device = resolve_device(cfg)
+    streams = [TokenStream(cfg.data_dir, split, vocab_size=cfg.data.vocab_size, config=cfg.data)
+               for split in ("train", "val")]
+    for stream in streams:
+        if len(stream) < cfg.train.seq_len + 1:
+            raise ValueError(
+                f"train.seq_len={cfg.train.seq_len} needs {cfg.train.seq_len + 1} tokens; split "
+                f"{stream.split!r} of {cfg.data_dir} has {len(stream)}"
+            )
+    if cfg.tracking.uri is not None:
+        from moebench.train.tracking import check_uri
+
+        check_uri(cfg.tracking.uri)
+    state = load_checkpoint(ckpt_dir)
+    if state is not None and not matches(state, cfg):
+        theirs, ours = state.get("identity", {}), identity(cfg)
+        differ = sorted(k for k in ours if theirs.get(k) != ours[k])
+        log(f"ignoring checkpoint {ckpt_dir / CKPT_NAME}: written by another config "
+            f"(sections differ: {', '.join(differ)}); starting from step 0")
+        state = None
+    return Run(cfg, out, ckpt_dir, device, streams[0], streams[1], state)
+
+
+@contextlib.contextmanager
+def _torch_settings(threads: int, deterministic: bool) -> Iterator[None]:
+    """Thread count and deterministic algorithms for the run; restored afterwards."""
+    old_threads, old_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_det)
+
+
+class Trainer:
+    """One run: model, optimizer, bias controller, data order and bookkeeping.
+
+    `train_step()` does one optimizer step; `run()` the whole run (resume, loop, final
+    evaluation, trace, summary). Construct it inside `run()`'s settings, or through `train`.
+    """
+
+    def __init__(self, run: Run) -> None:
+        self.run_spec = run
+        self.cfg = cfg = run.cfg
+        self.device = run.device
+        self.out = run.out
+        torch.manual_seed(cfg.seed)
+        self.model = MoETransformer(cfg, run.train_data.vocab_size).to(self.device)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=t.lr, betas=(t.beta1, t.beta2), fused=self.device.type == "cuda",
+        )
+        b = cfg.balance.bias
+        freeze = math.floor(b.freeze_frac * t.steps) if b.freeze_frac < 1.0 else None
+        self.bias = (BiasController(self.model.num_moe_layers, cfg.router.num_experts, b.rate,
+                                    b.rule, freeze, b.recenter, device=self.device)
+                     if b.enabled else None)
+        self.batch_generator = torch.Generator().manual_seed(cfg.seed)
+        total, active = self.model.param_counts()
+        self.params_total, self.params_active = total, active
+        m = cfg.model
+        self.flops_per_token = 6 * active + 12 * m.n_layers * m.d_model * t.seq_len
+        self.peak = peak_flops(self.device)
+        self.step = 0
+        self.metrics_lines: list[str] = []
+        self.timing_lines: list[str] = []
+        self.sums = {"maxvio_batch": 0.0, "drop_frac": 0.0, "tokens": 0, "train_s": 0.0,
+                     "elapsed_s": 0.0}
+        self.mlflow_run_id: str | None = None
+        self.last_ckpt = "none"
+        self._window = {"tokens": 0, "seconds": 0.0}
+        self._files: dict[str, IO[str]] = {}
+        if run.checkpoint is not None:
+            self._restore(run.checkpoint)
+
+    # ---- state -------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {
+            "identity": identity(self.cfg),
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "bias": self.bias.state_dict() if self.bias is not None else None,
+            "batch_rng": self.batch_generator.get_state(),
+            "drop_rng": self.model.drop_generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "metrics_lines": list(self.metrics_lines),
+            "timing_lines": list(self.timing_lines),
+            "sums": dict(self.sums),
+            "mlflow_run_id": self.mlflow_run_id,
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.bias is not None:
+            self.bias.load_state_dict(state["bias"])
+        self.batch_generator.set_state(state["batch_rng"])
+        self.model.drop_generator.set_state(state["drop_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = state["step"]
+        self.metrics_lines = list(state["metrics_lines"])
+        self.timing_lines = list(state["timing_lines"])
+        self.sums = dict(state["sums"])
+        self.mlflow_run_id = state["mlflow_run_id"]
+        self.last_ckpt = f"step {self.step} in {self.run_spec.ckpt_dir / CKPT_NAME}"
+        log(f"resuming from {self.last_ckpt}")
+
+    def save(self) -> None:
+        path = save_checkpoint(self.run_spec.ckpt_dir, self._state())
+        self.last_ckpt = f"step {self.step} in {path}"
+
+    # ---- files -------------------------------------------------------------------------
+    def _rewrite_logs(self) -> None:
+        """Atomically rewrite both .jsonl files from memory, then reopen them for appends."""
+        self._close_logs()
+        for name, lines in (("metrics.jsonl", self.metrics_lines),
+                            ("timing.jsonl", self.timing_lines)):
+            write_text(self.out / name, "".join(lines))
+            self._files[name] = (self.out / name).open("a")
+
+    def _close_logs(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def _append(self, name: str, record: dict[str, Any]) -> None:
+        line = _dumps(record)
+        (self.metrics_lines if name == "metrics.jsonl" else self.timing_lines).append(line)
+        f = self._files[name]
+        f.write(line)
+        f.flush()
+
+    # ---- steps -------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor, step: int) -> Any:
+        bias_LE = self.bias.bias_LE if self.bias is not None else None
+        try:
+            with self._autocast():
+                out = self.model(tokens_BS.to(self.device), targets_BS.to(self.device), bias_LE)
+        except NonFiniteRouterLogits as err:
+            raise TrainingDiverged(step, err.layer, self.last_ckpt) from None
+        if not bool(torch.isfinite(out.loss)):
+            raise TrainingDiverged(step, None, self.last_ckpt)
+        return out
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over `grad_accum` micro-batches; returns its train record."""
+        cfg, t = self.cfg, self.cfg.train
+        step = self.step + 1
+        self.model.train()
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        L, E = self.model.num_moe_layers, cfg.router.num_experts
+        load_LE = torch.zeros(L, E, dtype=torch.int64, device=self.device)
+        dropped = torch.zeros((), dtype=torch.int64, device=self.device)
+        ce = torch.zeros((), device=self.device)
+        aux: dict[str, torch.Tensor] = {}
+        for _ in range(t.grad_accum):
+            tokens_BS, targets_BS = self.run_spec.train_data.batch(
+                self.batch_generator, t.batch_size, t.seq_len)
+            out = self._forward(tokens_BS, targets_BS, step)
+            (out.loss / t.grad_accum).backward()
+            ce += out.ce_loss.detach() / t.grad_accum
+            for name, value in out.aux.items():
+                aux[name] = aux.get(name, 0.0) + value.detach() / t.grad_accum
+            for i, routing in enumerate(out.layers):
+                load_LE[i] += torch.bincount(routing.experts_TK.reshape(-1), minlength=E)
+                dropped += (~routing.keep_TK).sum()
+                if self.bias is not None:
+                    self.bias.observe(i, routing.experts_TK, routing.keep_TK, training=True)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.bias is not None:
+            self.bias.step(self.step)
+        self.step = step
+        load = load_LE.cpu()
+        layers = [max_vio(load_E) for load_E in load]
+        assignments = t.grad_accum * t.batch_size * t.seq_len * cfg.router.top_k * L
+        aux_f = {name: float(v) for name, v in sorted(aux.items())}
+        record = {
+            "kind": "train", "step": step, "lr": lr, "ce_loss": float(ce),
+            "loss": float(ce) + sum(aux_f.values()), "aux": aux_f,
+            "maxvio_batch": sum(layers) / L, "maxvio_batch_layers": layers,
+            "load": load.tolist(), "drop_frac": int(dropped) / assignments,
+            "grad_norm": float(grad_norm),
+        }
+        self.sums["maxvio_batch"] += record["maxvio_batch"]
+        self.sums["drop_frac"] += record["drop_frac"]
+        self.sums["tokens"] += t.grad_accum * t.batch_size * t.seq_len
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[dict[str, Any], torch.Tensor]:
+        """Validation loss/perplexity/bits per byte on the first eval_batches x batch_size
+        windows of the val split, and their per-layer loads (for MaxVio_global)."""
+        t = self.cfg.train
+        self.model.eval()
+        L, E = self.model.num_moe_layers, self.cfg.router.num_experts
+        load_LE = torch.zeros(L, E, dtype=torch.int64, device=self.device)
+        nll, n = 0.0, 0
+        val = self.run_spec.val_data
+        for tokens_BS, targets_BS in val.iter_eval(t.batch_size, t.seq_len, t.eval_batches):
+            out = self._forward(tokens_BS, targets_BS, self.step)
+            nll += float(out.ce_loss) * targets_BS.numel()
+            n += targets_BS.numel()
+            for i, routing in enumerate(out.layers):
+                load_LE[i] += torch.bincount(routing.experts_TK.reshape(-1), minlength=E)
+        self.model.train()
+        val_loss = nll / n
+        load = load_LE.cpu()
+        record = {
+            "kind": "eval", "step": self.step, "val_loss": val_loss,
+            "val_ppl": math.exp(val_loss) if val_loss < 700 else math.inf,
+            "val_bpb": val.bits_per_byte(val_loss), "maxvio_global": max_vio_layers(load),
+        }
+        return record, load
+
+    @torch.no_grad()
+    def routing_trace(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """experts and gates [L, T, K] of the first trace_tokens val tokens (eval mode)."""
+        t = self.cfg.train
+        self.model.eval()
+        n_windows = min(math.ceil(t.trace_tokens / t.seq_len),
+                        self.run_spec.val_data.num_windows(t.seq_len))
+        experts: list[list[torch.Tensor]] = [[] for _ in range(self.model.num_moe_layers)]
+        weights: list[list[torch.Tensor]] = [[] for _ in range(self.model.num_moe_layers)]
+        batches = self.run_spec.val_data.iter_eval(
+            t.batch_size, t.seq_len, math.ceil(n_windows / t.batch_size))
+        for tokens_BS, targets_BS in batches:
+            out = self._forward(tokens_BS, targets_BS, self.step)
+            for i, routing in enumerate(out.layers):
+                experts[i].append(routing.experts_TK.cpu())
+                weights[i].append(routing.weights_TK.float().cpu())
+        self.model.train()
+        n_tokens = min(t.trace_tokens, n_windows * t.seq_len)
+        return (torch.stack([torch.cat(e)[:n_tokens] for e in experts]),
+                torch.stack([torch.cat(w)[:n_tokens] for w in weights]))
+
+    # ---- run ---------------------------------------------------------------------------
+    def _timing(self, step: int) -> dict[str, Any]:
+        w = self._window
+        tps = w["tokens"] / w["seconds"] if w["seconds"] > 0 else None
+        mfu = (self.flops_per_token * tps / self.peak
+               if tps is not None and self.peak is not None else None)
+        self._window = {"tokens": 0, "seconds": 0.0}
+        return {"step": step, "tokens_per_s": tps, "mfu": mfu,
+                "elapsed_s": self.sums["elapsed_s"]}
+
+    def _log_eval(self, tracker: Any) -> tuple[dict[str, Any], torch.Tensor]:
+        record, load = self.evaluate()
+        self._append("metrics.jsonl", record)
+        if tracker is not None:
+            tracker.log_metrics({k: v for k, v in record.items() if k not in ("kind", "step")},
+                                self.step)
+        bpb = record["val_bpb"]
+        log(f"eval step {self.step}: val_loss {record['val_loss']:.4f} "
+            f"ppl {record['val_ppl']:.2f}" + (f" bpb {bpb:.4f}" if bpb is not None else "")
+            + f" maxvio_global {record['maxvio_global']:.3f}")
+        return record, load
+
+    def run(self) -> dict[str, Any]:
+        """Train from the current step to train.steps, then evaluate, trace and summarise."""
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_yaml(self.out / "config.resolved.yaml", cfg.model_dump(mode="json"))
+        self._rewrite_logs()
+        tracker = None
+        if cfg.tracking.uri is not None:
+            from moebench.train.tracking import Tracker
+
+            tracker = Tracker(cfg, self.mlflow_run_id)
+            self.mlflow_run_id = tracker.run_id
+        try:
+            summary = self._loop(tracker)
+        except BaseException:
+            self._close_logs()
+            if tracker is not None:
+                tracker.finish("FAILED")
+            raise
+        if tracker is not None:
+            tracker.log_metrics({f"summary.{k}": v for k, v in summary.items()}, self.step)
+            tracker.log_artifacts(self.out / name for name in FILES if name.endswith(
+                (".yaml", ".json", ".jsonl")))
+            tracker.finish()
+        return summary
+
+    def _loop(self, tracker: Any) -> dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.train
+        tokens_per_step = t.grad_accum * t.batch_size * t.seq_len
+        started = time.perf_counter()
+        elapsed_before = self.sums["elapsed_s"]
+        while self.step < t.steps:
+            tic = time.perf_counter()
+            record = self.train_step()
+            dt = time.perf_counter() - tic
+            self.sums["train_s"] += dt
+            self.sums["elapsed_s"] = elapsed_before + time.perf_counter() - started
+            self._window["tokens"] += tokens_per_step
+            self._window["seconds"] += dt
+            step = self.step
+            if step % t.log_every == 0 or step == t.steps:
+                timing = self._timing(step)
+                self._append("metrics.jsonl", record)
+                self._append("timing.jsonl", timing)
+                if tracker is not None:
+                    tracker.log_metrics({k: v for k, v in {**record, **timing}.items()
+                                         if k not in ("kind", "load", "step")}, step)
+                tps = timing["tokens_per_s"]
+                log(f"step {step}/{t.steps} loss {record['loss']:.4f} "
+                    f"maxvio {record['maxvio_batch']:.3f} tok/s {tps or 0:.0f}"
+                    + (f" mfu {timing['mfu']:.3f}" if timing["mfu"] is not None else ""))
+            if step % t.eval_every == 0 and step < t.steps:
+                self._log_eval(tracker)
+            if step % t.ckpt_every == 0 or step == t.steps:
+                self.save()
+        eval_record, load_global = self._log_eval(tracker)
+        self._close_logs()
+        self._rewrite_logs()
+        self._close_logs()
+        experts_LTK, weights_LTK = self.routing_trace()
+        write_trace(self.out / "routing_trace.parquet", experts_LTK, weights_LTK, cfg, t.seq_len)
+        train_s = self.sums["train_s"]
+        tps = self.sums["tokens"] / train_s if train_s > 0 else None
+        summary = {
+            "study": cfg.study, "dataset": cfg.dataset, "strategy": cfg.strategy,
+            "seed": cfg.seed, "steps": t.steps,
+            "val_loss": eval_record["val_loss"], "val_ppl": eval_record["val_ppl"],
+            "val_bpb": eval_record["val_bpb"],
+            "maxvio_global": eval_record["maxvio_global"],
+            "maxvio_global_layers": [max_vio(load_E) for load_E in load_global],
+            "maxvio_batch_mean": self.sums["maxvio_batch"] / t.steps,
+            "drop_frac": self.sums["drop_frac"] / t.steps,
+            "load_global": load_global.tolist(),
+            "tokens_per_s": tps,
+            "mfu": (self.flops_per_token * tps / self.peak
+                    if tps is not None and self.peak is not None else None),
+            "elapsed_s": self.sums["elapsed_s"],
+            "tokens_trained": self.sums["tokens"],
+            "params_total": self.params_total, "params_active": self.params_active,
+            "machine": machine_label(self.device), "device": self.device.type,
+            "git_sha": git_sha(), "torch_version": torch.__version__,
+        }
+        write_json(self.out / "summary.json", summary)
+        log(f"done: val_loss {summary['val_loss']:.4f} maxvio_global "
+            f"{summary['maxvio_global']:.3f} -> {self.out}")
+        return summary
+
+
+def train(cfg: RunConfig, out: Path, ckpt_dir: Path | None = None) -> dict[str, Any]:
+    """Run `cfg` into the run directory `out` (resuming from `ckpt_dir`'s last checkpoint);
+    returns the summary. ValueError before anything is written if an input is unusable;
+    TrainingDiverged on NaN/inf."""
+    run = prepare(cfg, out, ckpt_dir)
+    with torch.random.fork_rng(devices=[]), _torch_settings(
+        cfg.train.threads, deterministic=run.device.type == "cpu"
+    ):
+        return Trainer(run).run()

@@ -1,0 +1,152 @@
+"""MLflow mirror of a training run; the files in the run directory stay the source of truth.
+
+With `tracking.uri` set, a run logs its flattened resolved config as params, every logged
+step's metrics live, the summary numbers as `summary.*` metrics and the run files as
+artifacts. Experiments are per study: the child of `tracking.parent_run_id` (tag
+`mlflow.parentRunId`) goes into its parent's experiment, otherwise into
+"<tracking.experiment>/<study>". For a sqlite store the experiment's artifacts go next to
+the database (`<db dir>/mlruns/<experiment>`), not into the working directory.
+A store that does not answer is a ValueError before training starts (`check_uri`).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from moebench.config import RunConfig
+
+HEALTH_TIMEOUT_S = 5.0
+_BATCH = 100  # MLflow accepts at most 100 params per log_batch call
+
+
+def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}, "c": [2, 3]} -> {"a.b": 1, "c.0": 2, "c.1": 3}; lists of lists (the
+    per-expert loads) are left out: MLflow takes at most 1000 metrics per call."""
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        elif isinstance(value, list):
+            if not any(isinstance(v, list) for v in value):
+                out.update({f"{name}.{i}": v for i, v in enumerate(value)})
+        else:
+            out[name] = value
+    return out
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """Database file of a `sqlite:///path` URI (None for other schemes)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///"))
+
+
+def check_uri(uri: str) -> None:
+    """ValueError unless the tracking store at `uri` answers.
+
+    http(s): GET <uri>/health within HEALTH_TIMEOUT_S (the MLflow client itself retries for
+    minutes); sqlite: the database's folder must exist or be creatable; then, for every
+    scheme, one `search_experiments` call must succeed."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S):
+                pass
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            raise ValueError(f"tracking.uri={uri!r} does not answer: {err}") from None
+    db = _sqlite_path(uri)
+    if db is not None:
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"tracking.uri={uri!r}: cannot create {db.parent} ({err})") from None
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as err:  # any backend failure means "not usable"
+        raise ValueError(f"tracking.uri={uri!r} is not a usable MLflow store: {err}") from None
+
+
+class Tracker:
+    """One MLflow run of one training run (see the module docstring).
+
+    `run_id` of a resumed run continues that run (its params are already logged)."""
+
+    def __init__(self, cfg: RunConfig, run_id: str | None = None) -> None:
+        from mlflow.tracking import MlflowClient
+
+        uri = cfg.tracking.uri
+        if uri is None:
+            raise ValueError("Tracker needs tracking.uri; got None")
+        self.client = MlflowClient(tracking_uri=uri)
+        if run_id is not None:
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return
+        parent = cfg.tracking.parent_run_id
+        tags = {
+            "study": cfg.study,
+            "dataset": cfg.dataset,
+            "strategy": cfg.strategy,
+            "seed": str(cfg.seed),
+        }
+        if parent is not None:
+            experiment_id = self.client.get_run(parent).info.experiment_id
+            tags["mlflow.parentRunId"] = parent
+        else:
+            experiment_id = self._experiment(uri, f"{cfg.tracking.experiment}/{cfg.study}")
+        run = self.client.create_run(
+            experiment_id,
+            run_name=f"{cfg.dataset}/{cfg.strategy}/seed~{cfg.seed}",
+            tags=tags,
+        )
+        self.run_id = run.info.run_id
+        self.log_params(flatten(cfg.model_dump(mode="json")))
+
+    def _experiment(self, uri: str, name: str) -> str:
+        """Id of experiment `name`, created (artifacts beside a sqlite store) if missing."""
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        db = _sqlite_path(uri)
+        location = None
+        if db is not None:
+            safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+            location = (db.parent.resolve() / "mlruns" / safe).as_uri()
+        return self.client.create_experiment(name, artifact_location=location)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, "None" if v is None else str(v)) for k, v in sorted(params.items())]
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(self.run_id, params=items[i : i + _BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Log the numeric entries of a (flattened) record at `step`; others are skipped."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, step)
+            for k, v in sorted(flatten(metrics).items())
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        ]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def log_artifacts(self, paths: Iterable[Path]) -> None:
+        for path in paths:
+            if Path(path).is_file():
+                self.client.log_artifact(self.run_id, str(path))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Mark the run FINISHED or FAILED."""
+        self.client.set_terminated(self.run_id, status=status)
