@@ -18,6 +18,7 @@ from moebench.balancing import (
     seq_loss,
     switch_loss,
 )
+from moebench.routing import Layout
 
 F64 = torch.float64
 
@@ -96,6 +97,13 @@ def test_l2_device_and_comm_losses_and_total() -> None:
     exact(comm, Fraction(51, 80))  # x 0.02 = 0.01275
     total = 0.003 * expert_loss(L2_S, experts_TK) + 0.05 * dev + 0.02 * comm
     exact(total, Fraction(666375, 10_000_000))  # 0.0666375
+
+
+def test_l2_device_map_from_routing_layout() -> None:
+    layout = Layout.contiguous(6, num_nodes=3, gpus_per_node=1)
+    experts_TK = literal_topk(L2_S, 2)
+    exact(device_loss(L2_S, experts_TK, layout.device_of_expert), Fraction(81, 80))
+    exact(comm_loss(L2_S, experts_TK, layout.device_of_expert, 2), Fraction(51, 80))
 
 
 def test_l2_comm_counts_a_token_once_per_device() -> None:

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
+from moebench.cli import app
 from moebench.config import DataConfig
 from moebench.data import (
     EOS_ID,
@@ -28,7 +28,6 @@ from moebench.data import (
     train_bpe,
     zipf_probs,
 )
-from moebench.data.cli import data as data_command
 from moebench.data.sources import FILE_DOC_BYTES, FILE_DOC_MAX_BYTES, cap_bytes, split_sections
 
 SHAKESPEARE = DataConfig(source="shakespeare", vocab_size=512, max_bytes=250_000)
@@ -79,6 +78,7 @@ def test_shakespeare_prepare_splits_by_play(shakespeare_dir: Path) -> None:
     train_ids, val_ids = m["splits"]["train"]["doc_ids"], m["splits"]["val"]["doc_ids"]
     assert sorted(train_ids + val_ids) == sorted(d.id for d in docs)
     assert not set(train_ids) & set(val_ids) and train_ids and val_ids
+    assert len(val_ids) == max(1, round(SHAKESPEARE.val_fraction * len(docs)))
     assert all("/" in i for i in train_ids)  # "<genre>/<play>"
     assert m["source"] == "shakespeare" and m["tokenizer"] == "byte_bpe"
     assert m["dtype"] == "uint16" and m["vocab_size"] == 512 and m["eos_id"] == EOS_ID
@@ -119,11 +119,13 @@ def test_cpython_corpus_excludes_test_folders_and_is_sorted() -> None:
 def test_split_is_by_document_seeded_and_deterministic() -> None:
     ids = [f"doc{i}" for i in range(2000)]
     a, b = assign_val(ids, 0.1, seed=0), assign_val(ids, 0.1, seed=0)
-    assert a == b
-    assert 0.07 < sum(a) / len(a) < 0.13
+    assert a == b and sum(a) == 200
     assert assign_val(ids, 0.1, seed=1) != a
-    # a document's split does not depend on which other documents exist
-    assert assign_val(ids[:500], 0.1, seed=0) == a[:500]
+    # the split depends on the set of ids, not on their order
+    shuffled = assign_val(ids[::-1], 0.1, seed=0)
+    assert shuffled[::-1] == a
+    # held-out documents are spread over the corpus, not a contiguous block
+    assert 50 < sum(a[:1000]) < 150
 
 
 def test_split_keeps_one_document_in_each_split() -> None:
@@ -203,8 +205,8 @@ def test_up_to_date_directory_is_reused(damaged: Path, monkeypatch: pytest.Monke
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("prepare retrained although the directory was complete")
 
-    # the module, not the function `moebench.data.prepare` that shadows it in the package
-    monkeypatch.setattr(sys.modules["moebench.data.prepare"], "train_bpe", fail)
+    # patch the module that holds train_bpe
+    monkeypatch.setattr(sys.modules["moebench.data.build"], "train_bpe", fail)
     before = digests(damaged)
     assert prepare(SHAKESPEARE, damaged, seed=0) == load_manifest(damaged)
     assert digests(damaged) == before
@@ -313,6 +315,16 @@ def test_empty_split_is_refused(damaged: Path) -> None:
         TokenStream(damaged, "val")
 
 
+def test_tokenizer_vocab_must_fit_the_manifest(damaged: Path) -> None:
+    m = load_manifest(damaged)
+    m["tokenizer_vocab_size"] = 600
+    (damaged / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="tokenizer_vocab_size=600 exceeds vocab_size=512"):
+        TokenStream(damaged, "train")
+    with pytest.raises(ValueError, match=r"has 512 entries.*tokenizer_vocab_size=600"):
+        load_tokenizer(damaged)
+
+
 def test_reader_argument_errors(shakespeare_dir: Path) -> None:
     with pytest.raises(ValueError, match="split='test' is not allowed"):
         TokenStream(shakespeare_dir, "test")
@@ -334,6 +346,9 @@ def test_reader_argument_errors(shakespeare_dir: Path) -> None:
 def test_prepare_input_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="seed=-1"):
         prepare(SHAKESPEARE, tmp_path, seed=-1)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match=r"out_dir=.*a_file.* is not a directory"):
+        prepare(SHAKESPEARE, tmp_path / "a_file", seed=0)
     with pytest.raises(ValueError, match=r"data.path='/no/such/file' is not a file"):
         prepare(DataConfig(source="file", path="/no/such/file"), tmp_path, seed=0)
     with pytest.raises(ValueError, match=r"1 document.*at least 2"):
@@ -380,26 +395,15 @@ def test_file_source_prepare(tmp_path: Path) -> None:
 # --- CLI ------------------------------------------------------------------------------------
 
 
-def cli_app() -> typer.Typer:
-    """The data command inside a two-level app, as `moebench data` runs it."""
-    app = typer.Typer()
-    app.callback()(lambda: None)
-    app.command("data")(data_command)
-    return app
-
-
 def test_cli_prepares_and_reports_errors(tmp_path: Path, synthetic_dir: Path) -> None:
-    from moebench.cli import app
-
-    assert "data" in {c.name for c in app.registered_commands}
     cfg = tmp_path / "run.yaml"
     cfg.write_text(json.dumps({"data": SYNTHETIC.model_dump(mode="json")}))
     out = tmp_path / "out"
-    ok = CliRunner().invoke(cli_app(), ["data", "--config", str(cfg), "--out", str(out)])
+    ok = CliRunner().invoke(app, ["data", "--config", str(cfg), "--out", str(out)])
     assert ok.exit_code == 0, ok.output
     assert digests(out) == digests(synthetic_dir)
     bad = CliRunner().invoke(
-        cli_app(), ["data", "--config", str(cfg), "--set", "data.vocab_size=7", "--out", str(out)]
+        app, ["data", "--config", str(cfg), "--set", "data.vocab_size=7", "--out", str(out)]
     )
     assert bad.exit_code == 2
     assert "data.vocab_size" in bad.stderr and "Traceback" not in bad.output

@@ -298,11 +298,13 @@ _OVERRIDABLE = ("model", "topology", "router", "balance", "train")
 
 
 def _override_model(cls: type[BaseModel]) -> type[BaseModel]:
-    """A copy of `cls` whose fields are all optional (None = not set), nested models included.
+    """A copy of `cls` whose fields may all be left out (nested models included).
 
     Strategy overrides are validated field by field against it (types, ranges, allowed values,
     unknown keys), so both pydantic and the generated JSON schema refuse a bad override before
-    it is merged; the merged RunConfig is validated again as a whole (cross-field rules)."""
+    it is merged; the merged RunConfig is validated again as a whole (cross-field rules). A
+    left-out field defaults to None without validation (`exclude_unset` drops it); an explicit
+    null is accepted only where `cls` accepts it."""
     fields: dict[str, Any] = {}
     for name, info in cls.model_fields.items():
         ann = info.annotation
@@ -310,7 +312,7 @@ def _override_model(cls: type[BaseModel]) -> type[BaseModel]:
             inner: Any = _override_model(ann)
         else:
             inner = Annotated[ann, *info.metadata] if info.metadata else ann
-        fields[name] = (inner | None, Field(None, description=info.description))
+        fields[name] = (inner, Field(None, description=info.description))
     return create_model(
         f"{cls.__name__}Override",
         __config__=ConfigDict(extra="forbid", frozen=True),
@@ -456,10 +458,9 @@ class StudyConfig(Strict):
         try:
             return RunConfig.model_validate(raw)
         except ValidationError as err:
-            problems = format_validation_error(err, "").splitlines()[1:]
             raise ValueError(
                 f"strategy {strategy!r} (dataset {dataset!r}) gives an invalid run config: "
-                + "; ".join(p.strip() for p in problems)
+                + "; ".join(_problems(err))
             ) from None
 
 
@@ -474,9 +475,21 @@ def load_study(path: str | Path) -> StudyConfig:
     return study_from_dict(raw, str(path))
 
 
+def _problems(err: ValidationError) -> list[str]:
+    """`field: message (got value)` per error; model-level errors give just their message."""
+    out = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        value = e.get("input")
+        shown = "" if not loc or isinstance(value, dict) else f" (got {value!r})"
+        out.append(f"{loc}: {msg}{shown}" if loc else msg)
+    return out
+
+
 def study_from_dict(raw: dict[str, Any], where: str = "study config") -> StudyConfig:
     """Validate a study mapping (e.g. Snakemake's `config`); ValueError listing every problem."""
     try:
         return StudyConfig.model_validate(raw)
     except ValidationError as err:
-        raise ValueError(format_validation_error(err, where)) from None
+        raise ValueError(f"invalid {where}:\n  " + "\n  ".join(_problems(err))) from None

@@ -51,9 +51,7 @@ def _real(scores_TE: Tensor) -> Tensor:
     return scores_TE.to(torch.promote_types(scores_TE.dtype, torch.float32))
 
 
-def _seq_counts(
-    experts_TK: Tensor, num_experts: int, num_seqs: int, dtype: torch.dtype = torch.float32
-) -> Tensor:
+def _seq_counts(experts_TK: Tensor, num_experts: int, num_seqs: int, dtype: torch.dtype) -> Tensor:
     """Selection counts per sequence, [B, E] of `dtype`: how many of a sequence's (token, slot)
     assignments went to each expert."""
     ids_BA = experts_TK.reshape(num_seqs, -1).long()

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from moebench.config import load_run_config
-from moebench.data.prepare import prepare
+from moebench.data.build import prepare
 
 
 def data(

@@ -24,7 +24,7 @@ import torch
 from tokenizers import Tokenizer
 
 from moebench.config import DataConfig
-from moebench.data.prepare import FORMAT, MANIFEST, SPLITS, sha256_file
+from moebench.data.build import FORMAT, MANIFEST, SPLITS, sha256_file
 
 _RERUN = "rerun `moebench data` for this directory"
 

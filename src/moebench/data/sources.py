@@ -195,30 +195,31 @@ def source_fingerprint(cfg: DataConfig) -> str:
     return "moebench synthetic v1"
 
 
-def split_of(doc_id: str, seed: int) -> float:
+def split_key(doc_id: str, seed: int) -> float:
     """Uniform number in [0, 1) from a seeded SHA-256 of the document id."""
     digest = hashlib.sha256(f"moebench-split:{seed}:{doc_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def assign_val(doc_ids: list[str], val_fraction: float, seed: int) -> list[bool]:
-    """True where a document goes to validation: hash < val_fraction.
+    """True where a document goes to validation.
 
-    Deterministic per (seed, id), independent of the other documents, except that each
-    split gets at least one document: with no validation document the one with the lowest
-    hash moves there, with no training document the one with the highest hash moves back.
+    The documents are ranked by `split_key(id, seed)`; the first round(val_fraction * n),
+    clipped to 1..n-1, are held out. An exact count rather than a per-document coin flip:
+    with few large documents (38 plays) a coin flip gives a validation share far from
+    `val_fraction` (or none). Deterministic in (seed, the set of ids), not in their order.
     """
-    if len(doc_ids) < 2:
+    n = len(doc_ids)
+    if n < 2:
         raise ValueError(
-            f"the corpus has {len(doc_ids)} document(s); the train/validation split needs "
+            f"the corpus has {n} document(s); the train/validation split needs "
             "at least 2 (raise data.max_bytes or use a larger source)"
         )
-    if len(set(doc_ids)) != len(doc_ids):
+    if len(set(doc_ids)) != n:
         raise ValueError("document ids must be unique for the split")
-    u = [split_of(d, seed) for d in doc_ids]
-    val = [x < val_fraction for x in u]
-    if not any(val):
-        val[min(range(len(u)), key=u.__getitem__)] = True
-    if all(val):
-        val[max(range(len(u)), key=u.__getitem__)] = False
+    n_val = min(n - 1, max(1, round(val_fraction * n)))
+    ranked = sorted(range(n), key=lambda i: split_key(doc_ids[i], seed))
+    val = [False] * n
+    for i in ranked[:n_val]:
+        val[i] = True
     return val

@@ -9,7 +9,8 @@ so transitions are sparse and learnable. Different topics use different tokens, 
 router can separate them and the topic skew turns into expert-load skew unless balanced.
 
 The stream bypasses BPE: ids are emitted directly in 1..vocab_size-1 (0 is the EOS
-separator shared with the text sources). There is no text, so no bits per byte.
+separator shared with the text sources). There is no text, so no bits per byte, and
+`data.max_bytes` does not apply (the size is synthetic_docs x synthetic_doc_tokens).
 
 Randomness comes from three independent children of `SeedSequence(seed)` (sources, topic
 draws, token draws): changing the skew changes only which topics the documents draw, never

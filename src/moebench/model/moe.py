@@ -15,9 +15,8 @@ the model's aux loss is their sum over MoE layers).
 Two expert paths compute the same function:
 - "loop": the reference, one gather / SwiGLU / scatter per expert.
 - "grouped": assignments sorted by expert (stable, so token order is kept within an
-  expert), then one grouped GEMM per projection: `moebench.kernels.grouped_experts` or
-  `torch._grouped_mm` on CUDA, a loop over the sorted contiguous segments on CPU (CPU
-  `torch._grouped_mm` has no backward in torch 2.13).
+  expert), then one grouped GEMM per projection: `moebench.kernels.experts.grouped_experts`
+  (torch._grouped_mm) on CUDA, a loop over the sorted contiguous segments on CPU.
 
 Legend: T tokens, H d_model, F expert hidden width, E routed experts, K experts per token,
 B sequences, S sequence length, A kept (token, slot) assignments.
@@ -25,9 +24,7 @@ B sequences, S sequence length, A kept (token, slot) assignments.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,12 +43,13 @@ from moebench.balancing import (
     switch_loss,
 )
 from moebench.config import RunConfig
+from moebench.kernels.experts import grouped_experts
 from moebench.routing import Layout, RouterConfig, route
 
 AUX_NAMES = ("switch", "expert", "device", "comm", "seq", "global")
 
 
-class NonFiniteRouterLogits(FloatingPointError):
+class NonFiniteRouterError(FloatingPointError):
     """Router logits of MoE layer `layer` (0-based among MoE layers) hold NaN or inf."""
 
     def __init__(self, layer: int) -> None:
@@ -64,10 +62,10 @@ class LayerRouting:
     """What one MoE layer routed: `experts_TK` int64, gate `weights_TK` float32 (zero where
     dropped), `keep_TK` bool (False = dropped by capacity), unbiased `scores_TE` float32."""
 
-    experts_TK: Tensor
-    weights_TK: Tensor
-    keep_TK: Tensor
-    scores_TE: Tensor
+    experts_TK: Tensor  # noqa: N815 (contract field names)
+    weights_TK: Tensor  # noqa: N815 (contract field names)
+    keep_TK: Tensor  # noqa: N815 (contract field names)
+    scores_TE: Tensor  # noqa: N815 (contract field names)
 
 
 def router_config(cfg: RunConfig) -> RouterConfig:
@@ -106,16 +104,10 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-def _grouped_kernel() -> Any:
-    """`moebench.kernels.grouped_experts` when the kernels package provides it, else None."""
-    try:
-        return importlib.import_module("moebench.kernels").grouped_experts
-    except (ImportError, AttributeError):
-        return None
-
-
-def _grouped_mm_segments(x_AH: Tensor, w_EHF: Tensor, counts: list[int]) -> Tensor:
-    """Rows of x sorted by expert times each expert's matrix: one matmul per segment."""
+def _segment_mm(x_AH: Tensor, w_EHF: Tensor, counts: list[int]) -> Tensor:
+    """Rows of x sorted by expert times each expert's matrix: one matmul per segment (CPU
+    `torch._grouped_mm` needs 16-byte-aligned strides and its backward failed for some
+    shapes in torch 2.13; this works for any shape and is deterministic)."""
     parts = [seg @ w_EHF[e] for e, seg in enumerate(x_AH.split(counts)) if counts[e]]
     return torch.cat(parts) if parts else x_AH.new_zeros(0, w_EHF.shape[-1])
 
@@ -145,34 +137,28 @@ class RoutedExperts(nn.Module):
 
     def forward_grouped(self, x_TH: Tensor, experts_TK: Tensor, gates_TK: Tensor,
                         keep_TK: Tensor) -> Tensor:
-        """Grouped path: sort kept assignments by expert, one grouped GEMM per projection."""
+        """Grouped path: assignments sorted by expert, one grouped GEMM per projection.
+
+        CUDA: `moebench.kernels.experts.grouped_experts` (torch._grouped_mm + fused SwiGLU;
+        operands cast to the autocast dtype, dropped assignments carry a zero gate). CPU: the
+        kept assignments sorted by expert (stable), one matmul per contiguous segment."""
+        if x_TH.is_cuda:
+            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") \
+                else x_TH.dtype
+            w1, w3, w2 = (w.to(dtype) for w in (self.w1, self.w3, self.w2))
+            y_TH = grouped_experts(x_TH.to(dtype), experts_TK, gates_TK, w1, w3, w2)
+            return y_TH.to(x_TH.dtype)
         T, K = experts_TK.shape
-        E = self.w1.shape[0]
         flat_keep = keep_TK.reshape(-1)
         expert_A = experts_TK.reshape(-1)[flat_keep]
         gate_A = gates_TK.reshape(-1)[flat_keep]
         tok_A = torch.arange(T, device=x_TH.device).repeat_interleave(K)[flat_keep]
         order_A = torch.sort(expert_A, stable=True).indices
         tok_A, gate_A = tok_A[order_A], gate_A[order_A]
-        counts_E = torch.bincount(expert_A, minlength=E)
+        counts = torch.bincount(expert_A, minlength=self.w1.shape[0]).tolist()
         x_AH = x_TH[tok_A]
-        kernel = _grouped_kernel() if x_TH.is_cuda else None
-        if kernel is not None:
-            y_AH = kernel(x_AH, counts_E, self.w1, self.w3, self.w2)
-        elif x_TH.is_cuda:
-            offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
-            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled() else x_AH.dtype
-
-            def gmm(a: Tensor, w: Tensor) -> Tensor:
-                return torch._grouped_mm(a.to(dtype), w.to(dtype), offs=offs_E)
-
-            y_AH = gmm(F.silu(gmm(x_AH, self.w1)) * gmm(x_AH, self.w3), self.w2)
-        else:
-            counts = counts_E.tolist()
-            h_AF = F.silu(_grouped_mm_segments(x_AH, self.w1, counts)) * _grouped_mm_segments(
-                x_AH, self.w3, counts
-            )
-            y_AH = _grouped_mm_segments(h_AF, self.w2, counts)
+        h_AF = F.silu(_segment_mm(x_AH, self.w1, counts)) * _segment_mm(x_AH, self.w3, counts)
+        y_AH = _segment_mm(h_AF, self.w2, counts)
         out_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
         out_TH.index_add_(0, tok_A, y_AH.float() * gate_A[:, None])
         return out_TH.to(x_TH.dtype)
@@ -256,12 +242,12 @@ class MoELayer(nn.Module):
         """Returns (shared + routed output [B, S, H], the routing, alpha-weighted aux losses).
 
         `protected_T` marks tokens exempt from device-level dropping. Raises
-        `NonFiniteRouterLogits` when the router output holds NaN or inf."""
+        `NonFiniteRouterError` when the router output holds NaN or inf."""
         B, S, H = x_BSH.shape
         x_TH = x_BSH.reshape(B * S, H)
         logits_TE = self.router_logits(x_TH)
         if not bool(torch.isfinite(logits_TE).all()):
-            raise NonFiniteRouterLogits(self.index)
+            raise NonFiniteRouterError(self.index)
         routing = route(logits_TE, self.router_cfg, bias_E)
         keep_TK = self._keep(routing.experts, routing.scores, protected_T)
         gates_TK = routing.weights * keep_TK

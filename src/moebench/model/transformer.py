@@ -151,7 +151,7 @@ class MoETransformer(nn.Module):
 
         `bias_LE` is the aux-loss-free bias, one row per MoE layer (None = no bias)."""
         B, S = tokens_BS.shape
-        if S > self.max_seq_len:
+        if self.max_seq_len < S:
             raise ValueError(
                 f"sequence length {S} exceeds train.seq_len={self.max_seq_len} of the model"
             )

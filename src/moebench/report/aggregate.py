@@ -15,16 +15,23 @@ import yaml
 
 from moebench.io import write_parquet, write_text
 from moebench.report import figures
-from moebench.report.paths import RESULTS, figure_file, summary_file, table_file
+from moebench.report.paths import FIGURES, RESULTS, figure_file, summary_file, table_file
 from moebench.report.summary import collect, find_runs, load_curves, load_matrices
 from moebench.report.tables import stats_table, study_markdown
 
-FIGURE_TITLES = {
-    "maxvio_batch": "MaxVio_batch over training steps",
-    "load_heatmap": "Relative expert load per MoE layer (validation)",
-    "ppl_vs_maxvio": "Validation perplexity vs MaxVio_global",
-    "nodes_per_token": "Nodes and devices per token",
-}
+FIGURE_TITLES = dict(
+    zip(
+        FIGURES,
+        (
+            "MaxVio_batch over training steps",
+            "Relative expert load per MoE layer (validation)",
+            "Validation perplexity vs MaxVio_global",
+            "Nodes and devices per token",
+        ),
+        strict=True,
+    )
+)
+"""Markdown titles of the figures, in paths.FIGURES order."""
 
 
 def setting_line(run: Path) -> str:

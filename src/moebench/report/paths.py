@@ -48,8 +48,8 @@ def kernels_file(study: str, root: Path = RESULTS) -> Path:
 
 
 def parent_run_file(study: str, root: Path = RESULTS) -> Path:
-    """JSON with the MLflow tracking URI, experiment and parent run id of a study."""
-    return root / "mlflow" / "parents" / f"{study}.json"
+    """The MLflow parent run id of a study (plain text; written by `moebench mlflow-init`)."""
+    return root / "mlflow" / "parents" / f"{study}.txt"
 
 
 def summary_file(root: Path = RESULTS) -> Path:

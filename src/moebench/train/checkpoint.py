@@ -49,7 +49,9 @@ def load_checkpoint(ckpt_dir: Path | None) -> dict[str, Any] | None:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a damaged file is a user-facing error, not a traceback
-        raise ValueError(f"checkpoint {path} cannot be read ({err}); delete it to restart") from None
+        raise ValueError(
+            f"checkpoint {path} cannot be read ({err}); delete it to restart"
+        ) from None
 
 
 def matches(state: dict[str, Any], cfg: RunConfig) -> bool:

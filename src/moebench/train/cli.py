@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from moebench.config import load_run_config
-from moebench.train.loop import TrainingDiverged, train as train_run
+from moebench.train.loop import TrainingDivergedError
+from moebench.train.loop import train as train_run
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
@@ -37,7 +38,7 @@ def train(
     except (ValueError, OSError) as err:
         typer.echo(f"moebench train: error: {err}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    except TrainingDiverged as err:
+    except TrainingDivergedError as err:
         typer.echo(f"moebench train: error: {err}", err=True)
         raise typer.Exit(EXIT_DIVERGED) from None
     typer.echo(f"{out}: val_loss {summary['val_loss']:.4f}, "

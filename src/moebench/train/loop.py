@@ -53,7 +53,7 @@ from moebench.config import RunConfig
 from moebench.data import TokenStream
 from moebench.io import write_json, write_text, write_yaml
 from moebench.metrics import max_vio, max_vio_layers
-from moebench.model import MoETransformer, NonFiniteRouterLogits
+from moebench.model import MoETransformer, NonFiniteRouterError
 from moebench.train.checkpoint import (
     CKPT_NAME,
     identity,
@@ -69,7 +69,7 @@ FILES = ("config.resolved.yaml", "metrics.jsonl", "timing.jsonl", "summary.json"
          "routing_trace.parquet")
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDivergedError(RuntimeError):
     """NaN/inf router logits or loss: names the step, the MoE layer (if a router) and the
     last good checkpoint, which is left untouched."""
 
@@ -317,10 +317,10 @@ class Trainer:
         try:
             with self._autocast():
                 out = self.model(tokens_BS.to(self.device), targets_BS.to(self.device), bias_LE)
-        except NonFiniteRouterLogits as err:
-            raise TrainingDiverged(step, err.layer, self.last_ckpt) from None
+        except NonFiniteRouterError as err:
+            raise TrainingDivergedError(step, err.layer, self.last_ckpt) from None
         if not bool(torch.isfinite(out.loss)):
-            raise TrainingDiverged(step, None, self.last_ckpt)
+            raise TrainingDivergedError(step, None, self.last_ckpt)
         return out
 
     def train_step(self) -> dict[str, Any]:
@@ -531,7 +531,7 @@ class Trainer:
 def train(cfg: RunConfig, out: Path, ckpt_dir: Path | None = None) -> dict[str, Any]:
     """Run `cfg` into the run directory `out` (resuming from `ckpt_dir`'s last checkpoint);
     returns the summary. ValueError before anything is written if an input is unusable;
-    TrainingDiverged on NaN/inf."""
+    TrainingDivergedError on NaN/inf."""
     run = prepare(cfg, out, ckpt_dir)
     with torch.random.fork_rng(devices=[]), _torch_settings(
         cfg.train.threads, deterministic=run.device.type == "cpu"

@@ -14,6 +14,8 @@ tokenizer_vocab_size (entries trained), vocab_size (id space = config vocab_size
 below it), eos_id, dtype, versions, splits.<train|val>.{file, n_tokens, n_docs, bytes
 (UTF-8 bytes of the documents' text; null for synthetic), bytes_per_token, sha256, doc_ids},
 and for the synthetic source `synthetic` (topic_probs, topic_counts per split).
+
+Legend: N documents, L tokens per synthetic document.
 """
 
 from __future__ import annotations
@@ -189,13 +191,14 @@ def prepare(cfg: DataConfig, out_dir: str | Path, seed: int) -> dict[str, Any]:
     else:
         tok, kind, splits = text_splits(cfg, seed)
     dtype = token_dtype(cfg.vocab_size)
+    assert all(s.tokens.dtype == dtype for s in splits.values())
 
     tok_text = tok.to_str()
     write_text(out / TOKENIZER_FILE, tok_text)
     split_meta = {}
     for name in SPLITS:
         s = splits[name]
-        payload = s.tokens.astype(dtype, copy=False).tobytes()
+        payload = s.tokens.tobytes()
         with atomic_open(out / bin_file(name), "wb") as f:
             f.write(payload)
         n_tokens = int(s.tokens.size)

@@ -1,0 +1,32 @@
+# moebench: one DAG from data to paper tables.
+#   data -> kernel check -> training runs (study x dataset x strategy x seed) -> comm
+#   profiling -> aggregation (summary.parquet, tables, figures) -> `snakemake --report`.
+# Rules only call the `moebench` CLI; the study grid comes from the config, validated
+# against workflow/schemas/study.schema.json and then by pydantic (moebench.config).
+#   snakemake --cores 2                                   # the default study
+#   snakemake --cores 2 --configfile configs/test.yaml    # any other study
+#   snakemake --workflow-profile workflow/profiles/slurm --configfile configs/gpu.yaml
+
+
+# The default study, unless study files are given (`--configfile` would otherwise merge
+# into it: a study's strategies would add to the default ones).
+if not workflow.overwrite_configfiles:
+
+    configfile: "configs/default.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/kernels.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/comm.smk"
+include: "workflow/rules/aggregate.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.aggregate.output,

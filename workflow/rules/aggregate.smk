@@ -1,0 +1,46 @@
+# Aggregation: every run directory -> summary.parquet (pandera-checked), this study's
+# tables (mean and 95% CI over seeds, published numbers beside ours) and figures; logged to
+# the study's MLflow parent run.
+
+
+rule aggregate:
+    input:
+        unpack(tracking_inputs),
+        runs=run_files(("summary.json", "metrics.jsonl", "config.resolved.yaml", *COMM_FILES)),
+    output:
+        summary=str(paths.summary_file()),
+        md=str(paths.table_file(STUDY_NAME, "md")),
+        csv=report(
+            str(paths.table_file(STUDY_NAME, "csv")),
+            caption="../report/table.rst",
+            category="Tables",
+        ),
+        maxvio=report(
+            expand(str(paths.figure_file(STUDY_NAME, "{d}", "maxvio_batch")), d=DATASETS),
+            caption="../report/maxvio_batch.rst",
+            category="Figures",
+        ),
+        heatmap=report(
+            expand(str(paths.figure_file(STUDY_NAME, "{d}", "load_heatmap")), d=DATASETS),
+            caption="../report/load_heatmap.rst",
+            category="Figures",
+        ),
+        ppl=report(
+            expand(str(paths.figure_file(STUDY_NAME, "{d}", "ppl_vs_maxvio")), d=DATASETS),
+            caption="../report/ppl_vs_maxvio.rst",
+            category="Figures",
+        ),
+        nodes=report(
+            expand(str(paths.figure_file(STUDY_NAME, "{d}", "nodes_per_token")), d=DATASETS),
+            caption="../report/nodes_per_token.rst",
+            category="Figures",
+        ),
+    params:
+        study=STUDY_FILE,
+    log:
+        f"work/logs/{STUDY_NAME}/aggregate.log",
+    localrule: True
+    conda:
+        ENV
+    shell:
+        "moebench aggregate --study {params.study} > {log} 2>&1"

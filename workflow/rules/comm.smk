@@ -1,0 +1,20 @@
+# Communication: replay each run's routing trace on the study topology (devices and nodes
+# per token, NVLink/IB bytes, modeled all-to-all time) into the same run directory.
+
+
+rule comm:
+    input:
+        trace=run_patterns(["routing_trace.parquet"]),
+    output:
+        run_patterns(COMM_FILES),
+    params:
+        out=parent_dir,
+    log:
+        "work/logs/{study}/comm/{dataset}/{strategy}/seed~{seed}.log",
+    threads: STUDY.resources.comm.threads
+    resources:
+        **resources_of("comm"),
+    conda:
+        ENV
+    shell:
+        "moebench comm --trace {input.trace} --out {params.out} > {log} 2>&1"

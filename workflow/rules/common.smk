@@ -1,0 +1,123 @@
+# Study config -> grid, paths and helpers shared by the rule files (no rules here).
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from moebench.config import RunConfig, study_from_dict
+from moebench.report import paths
+from moebench.report.study import write_study_copy
+
+
+# 1. JSON schema (types, ranges, allowed values, unknown keys, strategy overrides field by
+#    field); 2. pydantic: cross-field rules of every grid point's RunConfig.
+validate(config, "../schemas/study.schema.json", set_default=False)
+try:
+    STUDY = study_from_dict(config, "study config (configfile + --config)")
+except ValueError as err:
+    raise WorkflowError(str(err)) from None
+
+STUDY_NAME = STUDY.study
+DATASETS = sorted(STUDY.datasets)
+STRATEGIES = sorted(STUDY.strategies)
+SEEDS = sorted(STUDY.seeds)
+TRACKING = STUDY.tracking.uri is not None
+# The validated study as the rules' `moebench` calls read it (configfile + --config).
+STUDY_FILE = str(write_study_copy(STUDY))
+ENV = "../../environment.yml"
+
+
+wildcard_constraints:
+    study=re.escape(STUDY_NAME),
+    dataset="[A-Za-z0-9][A-Za-z0-9_.-]*",
+    strategy="[A-Za-z0-9][A-Za-z0-9_.-]*",
+    seed=r"\d+",
+
+
+W = ("{study}", "{dataset}", "{strategy}", "{seed}")
+TRAIN_FILES = (
+    "config.resolved.yaml",
+    "metrics.jsonl",
+    "timing.jsonl",
+    "summary.json",
+    "routing_trace.parquet",
+)
+COMM_FILES = ("comm.parquet", "comm.json")
+DATA_FILES = ("train.bin", "val.bin", "manifest.json", "tokenizer.json")
+
+
+def run_patterns(names) -> list[str]:
+    """`names` in the run directory pattern results/runs/{study}/{dataset}/{strategy}/seed~{seed}."""
+    return [str(paths.run_dir(*W) / name) for name in names]
+
+
+def data_patterns() -> list[str]:
+    """The token files of the data directory pattern work/data/{study}/{dataset}."""
+    return [str(paths.data_dir("{study}", "{dataset}") / name) for name in DATA_FILES]
+
+
+def parent_dir(wildcards, output) -> str:
+    """The folder of a job's first output (a run or data directory)."""
+    return str(Path(output[0]).parent)
+
+
+def digest(cfg: RunConfig) -> str:
+    """Short hash of a resolved config: as a rule param it reruns exactly the jobs whose
+    config changed (Snakemake's params rerun trigger), not every job of the study."""
+    text = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_digest(wildcards) -> str:
+    return digest(STUDY.run_config(wildcards.dataset, wildcards.strategy, int(wildcards.seed)))
+
+
+def data_digest(wildcards) -> str:
+    return digest(STUDY.data_config(wildcards.dataset))
+
+
+def data_files(wildcards) -> list[str]:
+    """The token files a run of `wildcards.dataset` trains on."""
+    folder = paths.data_dir(STUDY_NAME, wildcards.dataset)
+    return [str(folder / f) for f in DATA_FILES]
+
+
+def tracking_inputs(wildcards) -> dict[str, object]:
+    """The study's MLflow parent-run file (ancient: recreating it retrains nothing)."""
+    if not TRACKING:
+        return {}
+    return {"parent": ancient(str(paths.parent_run_file(STUDY_NAME)))}
+
+
+def parent_run_arg(wildcards) -> str:
+    """`--set tracking.parent_run_id=...` read from the parent-run file at run time (quoted
+    as a YAML string), or nothing when MLflow is off."""
+    if not TRACKING:
+        return ""
+    parent = paths.parent_run_file(STUDY_NAME)
+    return f"--set \"tracking.parent_run_id='$(cat {parent})'\""
+
+
+def resources_of(stage: str) -> dict[str, int]:
+    """Snakemake resources of a stage from the study's `resources:` section."""
+    spec = getattr(STUDY.resources, stage)
+    return {
+        "mem_mb": spec.mem_mb,
+        "runtime": spec.runtime,
+        "gpu": spec.gpu,
+        "cpus_per_task": spec.threads,
+    }
+
+
+def run_files(names) -> list[str]:
+    """`names` in every run directory of the study grid."""
+    return [
+        str(paths.run_dir(STUDY_NAME, d, s, n) / f)
+        for d in DATASETS
+        for s in STRATEGIES
+        for n in SEEDS
+        for f in names
+    ]

@@ -1,0 +1,35 @@
+# Data: the study's resolved data config, then `moebench data` (tokenizer + token files).
+
+
+rule data_config:
+    output:
+        str(paths.data_config_file("{study}", "{dataset}")),
+    params:
+        study=STUDY_FILE,
+        digest=data_digest,
+    log:
+        "work/logs/{study}/data_config/{dataset}.log",
+    localrule: True
+    conda:
+        ENV
+    shell:
+        "moebench resolve --study {params.study} --dataset {wildcards.dataset}"
+        " --out {output} > {log} 2>&1"
+
+
+rule data:
+    input:
+        rules.data_config.output,
+    output:
+        data_patterns(),
+    params:
+        out=parent_dir,
+    log:
+        "work/logs/{study}/data/{dataset}.log",
+    threads: STUDY.resources.data.threads
+    resources:
+        **resources_of("data"),
+    conda:
+        ENV
+    shell:
+        "moebench data --config {input} --out {params.out} > {log} 2>&1"

@@ -1,0 +1,61 @@
+# Training: the MLflow parent run (once per study, before concurrent writers), each grid
+# point's resolved config, then `moebench train` into its run directory.
+
+
+rule mlflow_init:
+    output:
+        str(paths.parent_run_file("{study}")),
+    params:
+        study=STUDY_FILE,
+        uri=STUDY.tracking.uri,
+        experiment=STUDY.experiment,
+    log:
+        "work/logs/{study}/mlflow_init.log",
+    localrule: True
+    conda:
+        ENV
+    shell:
+        "moebench mlflow-init --study {params.study} --out {output} > {log} 2>&1"
+
+
+rule resolve:
+    output:
+        str(paths.run_config_file(*W)),
+    params:
+        study=STUDY_FILE,
+        digest=run_digest,
+    log:
+        "work/logs/{study}/resolve/{dataset}/{strategy}/seed~{seed}.log",
+    localrule: True
+    conda:
+        ENV
+    shell:
+        "moebench resolve --study {params.study} --dataset {wildcards.dataset}"
+        " --strategy {wildcards.strategy} --seed {wildcards.seed} --out {output} > {log} 2>&1"
+
+
+rule train:
+    input:
+        unpack(tracking_inputs),
+        config=rules.resolve.output,
+        data=data_files,
+        # the kernel check gates training; re-checking later retrains nothing
+        kernels=ancient(str(paths.kernels_file("{study}"))),
+    output:
+        run_patterns(TRAIN_FILES),
+    params:
+        out=parent_dir,
+        ckpt=str(paths.ckpt_dir(*W)),
+        parent=parent_run_arg,
+    log:
+        "work/logs/{study}/train/{dataset}/{strategy}/seed~{seed}.log",
+    benchmark:
+        "work/benchmarks/{study}/train/{dataset}/{strategy}/seed~{seed}.tsv"
+    threads: STUDY.resources.train.threads
+    resources:
+        **resources_of("train"),
+    conda:
+        ENV
+    shell:
+        "moebench train --config {input.config} --out {params.out} --ckpt-dir {params.ckpt}"
+        " {params.parent} > {log} 2>&1"
