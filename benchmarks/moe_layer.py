@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
+from moebench.io import write_text
 from moebench.kernels.bench import env_columns, write_results
 from moebench.kernels.experts import expert_loop, grouped_experts, plan_dispatch
 
@@ -151,11 +153,45 @@ def run_shape(T: int, H: int, Fh: int, E: int, K: int, reps: int, env: dict):
     return rows, checks
 
 
+def profile_shape(T: int, H: int, Fh: int, E: int, K: int, out: str) -> None:
+    """Per-kernel GPU time of one `grouped_experts` forward+backward (torch.profiler), to
+    show what bounds the layer: the grouped GEMMs vs the data movement around them."""
+    dev, bf = "cuda", torch.bfloat16
+    x = torch.randn(T, H, device=dev, dtype=bf).requires_grad_()
+    experts = torch.rand(T, E, device=dev).topk(K, dim=1).indices
+    weights = torch.rand(T, K, device=dev).requires_grad_()
+    ws = [
+        (torch.randn(*shape, device=dev) * 0.02).to(bf).requires_grad_()
+        for shape in ((E, H, Fh), (E, H, Fh), (E, Fh, H))
+    ]
+    dy = torch.randn(T, H, device=dev, dtype=bf)
+
+    def step():
+        y = grouped_experts(x, experts, weights, *ws)
+        return torch.autograd.grad(y, [x, weights, *ws], dy)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    write_text(Path(out) / "moe_layer_profile.txt", f"{T=} {H=} {Fh=} {E=} {K=}, 5 steps\n{table}")
+    print(table, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", required=True)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--profile", action="store_true", help="only the per-kernel profile")
     args = ap.parse_args()
+    if args.profile:
+        profile_shape(*SHAPES[0], out=args.out)
+        return
     env = env_columns()
     rows, checks = [], []
     for shape in SHAPES:

@@ -154,7 +154,7 @@ def test_nan_router_logits_name_the_layer() -> None:
 
 def test_bad_inputs_are_value_errors() -> None:
     model = MoETransformer(tiny(), VOCAB)
-    with pytest.raises(ValueError, match="train.seq_len=16"):
+    with pytest.raises(ValueError, match=r"train\.seq_len=16"):
         model(tokens(S=17))
     with pytest.raises(ValueError, match="bias_LE has 3 rows"):
         model(tokens(), bias_LE=torch.zeros(3, 16))

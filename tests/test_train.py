@@ -31,10 +31,11 @@ from moebench.train import (
     train,
 )
 from moebench.train.checkpoint import CKPT_NAME
+from moebench.train.tracking import Tracker
 
 SHAKESPEARE = DataConfig(source="shakespeare", vocab_size=512, max_bytes=200_000)
 SKEWED = DataConfig(source="synthetic", vocab_size=512, synthetic_skew=1.5,
-                    synthetic_docs=200, synthetic_doc_tokens=256)
+                    synthetic_docs=1000, synthetic_doc_tokens=64)
 RUN_FILES = ("config.resolved.yaml", "metrics.jsonl", "timing.jsonl", "summary.json",
              "routing_trace.parquet")
 
@@ -156,37 +157,41 @@ def test_every_strategy_trains_on_cpu(strategy: str, shakespeare_dir: Path,
 
 def test_loss_falls_on_shakespeare(shakespeare_dir: Path, tmp_path: Path) -> None:
     cfg = make_cfg(shakespeare_dir, model={"d_model": 64, "n_heads": 4, "expert_hidden": 32},
-                   train={"steps": 60, "batch_size": 8, "eval_every": 20, "eval_batches": 4})
+                   train={"steps": 40, "batch_size": 8, "eval_every": 20, "eval_batches": 4})
     train(cfg, tmp_path / "run", tmp_path / "ckpt")
     evals = [r["val_loss"] for r in records(tmp_path / "run", "eval")]
-    assert len(evals) == 3
+    first_train = records(tmp_path / "run", "train")[0]
+    assert first_train["step"] == 5 and first_train["ce_loss"] > math.log(512) - 0.5
+    assert len(evals) == 2
     assert evals[-1] < math.log(512) - 1.0  # far below the uniform predictor
-    assert evals[-1] < evals[0] - 0.2
+    assert evals[-1] < first_train["ce_loss"] - 0.5
 
 
+@pytest.mark.slow
 def test_balancing_lowers_maxvio_global_on_skewed_data(skewed_dir: Path, tmp_path: Path) -> None:
-    """Topic skew 1.5 concentrates the unbalanced router on few experts; the aux-loss-free
-    bias and the aux losses spread it ([LF] Fig. 1 in miniature). Generous margin: half."""
+    """Topic skew 1.5 concentrates the unbalanced (sigmoid, as [LF]) router on few experts;
+    the aux-loss-free bias and the aux losses spread it ([LF] Fig. 1 in miniature). Seeds
+    0-2 gave none ~4.6 and at most 1.1 (bias), 2.1 (switch), 0.4 (seq): margin 0.6 x none."""
     over = {
         "dataset": "skewed",
-        "router": {"top_k": 2},
+        "router": {"top_k": 2, "score_fn": "sigmoid"},
         "model": {"n_layers": 2},
-        "train": {"steps": 60, "batch_size": 8, "eval_every": 100, "eval_batches": 8,
-                  "log_every": 20, "ckpt_every": 100},
+        "train": {"steps": 150, "batch_size": 8, "eval_every": 1000, "eval_batches": 16,
+                  "log_every": 50, "ckpt_every": 1000},
     }
     strategies = {
         "none": {},
         "aux_free": {"balance": {"bias": {"enabled": True, "rate": 0.01}}},
-        "switch_aux": {"balance": {"switch_alpha": 0.05}},
+        "switch_aux": {"balance": {"switch_alpha": 0.1}},
         "seq_aux": {"balance": {"seq_alpha": 0.05}},
     }
     maxvio = {}
     for name, extra in strategies.items():
         cfg = make_cfg(skewed_dir, SKEWED, strategy=name, **deep_merge(over, extra))
         maxvio[name] = train(cfg, tmp_path / name, tmp_path / f"ckpt_{name}")["maxvio_global"]
-    assert maxvio["none"] > 1.0, maxvio
+    assert maxvio["none"] > 3.0, maxvio
     for name in ("aux_free", "switch_aux", "seq_aux"):
-        assert maxvio[name] < 0.5 * maxvio["none"], maxvio
+        assert maxvio[name] < 0.6 * maxvio["none"], maxvio
 
 
 def test_same_config_and_seed_give_identical_files(shakespeare_dir: Path,
@@ -208,7 +213,7 @@ def test_same_config_and_seed_give_identical_files(shakespeare_dir: Path,
 def test_killed_and_resumed_run_equals_uninterrupted_run(shakespeare_dir: Path,
                                                          tmp_path: Path) -> None:
     over = {"balance": {"bias": {"enabled": True}, "expert_alpha": 0.01},
-            "train": {"steps": 300, "log_every": 3, "ckpt_every": 10, "eval_every": 100}}
+            "train": {"steps": 100, "log_every": 3, "ckpt_every": 10, "eval_every": 40}}
     cfg = make_cfg(shakespeare_dir, **over)
     config = tmp_path / "run.yaml"
     config.write_text(json.dumps(cfg.model_dump(mode="json")))  # JSON is YAML
@@ -224,7 +229,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(shakespeare_dir: Path,
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (out / "summary.json").exists()
     killed_at = torch.load(ckpt / CKPT_NAME, weights_only=True)["step"]
-    assert 10 <= killed_at < 300
+    assert 10 <= killed_at < 100
 
     resumed = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert resumed.returncode == 0, resumed.stderr
@@ -237,7 +242,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(shakespeare_dir: Path,
     assert (out / "routing_trace.parquet").read_bytes() == (
         straight / "routing_trace.parquet").read_bytes()
     timing_steps = [json.loads(x)["step"] for x in (out / "timing.jsonl").read_text().splitlines()]
-    assert timing_steps == list(range(3, 301, 3))
+    assert timing_steps == [*range(3, 100, 3), 100]
 
 
 def test_nan_router_logits_stop_with_layer_and_step(shakespeare_dir: Path,
@@ -337,13 +342,12 @@ def test_mlflow_sqlite_logs_params_metrics_and_artifacts(shakespeare_dir: Path,
     assert {"summary.json", "metrics.jsonl", "config.resolved.yaml"} <= artifacts
 
     parent = client.create_run(experiment.experiment_id, run_name="study-parent")
-    child_cfg = make_cfg(shakespeare_dir, study="demo", seed=1,
+    child_cfg = make_cfg(shakespeare_dir, study="other", seed=1,
                          tracking={"uri": uri, "parent_run_id": parent.info.run_id})
-    train(child_cfg, tmp_path / "child", tmp_path / "ck_child")
-    children = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert [r.data.tags["seed"] for r in children] == ["1"]
+    child = client.get_run(Tracker(child_cfg).run_id)
+    assert child.info.experiment_id == experiment.experiment_id  # the parent's, not "other"
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert child.data.tags["seed"] == "1" and child.data.params["seed"] == "1"
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor(tmp_path: Path) -> None:

@@ -27,3 +27,8 @@ app.command("schema")(schema)
 app.command("mlflow-init")(mlflow_init)
 app.command("aggregate")(aggregate)
 app.command("where")(where)
+
+from moebench.comm.cli import comm, comm_replay  # noqa: E402
+
+app.command("comm")(comm)
+app.command("comm-replay")(comm_replay)

@@ -356,6 +356,19 @@ class StudyTracking(Strict):
     experiment: str | None = Field(None, description="experiment name; default: the study name")
 
 
+class CommSettings(Strict):
+    """Payload sizes and link bandwidths with which `moebench comm` turns each run's routing
+    trace into bytes and modeled all-to-all time (defaults: [V3] §3.2.2, §3.3.4)."""
+
+    hidden: int | None = Field(
+        None, ge=1, description="elements per token copy; null = the model's d_model"
+    )
+    dispatch_bytes: float = Field(1.0, gt=0.0, description="bytes per element, dispatch (fp8)")
+    combine_bytes: float = Field(2.0, gt=0.0, description="bytes per element, combine (bf16)")
+    nvlink_gbps: float = Field(160.0, gt=0.0, description="NVLink GB/s per GPU")
+    ib_gbps: float = Field(50.0, gt=0.0, description="InfiniBand GB/s per GPU")
+
+
 class JobResources(Strict):
     """Snakemake resources of one kind of job (SLURM reads them; locally only threads count)."""
 
@@ -391,6 +404,7 @@ class StudyConfig(Strict):
     )
     base: RunDefaults = RunDefaults()
     tracking: StudyTracking = StudyTracking()
+    comm: CommSettings = CommSettings()
     resources: StudyResources = StudyResources()
 
     @field_validator("seeds")
@@ -406,6 +420,10 @@ class StudyConfig(Strict):
             for strategy in self.strategies:
                 self.run_config(dataset, strategy, self.seeds[0])
         return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form that validates back to an equal study (unset overrides left out)."""
+        return self.model_dump(mode="json", exclude_unset=True)
 
     @property
     def experiment(self) -> str:

@@ -9,6 +9,7 @@ rule comm:
         run_patterns(COMM_FILES),
     params:
         out=parent_dir,
+        settings=comm_args(),
     log:
         "work/logs/{study}/comm/{dataset}/{strategy}/seed~{seed}.log",
     threads: STUDY.resources.comm.threads
@@ -17,4 +18,4 @@ rule comm:
     conda:
         ENV
     shell:
-        "moebench comm --trace {input.trace} --out {params.out} > {log} 2>&1"
+        "moebench comm --trace {input.trace} --out {params.out} {params.settings} > {log} 2>&1"

@@ -71,7 +71,7 @@ def expected_groups_uniform(num_experts: int, num_groups: int, top_k: int) -> fl
     return num_groups * (1.0 - outside / math.comb(num_experts, top_k))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _batcher_pairs(n: int) -> tuple[tuple[int, int], ...]:
     """Comparators (i, j), i < j, of Batcher's odd-even merge sort for n inputs (comparators
     reaching past n dropped, which is exact since the padding would be +inf)."""
@@ -198,7 +198,7 @@ def token_stats(
 ) -> TokenStats:
     """Per-token accounting of one layer's routing (the fast replay path, no matrices)."""
     experts_TK = _as_numpy(experts_TK, topo)
-    T, K = experts_TK.shape
+    T = len(experts_TK)
     if T == 0:
         raise ValueError("experts_TK has T=0 tokens; allowed: T >= 1")
     D, G = topo.num_devices, topo.gpus_per_node
@@ -234,12 +234,12 @@ def token_stats(
 @dataclass(frozen=True)
 class Traffic:
     """Full accounting of one layer: the joint (GPUs, nodes) histogram and, per dispatcher,
-    `copies_DD[d]` int64 [D, D] = dispatch copies sent from GPU a to GPU b (combine sends
+    `matrices[d]` int64 [D, D] = dispatch copies sent from GPU a to GPU b (combine sends
     the transpose)."""
 
     num_tokens: int
     joint_hist: np.ndarray
-    copies_DD: dict[str, np.ndarray]
+    matrices: dict[str, np.ndarray]
 
     def token_stats(self, topo: Topology) -> TokenStats:
         """The per-token view of these matrices (equals `token_stats` of the same routing)."""
@@ -249,7 +249,7 @@ class Traffic:
                 "nvlink": int(m[cls_DD == LINK_NVLINK].sum()),
                 "ib": int(m[cls_DD == LINK_IB].sum()),
             }
-            for name, m in self.copies_DD.items()
+            for name, m in self.matrices.items()
         }
         return TokenStats(self.num_tokens, self.joint_hist, copies)
 
@@ -322,7 +322,9 @@ def gpu_time_s(copies_DD: np.ndarray, topo: Topology, phase: str) -> np.ndarray:
     return time_D
 
 
-def summarize(stats: TokenStats, topo: Topology, traffic: Traffic | None = None) -> list[dict[str, Any]]:
+def summarize(
+    stats: TokenStats, topo: Topology, traffic: Traffic | None = None
+) -> list[dict[str, Any]]:
     """One row per dispatcher: GPUs/nodes per token (mean and histogram), bytes per token and
     in total per link class and phase, and, given `traffic`, the busiest GPU and the modeled
     all-to-all times in microseconds (dispatch, combine, and their sum `a2a_time_modeled_us`).
@@ -349,7 +351,7 @@ def summarize(stats: TokenStats, topo: Topology, traffic: Traffic | None = None)
             row[f"{link}_bytes_per_token"] = total / T
             row[f"{link}_bytes_total"] = total
         if traffic is not None:
-            m = traffic.copies_DD[name]
+            m = traffic.matrices[name]
             dispatch_D = gpu_time_s(m, topo, "dispatch")
             combine_D = gpu_time_s(m, topo, "combine")
             row["busiest_gpu"] = int(np.argmax(dispatch_D))

@@ -54,10 +54,10 @@ SUMMARY_KEYS = (
 
 @dataclass(frozen=True)
 class Trace:
-    """A routing trace: `experts_LTK` int16 [L, T, K] (layer = index among MoE layers) and
+    """A routing trace: `experts` int16 [L, T, K] (layer = index among MoE layers) and
     the trace's metadata (num_experts, top_k, num_nodes, gpus_per_node, d_model, ...)."""
 
-    experts_LTK: np.ndarray
+    experts: np.ndarray
     meta: dict[str, Any]
 
 
@@ -140,7 +140,9 @@ def expert_popularity(num_experts: int, skew: float, seed: int) -> torch.Tensor:
     return skew * torch.randn(num_experts, generator=gen)
 
 
-def skewed_logits(num_tokens: int, popularity_E: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def skewed_logits(
+    num_tokens: int, popularity_E: torch.Tensor, gen: torch.Generator
+) -> torch.Tensor:
     """float32 [T, E]: z = N(0, 1) noise + the per-expert popularity."""
     return torch.randn(num_tokens, len(popularity_E), generator=gen) + popularity_E
 
@@ -221,7 +223,7 @@ def replay_synthetic(
     tokens_per_gpu: int = 4096,
     top_k: int = 8,
     group_limit: int = 4,
-    skew: float = 1.0,
+    skew: float = 0.25,
     bias_steps: int = 300,
     bias_rate: float = 1e-3,
     seed: int = 0,
@@ -231,12 +233,17 @@ def replay_synthetic(
     tokens, one layer): one row per (strategy, dispatcher) with the `summarize` figures plus
     topology, strategy, routing shape, MaxVio of the routing and the uniform analytic
     expectation of nodes and GPUs per token."""
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise ValueError(f"strategies={unknown} are invalid; allowed: {', '.join(STRATEGIES)}")
     layout = topo.layout
     T = topo.num_devices * tokens_per_gpu
     popularity_E = expert_popularity(layout.num_experts, skew, seed)
     rows = []
     for i, strategy in enumerate(strategies):
-        cfg = None if strategy == "uniform" else strategy_config(strategy, layout, top_k, group_limit)
+        cfg = (
+            None if strategy == "uniform" else strategy_config(strategy, layout, top_k, group_limit)
+        )
         bias_E = None
         if strategy == "node_limited" and bias_steps:
             bias_E = train_bias(cfg, popularity_E, bias_steps, 4096, bias_rate, seed + 1000)

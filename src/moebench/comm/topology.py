@@ -22,8 +22,10 @@ LINK_SELF, LINK_NVLINK, LINK_IB = 0, 1, 2
 
 
 def _check_positive(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (
-        math.isfinite(value) and value > 0
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (math.isfinite(value) and value > 0)
     ):
         raise ValueError(f"{name}={value!r} is invalid; allowed: a finite number > 0")
 
@@ -50,7 +52,9 @@ class Topology:
 
     def __post_init__(self) -> None:
         if not isinstance(self.layout, Layout):
-            raise ValueError(f"layout={self.layout!r} is invalid; allowed: a moebench.routing.Layout")
+            raise ValueError(
+                f"layout={self.layout!r} is invalid; allowed: a moebench.routing.Layout"
+            )
         if isinstance(self.hidden, bool) or not isinstance(self.hidden, int) or self.hidden < 1:
             raise ValueError(f"hidden={self.hidden!r} is invalid; allowed: an integer >= 1")
         for name in ("dispatch_bytes", "combine_bytes", "nvlink_gbps", "ib_gbps"):
@@ -98,7 +102,7 @@ class Topology:
 
     @property
     def name(self) -> str:
-        """"<nodes>x<gpus per node>", the `topology` column of the result tables."""
+        """ "<nodes>x<gpus per node>", the `topology` column of the result tables."""
         return f"{self.num_nodes}x{self.gpus_per_node}"
 
     def link_class(self) -> np.ndarray:

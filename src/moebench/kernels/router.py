@@ -112,7 +112,7 @@ def _router_fwd_kernel(
     valid_GE = (g[:, None] < G) & (j[None, :] < EG)
     if HAS_BIAS:
         bias_GE = tl.load(bias_ptr + col_GE, mask=valid_GE, other=0.0).to(tl.float32)
-    hist_GE = tl.zeros([GP, EGP], tl.int32)
+    hist = tl.zeros([BLOCK_T, GP, EGP], tl.int32)  # summed over rows once, after the loop
     gidx = tl.zeros([BLOCK_T, GP], tl.int32) + g[None, :]
     rt = tl.arange(0, BLOCK_T)
     for tile in range(pid, num_tiles, nprog):
@@ -173,15 +173,16 @@ def _router_fwd_kernel(
             sel = above | (tied & (rank <= need[:, None, None]))
 
         slot = _row_cumsum(sel.to(tl.int32)) - 1
-        out = rows.to(tl.int64)[:, None, None] * K + slot
-        ids = tl.zeros([BLOCK_T, GP, EGP], tl.int64) + col_GE[None, :, :]
-        tl.store(experts_ptr + out, ids, mask=sel)
+        out = rows[:, None, None] * K + slot  # int32: T * K < 2**31 (checked on the host)
+        ids = tl.zeros([BLOCK_T, GP, EGP], tl.int32) + col_GE[None, :, :]
+        tl.store(experts_ptr + out, ids.to(tl.int64), mask=sel)
         w = s
         if NORMALIZE:
             total = tl.sum(tl.sum(tl.where(sel, s, 0.0), axis=2), axis=1)
             w = s / tl.maximum(total, 1.1754943508222875e-38)[:, None, None]
         tl.store(weights_ptr + out, w * route_scale, mask=sel)
-        hist_GE += tl.sum(sel.to(tl.int32), axis=0)
+        hist += sel.to(tl.int32)
+    hist_GE = tl.sum(hist, axis=0)
     tl.atomic_add(load_ptr + col_GE, hist_GE, mask=valid_GE & (hist_GE > 0))
 
 
@@ -300,10 +301,16 @@ def _num_programs(num_tiles: int, device: torch.device, launch: Launch) -> int:
     return max(1, min(num_tiles, 4))  # interpreter: few programs, big tiles
 
 
-def default_launch(cfg: RouterConfig, device: torch.device) -> Launch:
-    """Tile shape used when none is given (GPU: tuned on the H100, see results/benchmarks)."""
-    del cfg
-    return Launch() if device.type == "cuda" else Launch(block_t=64, num_warps=4)
+def default_launch(cfg: RouterConfig, device: torch.device, backward: bool = False) -> Launch:
+    """Tile shape used when none is given: the fastest of the H100 sweep at T = 65536
+    (results/benchmarks/router_sweep.md); big tiles for the CPU interpreter."""
+    if device.type != "cuda":
+        return Launch(block_t=64, num_warps=4)
+    if not backward:
+        return Launch(block_t=16, num_warps=4, programs_per_sm=16)
+    if cfg.num_experts >= 128:
+        return Launch(block_t=2, num_warps=1, programs_per_sm=64)
+    return Launch(block_t=8, num_warps=4, programs_per_sm=16)
 
 
 def supports(
@@ -326,6 +333,8 @@ def _check(cfg: RouterConfig, logits_TE: torch.Tensor, bias_E: torch.Tensor | No
         )
     if logits_TE.dtype not in LOGIT_DTYPES:
         raise ValueError(f"logits_TE dtype={logits_TE.dtype} is invalid; allowed: {LOGIT_DTYPES}")
+    if logits_TE.shape[0] * cfg.top_k >= 2**31:
+        raise ValueError(f"logits_TE has T={logits_TE.shape[0]} rows; allowed: T * top_k < 2**31")
     if cfg.num_experts > MAX_EXPERTS:
         raise ValueError(
             f"num_experts={cfg.num_experts} is invalid for the fused router; "
@@ -400,7 +409,7 @@ def router_backward(
     launch: Launch | None = None,
 ) -> torch.Tensor:
     """dL/dlogits [T, E] (logits dtype) of the gates, given dL/dweights [T, K]."""
-    launch = launch or default_launch(cfg, logits_TE.device)
+    launch = launch or default_launch(cfg, logits_TE.device, backward=True)
     T, E = logits_TE.shape
     dlogits_TE = torch.empty_like(logits_TE)
     if T > 0:

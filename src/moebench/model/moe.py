@@ -246,9 +246,12 @@ class MoELayer(nn.Module):
         B, S, H = x_BSH.shape
         x_TH = x_BSH.reshape(B * S, H)
         logits_TE = self.router_logits(x_TH)
-        if not bool(torch.isfinite(logits_TE).all()):
-            raise NonFiniteRouterError(self.index)
-        routing = route(logits_TE, self.router_cfg, bias_E)
+        try:
+            routing = route(logits_TE, self.router_cfg, bias_E)
+        except ValueError:  # route() refuses NaN/inf logits; say which layer it was
+            if not bool(torch.isfinite(logits_TE).all()):
+                raise NonFiniteRouterError(self.index) from None
+            raise
         keep_TK = self._keep(routing.experts, routing.scores, protected_T)
         gates_TK = routing.weights * keep_TK
         forward = (self.experts.forward_loop if self.impl == "loop"

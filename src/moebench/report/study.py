@@ -37,7 +37,7 @@ def write_study_copy(study: StudyConfig) -> Path:
     """Write the validated study for the rules' `moebench` calls, only when its content
     changed (so a re-parse of the Snakefile on every SLURM job leaves it alone)."""
     path = study_copy_file(study.study)
-    text = yaml.safe_dump(study.model_dump(mode="json"), sort_keys=True)
+    text = yaml.safe_dump(study.to_dict(), sort_keys=True)
     if not path.is_file() or path.read_text() != text:
         write_text(path, text)
     return path

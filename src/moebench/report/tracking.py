@@ -78,7 +78,7 @@ def init_parent(study: StudyConfig, out: Path) -> str:
             tags={"moebench.study": study.study, "moebench.role": "parent"},
         )
         run_id = run.info.run_id
-        client.log_dict(run_id, study.model_dump(mode="json"), "study.json")
+        client.log_dict(run_id, study.to_dict(), "study.json")
     write_text(out, run_id + "\n")
     return run_id
 

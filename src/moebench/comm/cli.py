@@ -1,0 +1,159 @@
+"""`moebench comm` (account a run's routing trace) and `moebench comm-replay` (replay
+synthetic routing onto a large topology). Files are written atomically (`moebench.io`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import pyarrow as pa
+import typer
+
+from moebench.comm.replay import (
+    STRATEGIES,
+    comm_summary,
+    read_trace,
+    replay_layers,
+    replay_synthetic,
+)
+from moebench.comm.topology import Topology
+from moebench.io import write_json, write_parquet, write_text
+
+Nodes = Annotated[int | None, typer.Option(help="nodes (default: the trace's num_nodes)")]
+Gpus = Annotated[int | None, typer.Option(help="GPUs per node (default: the trace's)")]
+Hidden = Annotated[int | None, typer.Option(help="elements per token copy (default: d_model)")]
+DispatchBytes = Annotated[float, typer.Option(help="bytes per element, dispatch (fp8 = 1)")]
+CombineBytes = Annotated[float, typer.Option(help="bytes per element, combine (bf16 = 2)")]
+NvlinkGbps = Annotated[float, typer.Option(help="NVLink GB/s per GPU ([V3] §3.2.2)")]
+IbGbps = Annotated[float, typer.Option(help="InfiniBand GB/s per GPU ([V3] §3.2.2)")]
+Threads = Annotated[int | None, typer.Option(help="worker threads (default: all cores)")]
+
+
+def _fail(cmd: str, err: Exception) -> typer.Exit:
+    typer.echo(f"moebench {cmd}: error: {err}", err=True)
+    return typer.Exit(2)
+
+
+def markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A GitHub Markdown table of `columns` of `rows` (floats to 4 significant digits)."""
+
+    def cell(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def comm(
+    trace: Annotated[Path, typer.Option(help="routing_trace.parquet of a run")],
+    out: Annotated[Path, typer.Option(help="run directory: writes comm.parquet, comm.json")],
+    nodes: Nodes = None,
+    gpus_per_node: Gpus = None,
+    hidden: Hidden = None,
+    dispatch_bytes: DispatchBytes = 1.0,
+    combine_bytes: CombineBytes = 2.0,
+    nvlink_gbps: NvlinkGbps = 160.0,
+    ib_gbps: IbGbps = 50.0,
+    threads: Threads = None,
+) -> None:
+    """Account a routing trace on a topology: per layer and dispatcher, GPUs and nodes per
+    token, NVLink / IB bytes, busiest GPU and modeled all-to-all time."""
+    try:
+        tr = read_trace(trace)
+        meta = tr.meta
+        topo = Topology.build(
+            int(meta["num_experts"]),
+            nodes if nodes is not None else int(meta["num_nodes"]),
+            gpus_per_node if gpus_per_node is not None else int(meta["gpus_per_node"]),
+            hidden=hidden if hidden is not None else int(meta["d_model"]),
+            dispatch_bytes=dispatch_bytes,
+            combine_bytes=combine_bytes,
+            nvlink_gbps=nvlink_gbps,
+            ib_gbps=ib_gbps,
+        )
+        rows = replay_layers(tr.experts, topo, threads)
+        write_parquet(out / "comm.parquet", pa.Table.from_pylist(rows))
+        summary = comm_summary(rows, topo)
+        write_json(out / "comm.json", summary)
+    except (ValueError, OSError) as err:
+        raise _fail("comm", err) from None
+    typer.echo(
+        f"{out}: {summary['num_layers']} layers on {topo.name}: "
+        f"{summary['nodes_per_token']:.3f} nodes/token, "
+        f"IB {summary['ib_bytes_per_token']:.1f} B/token (dedup), "
+        f"{summary['ib_bytes_per_token_per_expert']:.1f} (per expert)"
+    )
+
+
+REPLAY_COLUMNS = [
+    "topology",
+    "strategy",
+    "dispatcher",
+    "num_experts",
+    "top_k",
+    "group_limit",
+    "max_vio",
+    "nodes_per_token",
+    "devices_per_token",
+    "ib_bytes_per_token",
+    "nvlink_bytes_per_token",
+    "a2a_time_modeled_us",
+]
+
+
+def write_replay(rows: list[dict[str, Any]], out: Path, header: str = "") -> None:
+    """`out` (Parquet, all columns) and its Markdown twin `out.with_suffix(".md")`."""
+    write_parquet(out, pa.Table.from_pylist(rows))
+    write_text(out.with_suffix(".md"), header + markdown(rows, REPLAY_COLUMNS))
+
+
+def comm_replay(
+    out: Annotated[Path, typer.Option(help="Parquet file (a Markdown twin is written beside)")],
+    nodes: Annotated[int, typer.Option(help="nodes")] = 8,
+    gpus_per_node: Annotated[int, typer.Option(help="GPUs per node")] = 8,
+    experts: Annotated[int, typer.Option(help="routed experts E")] = 256,
+    top_k: Annotated[int, typer.Option(help="experts per token K")] = 8,
+    group_limit: Annotated[int, typer.Option(help="M of the limited strategies")] = 4,
+    strategies: Annotated[str, typer.Option(help="comma list")] = ",".join(STRATEGIES),
+    tokens_per_gpu: Annotated[int, typer.Option(help="tokens per source GPU")] = 4096,
+    skew: Annotated[float, typer.Option(help="std of the per-expert logit offset")] = 0.25,
+    bias_steps: Annotated[int, typer.Option(help="aux-free bias updates (node_limited)")] = 300,
+    bias_rate: Annotated[float, typer.Option(help="bias update rate")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    hidden: Annotated[int, typer.Option(help="elements per token copy")] = 7168,
+    dispatch_bytes: DispatchBytes = 1.0,
+    combine_bytes: CombineBytes = 2.0,
+    nvlink_gbps: NvlinkGbps = 160.0,
+    ib_gbps: IbGbps = 50.0,
+    threads: Threads = None,
+) -> None:
+    """Replay synthetic routing strategies (uniform, unrestricted, device- and node-limited)
+    onto a topology and write one row per (strategy, dispatcher)."""
+    try:
+        topo = Topology.build(
+            experts,
+            nodes,
+            gpus_per_node,
+            hidden=hidden,
+            dispatch_bytes=dispatch_bytes,
+            combine_bytes=combine_bytes,
+            nvlink_gbps=nvlink_gbps,
+            ib_gbps=ib_gbps,
+        )
+        rows = replay_synthetic(
+            topo,
+            tuple(s.strip() for s in strategies.split(",")),
+            tokens_per_gpu=tokens_per_gpu,
+            top_k=top_k,
+            group_limit=group_limit,
+            skew=skew,
+            bias_steps=bias_steps,
+            bias_rate=bias_rate,
+            seed=seed,
+            threads=threads,
+        )
+        write_replay(rows, out)
+    except (ValueError, OSError) as err:
+        raise _fail("comm-replay", err) from None
+    typer.echo(markdown(rows, REPLAY_COLUMNS))

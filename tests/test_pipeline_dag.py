@@ -1,0 +1,131 @@
+"""The Snakemake DAG of the default study (dry run through the Python API): the expected jobs
+per rule and their wiring; `snakemake --lint` is clean; the SLURM profiles parse."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from snakemake.api import SnakemakeApi
+from snakemake.settings.types import (
+    ConfigSettings,
+    OutputSettings,
+    Quietness,
+    ResourceSettings,
+)
+
+from moebench.config import load_study
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT = REPO / "configs/default.yaml"
+
+
+def dry_run(workdir: Path, configfile: Path = DEFAULT) -> list[Any]:
+    """Jobs Snakemake would run in `workdir` (the API changes the working directory, and it is
+    not re-entrant: never call it from two threads)."""
+    with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+        wf = api.workflow(
+            snakefile=REPO / "Snakefile",
+            workdir=workdir,
+            config_settings=ConfigSettings(configfiles=[configfile]),
+            resource_settings=ResourceSettings(cores=2),
+        )
+        wf.dag().execute_workflow(executor="dryrun")
+        return list(wf._workflow.dag.needrun_jobs(exclude_finished=False))
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
+    return dry_run(tmp_path_factory.mktemp("dag"))
+
+
+def test_jobs_per_rule(jobs: list[Any]) -> None:
+    study = load_study(DEFAULT)
+    runs = len(study.datasets) * len(study.strategies) * len(study.seeds)
+    assert runs == 24
+    assert Counter(j.rule.name for j in jobs) == {
+        "data_config": 1,
+        "data": 1,
+        "kernels": 1,
+        "mlflow_init": 1,
+        "resolve": runs,
+        "train": runs,
+        "comm": runs,
+        "aggregate": 1,
+        "all": 1,
+    }
+
+
+def test_every_grid_point_is_trained_once(jobs: list[Any]) -> None:
+    study = load_study(DEFAULT)
+    trained = sorted(
+        (j.wildcards.dataset, j.wildcards.strategy, int(j.wildcards.seed))
+        for j in jobs
+        if j.rule.name == "train"
+    )
+    assert trained == sorted(
+        (d, s, n) for d in study.datasets for s in study.strategies for n in study.seeds
+    )
+
+
+def test_train_job_wiring(jobs: list[Any]) -> None:
+    train = next(
+        j
+        for j in jobs
+        if j.rule.name == "train" and (j.wildcards.strategy, j.wildcards.seed) == ("aux_free", "1")
+    )
+    inputs = set(map(str, train.input))
+    assert {
+        "work/configs/default/shakespeare/aux_free/seed~1.yaml",
+        "work/data/default/shakespeare/train.bin",
+        "results/kernels/default.parquet",
+        "results/mlflow/parents/default.txt",
+    } <= inputs
+    assert "results/runs/default/shakespeare/aux_free/seed~1/summary.json" in set(
+        map(str, train.output)
+    )
+    assert "--ckpt-dir work/ckpt/default/shakespeare/aux_free/seed~1" in train.shellcmd
+    assert "tracking.parent_run_id='$(cat results/mlflow/parents/default.txt)'" in train.shellcmd
+
+
+def test_aggregate_needs_every_run(jobs: list[Any]) -> None:
+    aggregate = next(j for j in jobs if j.rule.name == "aggregate")
+    comm_json = [str(f) for f in aggregate.input if str(f).endswith("comm.json")]
+    assert len(comm_json) == 24
+    assert "results/tables/default.md" in set(map(str, aggregate.output))
+
+
+def snakemake(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
+def test_lint_is_clean(tmp_path: Path) -> None:
+    res = snakemake("--lint", "--configfile", str(DEFAULT), cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Congratulations, your workflow is in a good condition!" in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("profile", ["slurm", "slurm-test"])
+def test_slurm_profiles_dry_run(tmp_path: Path, profile: str) -> None:
+    """Both SLURM profiles parse and plan the whole DAG (no cluster needed for -n)."""
+    res = snakemake(
+        "-n",
+        "--workflow-profile",
+        str(REPO / "workflow/profiles" / profile),
+        "--configfile",
+        str(REPO / "configs/test.yaml"),
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "train              4" in res.stdout + res.stderr

@@ -1,0 +1,266 @@
+"""Aggregation on synthetic run directories (written here to the run-directory contract):
+summary.parquet schema, mean/95% CI, published numbers and directions in the Markdown,
+figures, byte-identical rebuilds, refusal of bad rows, and the pipeline CLI commands."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy import stats
+from typer.testing import CliRunner
+
+from moebench.cli import app
+from moebench.config import StudyConfig, study_from_dict
+from moebench.io import write_json, write_text, write_yaml
+from moebench.report import paths
+from moebench.report.aggregate import aggregate
+from moebench.report.published import DIRECTIONS, PUBLISHED
+from moebench.report.summary import COLUMNS, SUMMARY_SCHEMA, collect, find_runs
+from moebench.report.tables import mean_ci95, stats_table, strategy_order
+
+STRATEGIES = {
+    "aux_loss": {"balance": {"switch_alpha": 0.01}},
+    "aux_free": {"router": {"score_fn": "sigmoid"}, "balance": {"bias": {"enabled": True}}},
+    "node_limited": {"router": {"limit": "node", "group_limit": 2}},
+}
+VAL_LOSS = {"aux_loss": (3.0, 3.1, 3.2), "aux_free": (2.9, 2.95, 3.0), "node_limited": (3.3,) * 3}
+MAXVIO = {"aux_loss": 0.5, "aux_free": 0.05, "node_limited": 0.1}
+
+
+def make_study(name: str = "syn", seeds: tuple[int, ...] = (0, 1, 2)) -> StudyConfig:
+    return study_from_dict(
+        {
+            "study": name,
+            "seeds": list(seeds),
+            "datasets": {"shakespeare": {}},
+            "strategies": STRATEGIES,
+            "base": {"model": {"n_layers": 3, "n_dense_layers": 1}},
+            "tracking": {"uri": None},
+        }
+    )
+
+
+def write_run(root: Path, study: StudyConfig, strategy: str, seed: int) -> Path:
+    """A complete synthetic run directory: what `moebench train` and `moebench comm` write."""
+    cfg = study.run_config("shakespeare", strategy, seed)
+    run = paths.run_dir(study.study, "shakespeare", strategy, seed, root)
+    rng = np.random.default_rng(seed)
+    val_loss = VAL_LOSS[strategy][seed % 3]
+    loads = rng.integers(50, 150, size=(2, 16)).tolist()
+    write_yaml(run / "config.resolved.yaml", cfg.model_dump(mode="json"))
+    write_json(
+        run / "summary.json",
+        {
+            "study": study.study,
+            "dataset": "shakespeare",
+            "strategy": strategy,
+            "seed": seed,
+            "steps": 20,
+            "val_loss": val_loss,
+            "val_ppl": math.exp(val_loss),
+            "val_bpb": val_loss / 2,
+            "maxvio_global": MAXVIO[strategy] + 0.01 * seed,
+            "maxvio_global_layers": [0.1, 0.2],
+            "maxvio_batch_mean": 2 * MAXVIO[strategy],
+            "drop_frac": 0.0,
+            "tokens_per_s": 1000.0 + seed,
+            "mfu": None,
+            "load_global": loads,
+            "machine": "cpu-test",
+            "device": "cpu",
+            "git_sha": "0" * 40,
+            "torch_version": "2.13.0",
+            "elapsed_s": 1.5,
+        },
+    )
+    records = [
+        {"kind": "train", "step": s, "maxvio_batch": MAXVIO[strategy] * (1 + 10 / s), "loss": 3.0}
+        for s in range(2, 22, 2)
+    ] + [{"kind": "eval", "step": 20, "val_loss": val_loss}]
+    write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    nodes = 2.0 if strategy == "node_limited" else 2.6
+    write_json(
+        run / "comm.json",
+        {
+            "devices_per_token": nodes + 0.8,
+            "nodes_per_token": nodes,
+            "nvlink_bytes_per_token": 100.0,
+            "ib_bytes_per_token": 300.0 * nodes,
+            "a2a_time_modeled_us": 12.5,
+        },
+    )
+    return run
+
+
+def write_runs(root: Path) -> Path:
+    study = make_study()
+    for strategy in STRATEGIES:
+        for seed in study.seeds:
+            write_run(root, study, strategy, seed)
+    return root
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    """Synthetic run directories, to be modified by the test."""
+    return write_runs(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame, list[Path]]:
+    """Synthetic run directories aggregated once (read-only for the tests)."""
+    root = write_runs(tmp_path_factory.mktemp("built"))
+    df, written = aggregate(root)
+    return root, df, written
+
+
+def test_summary_has_one_validated_row_per_run(
+    built: tuple[Path, pd.DataFrame, list[Path]],
+) -> None:
+    results, df, written = built
+    table = pd.read_parquet(paths.summary_file(results))
+    assert list(table.columns) == list(COLUMNS)
+    assert len(table) == 9
+    SUMMARY_SCHEMA.validate(table)
+    assert table[["strategy", "seed"]].values.tolist() == sorted(
+        table[["strategy", "seed"]].values.tolist()
+    )
+    assert set(table["nodes_per_token"]) == {2.0, 2.6}
+    assert all(p.is_file() for p in written)
+    pd.testing.assert_frame_equal(df, table)
+
+
+def test_mean_ci95_is_student_t() -> None:
+    values = np.array([1.0, 2.0, 4.0])
+    mean, half = mean_ci95(values)
+    sem = np.std(values, ddof=1) / np.sqrt(3)
+    assert mean == pytest.approx(7 / 3)
+    assert half == pytest.approx(stats.t.ppf(0.975, 2) * sem)
+    assert math.isnan(mean_ci95(np.array([5.0]))[1])
+    assert math.isnan(mean_ci95(np.array([]))[0])
+
+
+def test_stats_table_and_strategy_order(built: tuple[Path, pd.DataFrame, list[Path]]) -> None:
+    st = stats_table(built[1])
+    assert list(st["strategy"]) == ["aux_loss", "aux_free", "node_limited"]
+    row = st.set_index("strategy").loc["aux_loss"]
+    assert row["n"] == 3
+    assert row["val_loss_mean"] == pytest.approx(3.1)
+    assert row["val_loss_ci95"] == pytest.approx(stats.t.ppf(0.975, 2) * 0.1 / np.sqrt(3))
+    assert strategy_order({"zeta", "aux_free", "alpha", "none"}) == [
+        "none",
+        "aux_free",
+        "alpha",
+        "zeta",
+    ]
+
+
+def test_markdown_prints_published_numbers_and_directions(
+    built: tuple[Path, pd.DataFrame, list[Path]],
+) -> None:
+    results = built[0]
+    md = paths.table_file("syn", "md", results).read_text()
+    for p in PUBLISHED:
+        if p.strategy in STRATEGIES and p.metric in ("val_ppl", "maxvio_global", "val_loss"):
+            assert f"| {p.value:g} |" in md, p
+    assert "[LF] Table 2" in md and "[V3] §4.5.3" in md
+    # aux_free has lower MaxVio_global than aux_loss in the synthetic data, with CIs apart.
+    claim = next(d for d in DIRECTIONS if d.metric == "maxvio_global")
+    line = next(x for x in md.splitlines() if x.startswith(f"| {claim.claim}"))
+    assert "yes (CIs apart)" in line
+    # node_limited vs aux_free on IB bytes: 600 < 780.
+    ib = next(x for x in md.splitlines() if "node_limited < aux_free" in x)
+    assert "yes" in ib
+    for name in paths.FIGURES:
+        assert f"../figures/syn-shakespeare-{name}.png" in md
+    csv = pd.read_csv(paths.table_file("syn", "csv", results))
+    assert list(csv["strategy"]) == ["aux_loss", "aux_free", "node_limited"]
+    assert {"val_ppl_mean", "val_ppl_ci95", "nodes_per_token_mean"} <= set(csv.columns)
+
+
+def test_figures_are_pngs(built: tuple[Path, pd.DataFrame, list[Path]]) -> None:
+    results = built[0]
+    for name in paths.FIGURES:
+        png = paths.figure_file("syn", "shakespeare", name, results).read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+
+
+def test_rebuild_gives_identical_bytes(built: tuple[Path, pd.DataFrame, list[Path]]) -> None:
+    results, _, written = built
+    first = {p: p.read_bytes() for p in written}
+    for p in written:
+        p.unlink()
+    aggregate(results)
+    assert {p: p.read_bytes() for p in written} == first
+
+
+def test_summary_covers_all_studies_tables_only_the_selected(results: Path) -> None:
+    other = make_study("other", seeds=(0,))
+    write_run(results, other, "aux_free", 0)
+    df, _ = aggregate(results, ["other"])
+    assert sorted(set(df["study"])) == ["other", "syn"]
+    assert paths.table_file("other", "md", results).is_file()
+    assert not paths.table_file("syn", "md", results).exists()
+    md = paths.table_file("other", "md", results).read_text()
+    assert "| aux_free | 1 |" in md  # one seed: no CI
+    with pytest.raises(ValueError, match="no complete runs of the studies \\['missing'\\]"):
+        aggregate(results, ["missing"])
+
+
+def test_incomplete_run_is_skipped(results: Path) -> None:
+    run = paths.run_dir("syn", "shakespeare", "aux_free", 2, results)
+    (run / "comm.json").unlink()
+    assert len(collect(find_runs(results))) == 8
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("maxvio_global", -0.5, "maxvio_global"),
+        ("val_ppl", 99.0, "val_ppl == exp\\(val_loss\\)"),
+        ("drop_frac", 1.5, "drop_frac"),
+    ],
+)
+def test_schema_refuses_bad_rows(results: Path, field: str, value: float, message: str) -> None:
+    path = paths.run_dir("syn", "shakespeare", "aux_loss", 1, results) / "summary.json"
+    summary = json.loads(path.read_text())
+    summary[field] = value
+    write_json(path, summary)
+    with pytest.raises(ValueError, match=message):
+        aggregate(results)
+    assert not paths.summary_file(results).exists()
+
+
+def test_mislabelled_or_incomplete_summary_is_refused(results: Path) -> None:
+    path = paths.run_dir("syn", "shakespeare", "aux_loss", 1, results) / "summary.json"
+    summary = json.loads(path.read_text())
+    write_json(path, summary | {"strategy": "aux_free"})
+    with pytest.raises(ValueError, match="strategy='aux_free' disagrees with its directory"):
+        aggregate(results)
+    del summary["val_loss"]
+    write_json(path, summary)
+    with pytest.raises(ValueError, match="lacks the fields \\['val_loss'\\]"):
+        aggregate(results)
+
+
+def test_aggregate_and_where_commands(tmp_path: Path) -> None:
+    results = write_runs(tmp_path / "results")
+    study_file = tmp_path / "syn.yaml"
+    study_file.write_text(yaml.safe_dump(make_study().to_dict()))
+    runner = CliRunner()
+    out = runner.invoke(app, ["aggregate", "--results", str(results), "--study", str(study_file)])
+    assert out.exit_code == 0, out.output
+    assert str(paths.table_file("syn", "md", results)) in out.output
+    where = runner.invoke(app, ["where", "--study", str(study_file), "--results", str(results)])
+    assert where.exit_code == 0, where.output
+    assert str(paths.table_file("syn", "md", results)) in where.output
+    assert "MLflow: disabled" in where.output
+    bad = runner.invoke(app, ["aggregate", "--results", str(tmp_path / "empty")])
+    assert bad.exit_code == 2
+    assert "no complete run directories" in bad.output
