@@ -210,10 +210,11 @@ def test_same_config_and_seed_give_identical_files(shakespeare_dir: Path,
     assert (a / "metrics.jsonl").read_bytes() != (tmp_path / "c" / "metrics.jsonl").read_bytes()
 
 
-def test_killed_and_resumed_run_equals_uninterrupted_run(shakespeare_dir: Path,
-                                                         tmp_path: Path) -> None:
+def test_killed_and_resumed_run_equals_uninterrupted_run(
+    shakespeare_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     over = {"balance": {"bias": {"enabled": True}, "expert_alpha": 0.01},
-            "train": {"steps": 100, "log_every": 3, "ckpt_every": 10, "eval_every": 40}}
+            "train": {"steps": 60, "log_every": 3, "ckpt_every": 10, "eval_every": 25}}
     cfg = make_cfg(shakespeare_dir, **over)
     config = tmp_path / "run.yaml"
     config.write_text(json.dumps(cfg.model_dump(mode="json")))  # JSON is YAML
@@ -229,11 +230,10 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(shakespeare_dir: Path,
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (out / "summary.json").exists()
     killed_at = torch.load(ckpt / CKPT_NAME, weights_only=True)["step"]
-    assert 10 <= killed_at < 100
+    assert 10 <= killed_at < 60
 
-    resumed = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming from step {killed_at}" in resumed.stderr
+    train(cfg, out, ckpt)  # the same run, resumed in this process (saves a torch import)
+    assert f"resuming from step {killed_at}" in capsys.readouterr().err
 
     train(cfg, tmp_path / "straight", tmp_path / "ckpt_straight")
     straight = tmp_path / "straight"
@@ -242,7 +242,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(shakespeare_dir: Path,
     assert (out / "routing_trace.parquet").read_bytes() == (
         straight / "routing_trace.parquet").read_bytes()
     timing_steps = [json.loads(x)["step"] for x in (out / "timing.jsonl").read_text().splitlines()]
-    assert timing_steps == [*range(3, 100, 3), 100]
+    assert timing_steps == list(range(3, 61, 3))
 
 
 def test_nan_router_logits_stop_with_layer_and_step(shakespeare_dir: Path,
@@ -324,10 +324,10 @@ def test_mlflow_sqlite_logs_params_metrics_and_artifacts(shakespeare_dir: Path,
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
-    cfg = make_cfg(shakespeare_dir, study="demo", tracking={"uri": uri})
+    cfg = make_cfg(shakespeare_dir, study="demo", tracking={"uri": uri, "experiment": "demo"})
     summary = train(cfg, tmp_path / "run", tmp_path / "ck")
     client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name("moebench/demo")
+    experiment = client.get_experiment_by_name("demo")
     assert experiment.artifact_location.startswith((tmp_path / "mlflow" / "mlruns").as_uri())
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
@@ -342,8 +342,9 @@ def test_mlflow_sqlite_logs_params_metrics_and_artifacts(shakespeare_dir: Path,
     assert {"summary.json", "metrics.jsonl", "config.resolved.yaml"} <= artifacts
 
     parent = client.create_run(experiment.experiment_id, run_name="study-parent")
-    child_cfg = make_cfg(shakespeare_dir, study="other", seed=1,
-                         tracking={"uri": uri, "parent_run_id": parent.info.run_id})
+    child_cfg = make_cfg(shakespeare_dir, study="demo", seed=1,
+                         tracking={"uri": uri, "experiment": "other",
+                                   "parent_run_id": parent.info.run_id})
     child = client.get_run(Tracker(child_cfg).run_id)
     assert child.info.experiment_id == experiment.experiment_id  # the parent's, not "other"
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id

@@ -32,3 +32,7 @@ from moebench.comm.cli import comm, comm_replay  # noqa: E402
 
 app.command("comm")(comm)
 app.command("comm-replay")(comm_replay)
+
+from moebench.kernels.cli import kernels  # noqa: E402
+
+app.command("kernels")(kernels)

@@ -8,9 +8,11 @@ The JSON schema that Snakemake validates study files against is generated from `
 
 from __future__ import annotations
 
+import difflib
 import math
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -22,6 +24,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+"""Study, dataset and strategy names become path parts and Snakemake wildcards."""
 
 
 class Strict(BaseModel):
@@ -188,9 +193,9 @@ class TrackingConfig(Strict):
 class RunConfig(Strict):
     """Everything `moebench train` needs: the resolved config of one run."""
 
-    study: str = "adhoc"
-    dataset: str = "shakespeare"
-    strategy: str = "none"
+    study: str = Field("adhoc", pattern=_NAME_PATTERN)
+    dataset: str = Field("shakespeare", pattern=_NAME_PATTERN)
+    strategy: str = Field("none", pattern=_NAME_PATTERN)
     seed: int = Field(0, ge=0)
     data_dir: str = Field("work/data/shakespeare", description="output of `moebench data`")
     data: DataConfig = DataConfig()
@@ -205,11 +210,15 @@ class RunConfig(Strict):
     def _consistent(self) -> RunConfig:
         r, t = self.router, self.topology
         if r.top_k > r.num_experts:
-            raise ValueError(f"router.top_k={r.top_k} exceeds router.num_experts={r.num_experts}")
-        for name, n in (("num_devices", t.num_devices), ("num_nodes", t.num_nodes)):
+            raise ValueError(
+                f"router.top_k={r.top_k} exceeds router.num_experts={r.num_experts} "
+                f"(allowed: 1..{r.num_experts})"
+            )
+        for name, n in (("num_nodes", t.num_nodes), ("num_devices", t.num_devices)):
             if r.num_experts % n:
                 raise ValueError(
-                    f"router.num_experts={r.num_experts} must be divisible by topology.{name}={n}"
+                    f"router.num_experts={r.num_experts} must be divisible by topology.{name}={n} "
+                    f"(allowed: multiples of {n})"
                 )
         groups = self.num_groups
         if r.limit != "none" and r.group_limit > groups:
@@ -220,7 +229,8 @@ class RunConfig(Strict):
         if r.limit != "none" and r.top_k > r.group_limit * (r.num_experts // groups):
             raise ValueError(
                 f"router.top_k={r.top_k} exceeds group_limit x experts per {r.limit} "
-                f"= {r.group_limit * (r.num_experts // groups)}"
+                f"= {r.group_limit * (r.num_experts // groups)} "
+                f"(allowed: 1..{r.group_limit * (r.num_experts // groups)})"
             )
         if self.balance.bias.rule == "multiplicative" and r.score_fn != "sigmoid":
             raise ValueError("balance.bias.rule='multiplicative' needs router.score_fn='sigmoid'")
@@ -240,7 +250,8 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """Recursively merge `over` into a copy of `base` (dicts merge, everything else replaces)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        merge = isinstance(v, dict) and isinstance(out.get(k), dict)
+        out[k] = deep_merge(out[k], v) if merge else v
     return out
 
 
@@ -255,19 +266,77 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = read_yaml(raw, f"--set {item!r}")
+    return out
+
+
+def read_yaml(text: str, where: str) -> Any:
+    """`yaml.safe_load(text)`; a syntax error becomes a ValueError naming `where` and the line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        reason = getattr(err, "problem", None) or str(err)
+        raise ValueError(f"{where} is not valid YAML{at}: {reason}") from None
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _unwrap(tp: Any) -> Any:
+    """`Annotated[X, ...]` -> X; `M | None` -> the pydantic model M of a union (else None)."""
+    while get_origin(tp) in (Union, types.UnionType, Annotated):
+        args = get_args(tp)
+        tp = args[0] if get_origin(tp) is Annotated else next(filter(_is_model, args), None)
+    return tp
+
+
+def _model_at(model: Any, path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model reached from `model` along a validation-error location (dict keys
+    are stepped over); None if the path leaves the models."""
+    model = _unwrap(model)
+    for part in path:
+        if _is_model(model):
+            field = model.model_fields.get(str(part))
+            model = field.annotation if field is not None else None
+        elif get_origin(model) is dict:
+            model = get_args(model)[1]
+        else:
+            return None
+        model = _unwrap(model)
+    return model if _is_model(model) else None
+
+
+def _unknown_key_hint(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    """"; allowed keys: ...; did you mean ...?" for an unknown key at `loc` (a typo)."""
+    parent = _model_at(model, loc[:-1])
+    if parent is None:
+        return ""
+    allowed = list(parent.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+    guess = f"; did you mean {close[0]!r}?" if close else ""
+    return f"; allowed keys: {', '.join(allowed)}{guess}"
+
+
+def describe_errors(err: ValidationError, model: type[BaseModel]) -> list[str]:
+    """`field: reason (got value)` per problem of validating `model`; cross-field (model-level)
+    problems give their own message, which names the fields; unknown keys list the allowed."""
+    out = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        value = e.get("input")
+        shown = "" if not loc or isinstance(value, dict) else f" (got {value!r})"
+        hint = _unknown_key_hint(model, e["loc"]) if e["type"] == "extra_forbidden" else ""
+        out.append(f"{loc}: {msg}{shown}{hint}" if loc else msg)
     return out
 
 
 def format_validation_error(err: ValidationError, where: str) -> str:
-    """One line per problem: dotted field, the offending value and pydantic's reason."""
-    lines = [f"invalid {where}:"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
-        value = e.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"  {loc}: {e['msg']}{shown}")
-    return "\n".join(lines)
+    """One line per problem of a RunConfig (see `describe_errors`)."""
+    return "\n".join([f"invalid {where}:", *(f"  {p}" for p in describe_errors(err, RunConfig))])
 
 
 def load_run_config(path: Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -276,22 +345,20 @@ def load_run_config(path: Path | None, overrides: list[str] | None = None) -> Ru
     if path is not None:
         if not Path(path).is_file():
             raise ValueError(f"config file {path} does not exist")
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        raw = read_yaml(Path(path).read_text(), f"config file {path}") or {}
         if not isinstance(raw, dict):
             raise ValueError(f"config file {path} must hold a mapping, got {type(raw).__name__}")
     raw = deep_merge(raw, parse_overrides(overrides or []))
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise ValueError(format_validation_error(err, f"run config {path or '(defaults)'}")) from None
+        where = f"run config {path or '(defaults)'}"
+        raise ValueError(format_validation_error(err, where)) from None
 
 
 # ---------------------------------------------------------------------------------------------
 # Study: a grid of runs (datasets x strategies x seeds) over shared defaults. Owned by the
 # pipeline; `workflow/schemas/study.schema.json` is generated from `StudyConfig`.
-
-_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-"""Study, dataset and strategy names become path parts and Snakemake wildcards."""
 
 _OVERRIDABLE = ("model", "topology", "router", "balance", "train")
 """RunConfig sections a study's `base` and its strategies may set."""
@@ -478,7 +545,7 @@ class StudyConfig(Strict):
         except ValidationError as err:
             raise ValueError(
                 f"strategy {strategy!r} (dataset {dataset!r}) gives an invalid run config: "
-                + "; ".join(_problems(err))
+                + "; ".join(describe_errors(err, RunConfig))
             ) from None
 
 
@@ -487,22 +554,10 @@ def load_study(path: str | Path) -> StudyConfig:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"study file {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path.read_text(), f"study file {path}") or {}
     if not isinstance(raw, dict):
         raise ValueError(f"study file {path} must hold a mapping, got {type(raw).__name__}")
     return study_from_dict(raw, str(path))
-
-
-def _problems(err: ValidationError) -> list[str]:
-    """`field: message (got value)` per error; model-level errors give just their message."""
-    out = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        value = e.get("input")
-        shown = "" if not loc or isinstance(value, dict) else f" (got {value!r})"
-        out.append(f"{loc}: {msg}{shown}" if loc else msg)
-    return out
 
 
 def study_from_dict(raw: dict[str, Any], where: str = "study config") -> StudyConfig:
@@ -510,4 +565,6 @@ def study_from_dict(raw: dict[str, Any], where: str = "study config") -> StudyCo
     try:
         return StudyConfig.model_validate(raw)
     except ValidationError as err:
-        raise ValueError(f"invalid {where}:\n  " + "\n  ".join(_problems(err))) from None
+        raise ValueError(
+            f"invalid {where}:\n  " + "\n  ".join(describe_errors(err, StudyConfig))
+        ) from None

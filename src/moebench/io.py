@@ -16,6 +16,24 @@ import pyarrow.parquet as pq
 import yaml
 
 
+def check_writable_dir(path: str | Path, name: str) -> None:
+    """ValueError unless `path` is a writable directory or can be created as one.
+
+    Creates nothing (it checks the nearest existing ancestor), so a command can refuse an
+    unusable output directory before any work and leave no trace; `name` is the option or
+    field the path came from."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name}={str(path)!r} exists and is not a directory")
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{name}={str(path)!r} cannot be created: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{name}={str(path)!r} is not writable (no permission on {existing})")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` only if the body succeeds."""

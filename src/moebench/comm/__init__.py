@@ -12,7 +12,7 @@ from moebench.comm.accounting import (
     token_stats,
     traffic,
 )
-from moebench.comm.alltoall import DispatchPlan, combine, dispatch, ep_moe, run_experts
+from moebench.comm.alltoall import AllToAll, DispatchPlan, combine, dispatch, ep_moe, run_experts
 from moebench.comm.replay import (
     STRATEGIES,
     Trace,
@@ -26,6 +26,7 @@ from moebench.comm.topology import Topology
 __all__ = [
     "DISPATCHERS",
     "STRATEGIES",
+    "AllToAll",
     "DispatchPlan",
     "TokenStats",
     "Topology",

@@ -41,7 +41,7 @@ from moebench.data.tokenizer import (
     token_dtype,
     train_bpe,
 )
-from moebench.io import atomic_open, write_json, write_text
+from moebench.io import atomic_open, check_writable_dir, write_json, write_text
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -172,24 +172,23 @@ def prepare(cfg: DataConfig, out_dir: str | Path, seed: int) -> dict[str, Any]:
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed={seed!r} must be an integer >= 0")
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out_dir={str(out)!r} exists and is not a directory")
+    check_writable_dir(out, "out_dir")
     ident = identity(cfg, seed)
     if (manifest := reusable_manifest(out, ident)) is not None:
         log(f"{out} is up to date (manifest, sizes and sha256 match); nothing to do")
         return manifest
+
+    extra: dict[str, Any] = {}  # built before touching `out`: bad input leaves it as it was
+    if cfg.source == "synthetic":
+        tok, kind, splits, extra = synthetic_splits(cfg, seed)
+    else:
+        tok, kind, splits = text_splits(cfg, seed)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
     for name in (TOKENIZER_FILE, *map(bin_file, SPLITS)):
         for stale in out.glob(f".{name}.*.tmp"):  # left by a killed run
             stale.unlink()
-
-    extra: dict[str, Any] = {}
-    if cfg.source == "synthetic":
-        tok, kind, splits, extra = synthetic_splits(cfg, seed)
-    else:
-        tok, kind, splits = text_splits(cfg, seed)
     dtype = token_dtype(cfg.vocab_size)
     assert all(s.tokens.dtype == dtype for s in splits.values())
 

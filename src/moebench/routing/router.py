@@ -144,6 +144,15 @@ def route(
     if not bool(torch.isfinite(logits_TE).all()):
         raise ValueError("logits_TE contains NaN or inf; allowed: finite values only")
     scores_TE = scores(logits_TE, cfg.score_fn)
+    # Fused Triton path on CUDA (moebench.kernels, kernels helper): same selection (ties to
+    # the lower index), gates equal to rounding, experts in ascending id order per token.
+    if logits_TE.is_cuda:
+        from moebench.kernels.router import route_fused, supports
+
+        if supports(cfg, logits_TE, bias_E):
+            selection_key(scores_TE[:0], bias_E, cfg)  # validates bias_E as the reference does
+            fused = route_fused(logits_TE, cfg, bias_E)
+            return Routing(fused.experts, fused.weights, scores_TE)
     with torch.no_grad():
         experts_TK = select_experts(selection_key(scores_TE, bias_E, cfg), cfg)
     return Routing(experts_TK, gate_weights(scores_TE, experts_TK, cfg), scores_TE)

@@ -2,10 +2,11 @@
 
 With `tracking.uri` set, a run logs its flattened resolved config as params, every logged
 step's metrics live, the summary numbers as `summary.*` metrics and the run files as
-artifacts. Experiments are per study: the child of `tracking.parent_run_id` (tag
-`mlflow.parentRunId`) goes into its parent's experiment, otherwise into
-"<tracking.experiment>/<study>". For a sqlite store the experiment's artifacts go next to
-the database (`<db dir>/mlruns/<experiment>`), not into the working directory.
+artifacts. Experiments are per study (the pipeline resolves `tracking.experiment` to the
+study's experiment and creates its parent run): the child of `tracking.parent_run_id` (tag
+`mlflow.parentRunId`) goes into its parent's experiment, a run without parent into
+`tracking.experiment` (created if missing). For a sqlite store a new experiment's artifacts go
+next to the database (`<db dir>/mlruns/<experiment>`), not into the working directory.
 A store that does not answer is a ValueError before training starts (`check_uri`).
 """
 
@@ -101,7 +102,7 @@ class Tracker:
             experiment_id = self.client.get_run(parent).info.experiment_id
             tags["mlflow.parentRunId"] = parent
         else:
-            experiment_id = self._experiment(uri, f"{cfg.tracking.experiment}/{cfg.study}")
+            experiment_id = self._experiment(uri, cfg.tracking.experiment)
         run = self.client.create_run(
             experiment_id,
             run_name=f"{cfg.dataset}/{cfg.strategy}/seed~{cfg.seed}",

@@ -1,0 +1,209 @@
+"""End to end: the tiny study (configs/test.yaml: 2 strategies x 2 seeds, a few steps) run by
+`snakemake --cores 2` in a scratch directory. Its summary passes the schema; tables, figures
+and the Snakemake report exist; MLflow holds a parent run and one child per training run
+(also through a real `mlflow server`); a rerun has nothing to do, and deleting one run
+reruns only that run and what depends on it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from moebench.report import paths
+from moebench.report.summary import SUMMARY_SCHEMA
+from moebench.report.tracking import study_runs
+from test_pipeline_dag import dry_run
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_STUDY = REPO / "configs/test.yaml"
+BIN = Path(sys.executable).parent
+
+
+def env() -> dict[str, str]:
+    """The test's environment with this interpreter's scripts (moebench, mlflow) on PATH."""
+    return os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 480) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir)]
+    return subprocess.run(
+        [*cmd, *args], capture_output=True, text=True, env=env(), timeout=timeout, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A scratch directory in which the test study ran to completion."""
+    workdir = tmp_path_factory.mktemp("e2e")
+    res = snakemake(workdir, "--cores", "2", "--configfile", str(TEST_STUDY))
+    logs = "\n".join(p.read_text() for p in sorted((workdir / "work/logs").rglob("*.log")))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + logs[-3000:]
+    return workdir
+
+
+def test_summary_passes_the_schema(built: Path) -> None:
+    df = pd.read_parquet(paths.summary_file(built / "results"))
+    SUMMARY_SCHEMA.validate(df)
+    assert sorted(zip(df["strategy"], df["seed"], strict=True)) == [
+        ("aux_free", 0),
+        ("aux_free", 1),
+        ("aux_loss", 0),
+        ("aux_loss", 1),
+    ]
+    assert set(df["study"]) == {"test"} and (df["steps"] == 12).all()
+
+
+def test_tables_figures_and_where(built: Path) -> None:
+    md = paths.table_file("test", "md", built / "results").read_text()
+    assert "| aux_free | 2 |" in md and "[LF] Table 2" in md
+    for name in paths.FIGURES:
+        assert paths.figure_file("test", "shakespeare", name, built / "results").is_file()
+    where = subprocess.run(
+        ["moebench", "where", "--study", str(TEST_STUDY)],
+        cwd=built,
+        capture_output=True,
+        text=True,
+        env=env(),
+        check=True,
+    ).stdout
+    assert "results/tables/test.md" in where and "results/report.html" in where
+    assert "mlflow ui --backend-store-uri sqlite:///results/mlflow/mlflow.db" in where
+
+
+def test_aggregate_rebuild_is_byte_identical(built: Path) -> None:
+    outputs = [
+        paths.summary_file(built / "results"),
+        paths.table_file("test", "md", built / "results"),
+    ]
+    before = [p.read_bytes() for p in outputs]
+    subprocess.run(
+        ["moebench", "aggregate", "--study", str(TEST_STUDY)],
+        cwd=built,
+        capture_output=True,
+        text=True,
+        env=env(),
+        check=True,
+    )
+    assert [p.read_bytes() for p in outputs] == before
+
+
+def check_runs(runs: list[dict[str, str]]) -> None:
+    """One parent run and the four training runs as its children, all finished."""
+    parents = [r for r in runs if not r["parent"]]
+    assert len(parents) == 1 and parents[0]["name"] == "test"
+    children = sorted(r["name"] for r in runs if r["parent"] == parents[0]["run_id"])
+    assert children == [
+        f"shakespeare/{s}/seed~{n}" for s in ("aux_free", "aux_loss") for n in (0, 1)
+    ]
+    assert {r["status"] for r in runs} == {"FINISHED"}
+
+
+def test_mlflow_sqlite_store_has_parent_and_children(built: Path) -> None:
+    uri = f"sqlite:///{built}/results/mlflow/mlflow.db"
+    check_runs(study_runs(uri, "test"))
+    parent = (built / "results/mlflow/parents/test.txt").read_text().strip()
+    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(parent, "tables")}
+    assert {"tables/test.md", "tables/test.csv"} <= artifacts
+
+
+def test_report_html(built: Path) -> None:
+    res = snakemake(built, "--report", "results/report.html", "--configfile", str(TEST_STUDY))
+    assert res.returncode == 0, res.stderr[-3000:]
+    html = (built / "results/report.html").read_text()
+    assert "MaxVio_batch over training steps" in html and "test-shakespeare-load_heatmap" in html
+
+
+def test_nothing_to_do_then_only_the_deleted_run_reruns(built: Path) -> None:
+    assert dry_run(built, TEST_STUDY) == []
+    run = paths.run_dir("test", "shakespeare", "aux_free", 1, built / "results")
+    backup = run.with_name("moved-away")
+    run.rename(backup)
+    try:
+        jobs = dry_run(built, TEST_STUDY)
+    finally:
+        backup.rename(run)
+    assert sorted((j.rule.name, dict(j.wildcards)) for j in jobs) == [
+        ("aggregate", {}),
+        ("all", {}),
+        ("comm", {"study": "test", "dataset": "shakespeare", "strategy": "aux_free", "seed": "1"}),
+        ("train", {"study": "test", "dataset": "shakespeare", "strategy": "aux_free", "seed": "1"}),
+    ]
+    assert dry_run(built, TEST_STUDY) == []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(built: Path) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 over the study's sqlite store."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{built}/results/mlflow/mlflow.db",
+            "--workers",
+            "1",
+        ],
+        cwd=built,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=1):
+                    break
+            except OSError:
+                assert proc.poll() is None, "mlflow server exited"
+                time.sleep(0.5)
+        yield uri
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.mlflow_server
+def test_mlflow_server_finds_the_runs(built: Path, mlflow_server: str, tmp_path: Path) -> None:
+    check_runs(study_runs(mlflow_server, "test"))
+    # A study configured with the server's URI gets its experiment and parent run there.
+    study = yaml.safe_load(TEST_STUDY.read_text()) | {
+        "study": "served",
+        "tracking": {"uri": mlflow_server},
+    }
+    study_file = tmp_path / "served.yaml"
+    study_file.write_text(yaml.safe_dump(study))
+    subprocess.run(
+        ["moebench", "mlflow-init", "--study", str(study_file), "--out", str(tmp_path / "p.txt")],
+        cwd=built,
+        env=env(),
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    served = study_runs(mlflow_server, "served")
+    assert [r["run_id"] for r in served] == [(tmp_path / "p.txt").read_text().strip()]

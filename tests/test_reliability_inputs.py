@@ -1,0 +1,438 @@
+"""The bad-input catalog: every mistake a user can make with `moebench data`, `moebench train`
+and `moebench resolve` is refused before any work, through the CLI the user runs, with exit
+code 2 and a message naming the field, the value and the allowed values (or the fix), and
+with nothing written: the working directory holds exactly the files it held before.
+
+Each case is one row of the README's troubleshooting table (TROUBLESHOOTING.md.part). The
+study-level, pipeline, comm and aggregation inputs are covered in test_reliability_snakemake
+(Snakemake) and beside the kill tests; NaN router logits at the end of this file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from moebench.cli import app
+from moebench.config import DataConfig
+from moebench.data import prepare as prepare_data
+from moebench.model import MoELayer
+from moebench.train.checkpoint import CKPT_NAME
+
+DATA = DataConfig(source="synthetic", vocab_size=300, synthetic_docs=40, synthetic_doc_tokens=128)
+"""Tiny synthetic corpus: 4644 train and 516 validation tokens."""
+
+RUN = {
+    "study": "rel",
+    "dataset": "syn",
+    "strategy": "aux_free",
+    "data": DATA.model_dump(mode="json"),
+    "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "n_dense_layers": 1,
+              "dense_hidden": 64, "n_shared_experts": 1, "expert_hidden": 16},
+    "topology": {"num_nodes": 4, "gpus_per_node": 2},
+    "router": {"num_experts": 16, "top_k": 4, "group_limit": 2, "score_fn": "sigmoid",
+               "normalize": True},
+    "balance": {"bias": {"enabled": True, "rate": 0.01}},
+    "train": {"steps": 8, "batch_size": 4, "seq_len": 32, "warmup_steps": 2, "eval_every": 4,
+              "eval_batches": 2, "log_every": 2, "ckpt_every": 2, "trace_tokens": 64},
+}
+"""A run config of the default study's topology (16 experts, 8 devices in 4 nodes, top-4)."""
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("reliability_data") / "syn"
+    prepare_data(DATA, out, seed=0)
+    return out
+
+
+@dataclass
+class Ctx:
+    """What a case builds its command from: a scratch folder (the working directory) holding
+    run.yaml (a valid run config on `data`), the prepared data and the output paths."""
+
+    root: Path
+    data: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "run.yaml"
+
+    @property
+    def out(self) -> Path:
+        return self.root / "out"
+
+    @property
+    def ckpt(self) -> Path:
+        return self.root / "ckpt"
+
+    def train(self, *args: str) -> list[str]:
+        return ["train", "--config", str(self.config), "--out", str(self.out),
+                "--ckpt-dir", str(self.ckpt), *args]
+
+    def data_cmd(self, *args: str) -> list[str]:
+        return ["data", "--out", str(self.out), "--set", "data.source=synthetic", *args]
+
+    def text_source(self, name: str, content: bytes | None) -> list[str]:
+        """`moebench data` on a local text file `name` holding `content` (None: no file)."""
+        path = self.root / name
+        if content is not None:
+            path.write_bytes(content)
+        return self.data_cmd(*sets("data.source=file", f"data.path={path}"))
+
+    def damaged_data(self, damage: Callable[[Path], None]) -> str:
+        """A copy of the prepared data with `damage` applied; returns `--set data_dir=...`."""
+        copy = self.root / "damaged"
+        shutil.copytree(self.data, copy)
+        damage(copy)
+        return f"data_dir={copy}"
+
+    def study(self, extra: dict | None = None) -> Path:
+        """A valid two-strategy study file (plus `extra` keys merged into it)."""
+        study = {
+            "study": "rel",
+            "seeds": [0, 1],
+            "datasets": {"syn": DATA.model_dump(mode="json")},
+            "strategies": {"aux_loss": {"balance": {"switch_alpha": 0.01}}, "none": {}},
+        } | (extra or {})
+        path = self.root / "study.yaml"
+        path.write_text(yaml.safe_dump(study))
+        return path
+
+    def resolve(self, *args: str, study: dict | None = None) -> list[str]:
+        return ["resolve", "--study", str(self.study(study)), "--dataset", "syn",
+                "--out", str(self.out / "run.yaml"), *args]
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _truncate(damaged: Path) -> None:
+    """train.bin cut to 999 bytes (a copy or a download that stopped)."""
+    path = damaged / "train.bin"
+    path.write_bytes(path.read_bytes()[:999])
+
+
+def _set_token(damaged: Path, index: int, value: int) -> None:
+    tokens = np.fromfile(damaged / "train.bin", dtype="<u2")
+    tokens[index] = value
+    tokens.tofile(damaged / "train.bin")
+
+
+def _broken_checkpoint(ckpt_dir: Path) -> Path:
+    """A last.pt cut short (as a disk-full or a copy gone wrong leaves it)."""
+    ckpt_dir.mkdir()
+    return _write(ckpt_dir / CKPT_NAME, b"PK\x03\x04 half a checkpoint")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def unwritable(folder: Path) -> Iterator[None]:
+    """Make `folder` refuse new entries, also for root (who ignores permission bits): the
+    immutable attribute there, mode 0555 otherwise."""
+    folder.mkdir(exist_ok=True)
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    if shutil.which("chattr") is None or subprocess.run(
+        ["chattr", "+i", str(folder)], capture_output=True, check=False
+    ).returncode:
+        pytest.skip("running as root and `chattr +i` is not available here")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input: `argv(ctx)` is the user's command; `expect` are substrings of the
+    message (field, value, allowed values or fix)."""
+
+    id: str
+    argv: Callable[[Ctx], list[str]]
+    expect: tuple[str, ...]
+
+
+def sets(*settings: str) -> tuple[str, ...]:
+    """`--set` options."""
+    return tuple(x for s in settings for x in ("--set", s))
+
+
+CASES = [
+    # --- the run config (pydantic, moebench.config) --------------------------------------
+    Case("unknown_score_fn", lambda c: c.train(*sets("router.score_fn=softmaxx")),
+         ("router.score_fn", "'softmaxx'", "'softmax' or 'sigmoid'")),
+    Case("unknown_bias_rule", lambda c: c.train(*sets("balance.bias.rule=linear")),
+         ("balance.bias.rule", "'linear'", "'sign', 'proportional' or 'multiplicative'")),
+    Case("unknown_limit", lambda c: c.train(*sets("router.limit=rack")),
+         ("router.limit", "'rack'", "'none', 'device' or 'node'")),
+    Case("top_k_above_experts", lambda c: c.train(*sets("router.top_k=20")),
+         ("router.top_k=20", "router.num_experts=16", "allowed: 1..16")),
+    Case("group_limit_above_groups",
+         lambda c: c.train(*sets("router.limit=node", "router.group_limit=5")),
+         ("router.group_limit=5", "4 nodes", "allowed: 1..4")),
+    Case("top_k_above_limited_experts",
+         lambda c: c.train(*sets("router.limit=device", "router.group_limit=1")),
+         ("router.top_k=4", "group_limit x experts per device = 2", "allowed: 1..2")),
+    Case("experts_not_divisible_by_devices", lambda c: c.train(*sets("router.num_experts=12")),
+         ("router.num_experts=12", "topology.num_devices=8", "multiples of 8")),
+    Case("experts_not_divisible_by_nodes", lambda c: c.train(*sets("topology.num_nodes=3")),
+         ("router.num_experts=16", "topology.num_nodes=3", "multiples of 3")),
+    Case("negative_bias_rate", lambda c: c.train(*sets("balance.bias.rate=-0.001")),
+         ("balance.bias.rate", "-0.001", "greater than or equal to 0")),
+    Case("nan_bias_rate", lambda c: c.train(*sets("balance.bias.rate=.nan")),
+         ("balance.bias.rate", "nan", "greater than or equal to 0")),
+    Case("negative_alpha", lambda c: c.train(*sets("balance.switch_alpha=-0.01")),
+         ("balance.switch_alpha", "-0.01", "greater than or equal to 0")),
+    Case("nan_alpha", lambda c: c.train(*sets("balance.seq_alpha=.nan")),
+         ("balance.seq_alpha", "nan", "greater than or equal to 0")),
+    Case("infinite_alpha", lambda c: c.train(*sets("balance.expert_alpha=.inf")),
+         ("balance.expert_alpha", "inf", "finite")),
+    Case("zero_capacity_factor", lambda c: c.train(*sets("balance.capacity.factor=0")),
+         ("balance.capacity.factor", "got 0", "greater than 0")),
+    Case("negative_capacity_factor", lambda c: c.train(*sets("balance.capacity.factor=-1.25")),
+         ("balance.capacity.factor", "-1.25", "greater than 0")),
+    Case("multiplicative_bias_with_softmax",
+         lambda c: c.train(*sets("router.score_fn=softmax", "balance.bias.rule=multiplicative")),
+         ("balance.bias.rule='multiplicative'", "router.score_fn='sigmoid'")),
+    Case("typo_in_key", lambda c: c.train(*sets("router.topk=4")),
+         ("router.topk", "Extra inputs are not permitted", "allowed keys: num_experts, top_k",
+          "did you mean 'top_k'?")),
+    Case("typo_in_section", lambda c: c.train(*sets("trian.steps=4")),
+         ("trian", "allowed keys: study", "did you mean 'train'?")),
+    Case("wrong_type", lambda c: c.train(*sets("train.steps=many")),
+         ("train.steps", "'many'", "valid integer")),
+    Case("fractional_integer", lambda c: c.train(*sets("train.batch_size=2.5")),
+         ("train.batch_size", "2.5", "fractional part")),
+    Case("zero_steps", lambda c: c.train(*sets("train.steps=0")),
+         ("train.steps", "got 0", "greater than or equal to 1")),
+    Case("heads_do_not_divide_width", lambda c: c.train(*sets("model.d_model=30")),
+         ("model.d_model=30", "model.n_heads=2")),
+    Case("more_dense_than_layers", lambda c: c.train(*sets("model.n_dense_layers=3")),
+         ("model.n_dense_layers=3", "model.n_layers=2")),
+    Case("negative_seed", lambda c: c.train(*sets("seed=-1")),
+         ("seed", "-1", "greater than or equal to 0")),
+    Case("name_with_slash", lambda c: c.train(*sets("strategy=../x")),
+         ("strategy", "'../x'", "[A-Za-z0-9_.-]")),
+    Case("config_file_missing", lambda c: ["train", "--config", str(c.root / "nope.yaml"),
+                                           "--out", str(c.out)],
+         ("config file", "nope.yaml", "does not exist")),
+    Case("config_not_yaml",
+         lambda c: ["train", "--config", str(_write(c.root / "bad.yaml", b"router: {top_k: 4\n")),
+                    "--out", str(c.out)],
+         ("config file", "bad.yaml", "not valid YAML", "line 2")),
+    Case("config_not_a_mapping",
+         lambda c: ["train", "--config", str(_write(c.root / "list.yaml", b"- 1\n- 2\n")),
+                    "--out", str(c.out)],
+         ("config file", "list.yaml", "must hold a mapping", "list")),
+    Case("set_without_value", lambda c: c.train("--set", "train.steps"),
+         ("--set expects key=value", "'train.steps'")),
+    Case("set_value_not_yaml", lambda c: c.train(*sets("train.steps=[4")),
+         ("--set 'train.steps=[4'", "not valid YAML")),
+    # --- the prepared data (moebench.data) ------------------------------------------------
+    Case("data_dir_missing", lambda c: c.train(*sets(f"data_dir={c.root / 'nodata'}")),
+         ("data_dir=", "nodata", "does not exist", "moebench data --out")),
+    Case("data_incomplete", lambda c: c.train(
+        *sets(c.damaged_data(lambda d: (d / "manifest.json").unlink()))),
+         ("manifest.json is missing", "not a complete data directory", "rerun `moebench data`")),
+    Case("manifest_corrupt", lambda c: c.train(
+        *sets(c.damaged_data(lambda d: _write(d / "manifest.json", b'{"format": 1')))),
+         ("manifest.json is not valid JSON", "rerun `moebench data`")),
+    Case("token_file_missing", lambda c: c.train(
+        *sets(c.damaged_data(lambda d: (d / "train.bin").unlink()))),
+         ("token file", "train.bin is missing", "rerun `moebench data`")),
+    Case("token_file_truncated", lambda c: c.train(*sets(c.damaged_data(_truncate))),
+         ("train.bin has 999 bytes", "n_tokens=4644 x 2 = 9288", "truncated or corrupt")),
+    Case("token_file_corrupt", lambda c: c.train(
+        *sets(c.damaged_data(lambda d: _set_token(d, 5, 60000)))),
+         ("train.bin holds token id 60000", "vocab_size=300", "corrupt")),
+    Case("vocab_differs_from_data", lambda c: c.train(*sets("data.vocab_size=512")),
+         ("vocab_size=512", "vocab_size=300 of the data", "data.vocab_size=512")),
+    Case("data_prepared_with_other_config", lambda c: c.train(*sets("data.synthetic_skew=2.0")),
+         ("prepared with another config", "data.synthetic_skew: prepared 1.2, requested 2.0")),
+    Case("seq_len_beyond_data", lambda c: c.train(*sets("train.seq_len=600")),
+         ("train.seq_len=600", "601 tokens", "'val'", "has 516")),
+    # --- the run's surroundings ------------------------------------------------------------
+    Case("out_is_a_file", lambda c: ["train", "--config", str(c.config),
+                                     "--out", str(_write(c.root / "afile", b"x"))],
+         ("afile", "exists and is not a directory")),
+    Case("mlflow_not_answering",
+         lambda c: c.train(*sets(f"tracking.uri=http://127.0.0.1:{_free_port()}")),
+         ("tracking.uri='http://127.0.0.1:", "does not answer")),
+    Case("checkpoint_unreadable", lambda c: c.train() if _broken_checkpoint(c.ckpt) else [],
+         ("checkpoint", "last.pt cannot be read", "delete it to restart")),
+    # --- moebench data ---------------------------------------------------------------------
+    Case("unknown_data_source", lambda c: ["data", "--out", str(c.out), *sets("data.source=wiki")],
+         ("data.source", "'wiki'", "'shakespeare', 'cpython', 'synthetic', 'file' or 'hf'")),
+    Case("file_source_without_path", lambda c: c.data_cmd(*sets("data.source=file")),
+         ("data.path is required when data.source='file'",)),
+    Case("text_file_missing", lambda c: c.text_source("corpus.txt", None),
+         ("data.path=", "corpus.txt", "is not a file")),
+    Case("text_file_empty", lambda c: c.text_source("empty.txt", b" \n\n "),
+         ("data.path=", "empty.txt", "holds no text")),
+    Case("text_file_not_utf8", lambda c: c.text_source("latin1.txt", "café".encode("latin-1")),
+         ("data.path=", "latin1.txt", "is not UTF-8 text")),
+    Case("corpus_too_small_to_split",
+         lambda c: ["data", "--out", str(c.out), *sets("data.max_bytes=100")],
+         ("1 document(s)", "at least 2", "raise data.max_bytes")),
+    Case("vocab_too_small", lambda c: c.data_cmd(*sets("data.vocab_size=100")),
+         ("data.vocab_size", "100", "greater than or equal to 260")),
+    Case("val_fraction_out_of_range", lambda c: c.data_cmd(*sets("data.val_fraction=0.7")),
+         ("data.val_fraction", "0.7", "less than 0.5")),
+    Case("data_out_is_a_file", lambda c: ["data", "--out", str(_write(c.root / "f", b"")),
+                                          *sets("data.source=synthetic")],
+         ("out_dir=", "exists and is not a directory")),
+    Case("data_out_under_a_file", lambda c: ["data", "--out", str(_write(c.root / "f", b"") / "d"),
+                                             *sets("data.source=synthetic")],
+         ("out_dir=", "cannot be created", "is not a directory")),
+    # --- moebench resolve (a study's grid point) ------------------------------------------
+    Case("unknown_strategy", lambda c: c.resolve("--strategy", "aux_free", "--seed", "0"),
+         ("strategy='aux_free' is not in the study", "allowed: ['aux_loss', 'none']")),
+    Case("unknown_dataset", lambda c: [*c.resolve(), "--dataset", "wiki"],
+         ("dataset='wiki' is not in the study", "allowed: ['syn']")),
+    Case("seed_not_in_study", lambda c: c.resolve("--strategy", "none", "--seed", "7"),
+         ("seed=7 is not in the study", "allowed: [0, 1]")),
+    Case("typo_in_strategy_override", lambda c: c.resolve(
+        "--strategy", "none", "--seed", "0",
+        study={"strategies": {"none": {"balance": {"bias": {"rat": 0.1}}}}}),
+         ("strategies.none.balance.bias.rat", "allowed keys: enabled, rate",
+          "did you mean 'rate'?")),
+    Case("strategy_override_out_of_range", lambda c: c.resolve(
+        "--strategy", "none", "--seed", "0", study={"strategies": {"none": {"router": {
+            "top_k": 32}}}}),
+         ("strategy 'none'", "router.top_k=32 exceeds router.num_experts=16")),
+    Case("duplicate_seeds", lambda c: c.resolve(study={"seeds": [0, 0]}),
+         ("seeds must be distinct", "[0, 0]")),
+]
+
+
+def snapshot(root: Path) -> set[str]:
+    """Every path under `root` (files and folders, hidden ones included)."""
+    return {p.relative_to(root).as_posix() for p in root.rglob("*")}
+
+
+@pytest.fixture
+def ctx(tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Ctx:
+    monkeypatch.chdir(tmp_path)  # relative defaults (work/ckpt, results/) land here
+    c = Ctx(tmp_path, data_dir)
+    c.config.write_text(yaml.safe_dump(RUN | {"data_dir": str(data_dir)}))
+    return c
+
+
+def test_catalog_is_large_and_unique() -> None:
+    ids = [case.id for case in CASES]
+    assert len(ids) == len(set(ids)) and len(ids) >= 25
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input_is_refused_before_any_work(case: Case, ctx: Ctx) -> None:
+    argv = case.argv(ctx)
+    before = snapshot(ctx.root)
+    result = CliRunner().invoke(app, argv)
+    message = result.stderr
+    assert result.exit_code == 2, (case.id, result.output)
+    assert "Traceback" not in result.output
+    for part in case.expect:
+        assert part in message, (case.id, part, message)
+    assert snapshot(ctx.root) == before, f"{case.id} wrote {snapshot(ctx.root) - before}"
+
+
+@pytest.mark.parametrize("where", ["out", "ckpt"])
+def test_unwritable_output_is_refused_before_any_work(where: str, ctx: Ctx) -> None:
+    locked = ctx.root / "locked"
+    args = {"out": str(ctx.out), "ckpt": str(ctx.ckpt)} | {where: str(locked / "run")}
+    with unwritable(locked):
+        before = snapshot(ctx.root)
+        result = CliRunner().invoke(app, ["train", "--config", str(ctx.config),
+                                          "--out", args["out"], "--ckpt-dir", args["ckpt"]])
+        after = snapshot(ctx.root)
+    assert result.exit_code == 2, result.output
+    assert "locked/run" in result.stderr and "not writable" in result.stderr
+    assert after == before
+
+
+def test_data_output_unwritable_is_refused_before_any_work(ctx: Ctx) -> None:
+    locked = ctx.root / "locked"
+    with unwritable(locked):
+        before = snapshot(ctx.root)
+        result = CliRunner().invoke(app, ["data", "--out", str(locked / "d"),
+                                          *sets("data.source=synthetic")])
+        after = snapshot(ctx.root)
+    assert result.exit_code == 2
+    assert "out_dir=" in result.stderr and "is not writable" in result.stderr
+    assert after == before
+
+
+def test_console_script_reports_bad_input_without_traceback(ctx: Ctx) -> None:
+    """The installed `moebench` entry point (what Snakemake rules call) gives the same exit
+    code and one-line message as the in-process CLI."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "from moebench.cli import main; main()",
+         *ctx.train(*sets("router.score_fn=softmaxx"))],
+        capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("moebench train: error: invalid run config")
+    assert "router.score_fn" in proc.stderr and "Traceback" not in proc.stderr
+    assert not ctx.out.exists() and not ctx.ckpt.exists()
+
+
+def test_nan_router_logits_stop_cleanly_and_resume_from_last_good_checkpoint(
+    ctx: Ctx, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NaN router logits at step 6 (checkpoints every 2 steps): exit 3 naming the MoE layer
+    and the step, the run directory holds only complete files (no summary), the checkpoint
+    stays at step 4; rerunning once the cause is gone resumes from step 4 and finishes."""
+    original = MoELayer.router_logits
+    steps = {"n": 0}
+
+    def poisoned(self: MoELayer, x_TH: torch.Tensor) -> torch.Tensor:
+        logits = original(self, x_TH)
+        if self.training:
+            steps["n"] += 1
+            if steps["n"] == 6:  # one MoE layer, one micro-batch per step: the 6th step
+                return logits * float("nan")
+        return logits
+
+    with monkeypatch.context() as m:
+        m.setattr(MoELayer, "router_logits", poisoned)
+        result = CliRunner().invoke(app, ctx.train())
+    assert result.exit_code == 3, result.output
+    assert "training diverged at step 6: router logits of MoE layer 0" in result.stderr
+    assert "last good checkpoint: step 4 in" in result.stderr and "Traceback" not in result.output
+    assert torch.load(ctx.ckpt / CKPT_NAME, weights_only=True)["step"] == 4
+    assert not (ctx.out / "summary.json").exists()
+    assert [p.name for p in ctx.ckpt.iterdir()] == [CKPT_NAME]
+    lines = (ctx.out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines if '"train"' in x] == [2, 4]
+
+    result = CliRunner().invoke(app, ctx.train())
+    assert result.exit_code == 0, result.output
+    assert "resuming from step 4" in result.stderr
+    assert json.loads((ctx.out / "summary.json").read_text())["steps"] == 8
