@@ -26,7 +26,10 @@ include: "workflow/rules/comm.smk"
 include: "workflow/rules/aggregate.smk"
 
 
+# The run files are listed too: Snakemake regenerates a missing intermediate file only when
+# a target needs it, so this makes a deleted run (and what depends on it) rerun.
 rule all:
     default_target: True
     input:
         rules.aggregate.output,
+        run_files((*TRAIN_FILES, *COMM_FILES)),

@@ -3,8 +3,9 @@
 Writes `results/comm/v3_replay.parquet` and its Markdown twin `v3_replay.md`: E=256, k=8 on
 8 nodes x 8 GPUs ([V3] §3.2, §4.2), strategies uniform / unrestricted / device_limited /
 node_limited (M=4, aux-loss-free bias trained on the same skewed logits), both dispatchers;
-then the same strategies with E=2048 (one expert per GPU) on 256 nodes x 8 = 2048 GPUs, the
-size of V3's cluster ([V3] §3.1). The throughput (token-layer routings per second) of the
+then uniform / unrestricted / node_limited with E=2048 (one expert per GPU, so a device
+limit below k is infeasible) on 256 nodes x 8 = 2048 GPUs, the size of V3's cluster
+([V3] §3.1). The throughput (token-layer routings per second) of the
 fast per-token path (`token_stats`) and of the full accounting with per-GPU matrices
 (`traffic`) is measured on a tiled node_limited routing, on `--threads` threads.
 
@@ -77,8 +78,12 @@ def main() -> None:
     print(f"V3 replay: {time.perf_counter() - t0:.0f} s", flush=True)
     big = Topology.build(2048, 256, 8)
     t0 = time.perf_counter()
-    rows += replay_synthetic(
-        big, tokens_per_gpu=128, bias_steps=args.bias_steps // 3, threads=args.threads
+    rows += replay_synthetic(  # one expert per GPU: a device limit M < k cannot hold k experts
+        big,
+        ("uniform", "unrestricted", "node_limited"),
+        tokens_per_gpu=128,
+        bias_steps=args.bias_steps // 3,
+        threads=args.threads,
     )
     print(f"2048-GPU replay: {time.perf_counter() - t0:.0f} s", flush=True)
 
@@ -93,7 +98,8 @@ plus combine (BF16, 2 B) of hidden 7168; time = bandwidth-only model (NVLink 160
 50 GB/s per GPU, busiest GPU and link) for {args.tokens_per_gpu} tokens per GPU on 8x8 and
 128 on 256x8. Logits: N(0,1) + per-expert offset N(0, 0.25^2); node_limited bias: sign rule,
 rate 1e-3, {args.bias_steps} updates (8x8) / {args.bias_steps // 3} (256x8) of 4096 tokens.
-device_limited: [V2] rule (GPUs ranked by max score), M = 4 GPUs. Uniform analytic nodes
+device_limited: [V2] rule (GPUs ranked by max score), M = 4 GPUs (8x8 only: with one
+expert per GPU on 256x8, M < k is infeasible). Uniform analytic nodes
 per token: {expected_groups_uniform(256, 8, 8):.4f} (E=256, 8 nodes, k=8),
 {expected_groups_uniform(2048, 256, 8):.4f} (E=2048, 256 nodes).
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from moebench.comm import Topology, ep_moe, summarize, traffic
 from moebench.routing import Layout, preset, route
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # 4 spawned processes: ~20 s
 
 NODES, GPUS, E, K, T_LOCAL, H, FFN = 2, 2, 8, 3, 12, 16, 8
 WORLD = NODES * GPUS

@@ -341,6 +341,9 @@ def test_mlflow_sqlite_logs_params_metrics_and_artifacts(shakespeare_dir: Path,
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"summary.json", "metrics.jsonl", "config.resolved.yaml"} <= artifacts
 
+    with pytest.raises(ValueError, match="parent_run_id='nope' is not a run"):
+        prepare(make_cfg(shakespeare_dir, tracking={"uri": uri, "parent_run_id": "nope"}),
+                tmp_path / "never", tmp_path / "ck_never")
     parent = client.create_run(experiment.experiment_id, run_name="study-parent")
     child_cfg = make_cfg(shakespeare_dir, study="demo", seed=1,
                          tracking={"uri": uri, "experiment": "other",

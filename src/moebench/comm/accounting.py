@@ -25,11 +25,12 @@ Conventions (ours; stated because no source fixes them):
   busiest (link, direction): max over GPUs of max(send, recv) / bandwidth. Transposing
   swaps send and receive, so combine takes dispatch's time times combine/dispatch bytes.
 
-Implementation: tokens are processed in chunks of [K, C] int16 arrays; each token's K GPU
-ids are sorted by a Batcher odd-even merge network (K log^2 K elementwise min/max), so
-"first occurrence of a GPU / node" is a comparison with the previous slot. `token_stats`
-reduces these masks to counts (the fast replay path); `traffic` also bincounts them into
-per-source-GPU histograms, from which the copy matrices follow exactly.
+Implementation: tokens are processed in chunks of [K, C] uint8 (uint16 past 256 GPUs)
+arrays; each token's K GPU ids are sorted by a Batcher odd-even merge network (K log^2 K
+elementwise min/max), so "first occurrence of a GPU / node" is a comparison with the
+previous slot. `token_stats` reduces these masks to counts (the fast replay path); `traffic`
+also bincounts them into per-source-GPU histograms, from which the copy matrices follow
+exactly.
 
 Legend: T tokens, K experts per token, C tokens of a chunk, E experts, D GPUs, N nodes,
 G GPUs per node, S source GPUs.

@@ -97,10 +97,12 @@ def fmt(mean: float, ci: float, digits: int) -> str:
     return text if math.isnan(ci) else f"{text} ± {ci:,.{digits}f}"
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    """A GitHub-flavoured Markdown table (first column left-aligned, the rest right)."""
-    align = [":---"] + ["---:"] * (len(header) - 1)
-    lines = [header, align, *rows]
+def markdown_table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    """A GitHub-flavoured Markdown table; `align` has one letter per column, "l" or "r"
+    (default: the first column left, the rest right)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = [":---" if a == "l" else "---:" for a in align]
+    lines = [header, rule, *rows]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
 
@@ -130,7 +132,7 @@ def _published_table(st: pd.DataFrame) -> str | None:
     if not rows:
         return None
     return markdown_table(
-        ["strategy", "metric", "ours", "published", "published setting", "source"], rows
+        ["strategy", "metric", "ours", "published", "published setting", "source"], rows, "llrrll"
     )
 
 
@@ -160,7 +162,9 @@ def _directions_table(st: pd.DataFrame) -> str | None:
         )
     if not rows:
         return None
-    return markdown_table(["published claim", "check", "lhs", "rhs", "holds", "source"], rows)
+    return markdown_table(
+        ["published claim", "check", "lhs", "rhs", "holds", "source"], rows, "llrrll"
+    )
 
 
 def study_markdown(

@@ -51,7 +51,7 @@ import torch
 from moebench.balancing import BiasController
 from moebench.config import RunConfig
 from moebench.data import TokenStream
-from moebench.io import write_json, write_text, write_yaml
+from moebench.io import check_writable_dir, write_json, write_text, write_yaml
 from moebench.metrics import max_vio, max_vio_layers
 from moebench.model import MoETransformer, NonFiniteRouterError
 from moebench.train.checkpoint import (
@@ -65,8 +65,7 @@ from moebench.train.trace import write_trace
 
 TIMING_KEYS = ("elapsed_s", "mfu", "tokens_per_s")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12}
-FILES = ("config.resolved.yaml", "metrics.jsonl", "timing.jsonl", "summary.json",
-         "routing_trace.parquet")
+MLFLOW_ARTIFACTS = ("config.resolved.yaml", "summary.json", "metrics.jsonl", "timing.jsonl")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -165,8 +164,8 @@ def prepare(cfg: RunConfig, out: Path, ckpt_dir: Path | None = None) -> Run:
     """Check everything a run needs (device, data, tracking store, checkpoint) and write
     nothing; ValueError naming the problem otherwise."""
     out, ckpt_dir = Path(out), Path(ckpt_dir) if ckpt_dir is not None else default_ckpt_dir(cfg)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
+    check_writable_dir(out, "--out")
+    check_writable_dir(ckpt_dir, "--ckpt-dir")
     device = resolve_device(cfg)
     streams = [TokenStream(cfg.data_dir, split, vocab_size=cfg.data.vocab_size, config=cfg.data)
                for split in ("train", "val")]
@@ -179,7 +178,7 @@ def prepare(cfg: RunConfig, out: Path, ckpt_dir: Path | None = None) -> Run:
     if cfg.tracking.uri is not None:
         from moebench.train.tracking import check_uri
 
-        check_uri(cfg.tracking.uri)
+        check_uri(cfg.tracking.uri, cfg.tracking.parent_run_id)
     state = load_checkpoint(ckpt_dir)
     if state is not None and not matches(state, cfg):
         theirs, ours = state.get("identity", {}), identity(cfg)
@@ -443,15 +442,15 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train from the current step to train.steps, then evaluate, trace and summarise."""
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_yaml(self.out / "config.resolved.yaml", cfg.model_dump(mode="json"))
-        self._rewrite_logs()
         tracker = None
         if cfg.tracking.uri is not None:
             from moebench.train.tracking import Tracker
 
             tracker = Tracker(cfg, self.mlflow_run_id)
             self.mlflow_run_id = tracker.run_id
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_yaml(self.out / "config.resolved.yaml", cfg.model_dump(mode="json"))
+        self._rewrite_logs()
         try:
             summary = self._loop(tracker)
         except BaseException:
@@ -461,8 +460,7 @@ class Trainer:
             raise
         if tracker is not None:
             tracker.log_metrics({f"summary.{k}": v for k, v in summary.items()}, self.step)
-            tracker.log_artifacts(self.out / name for name in FILES if name.endswith(
-                (".yaml", ".json", ".jsonl")))
+            tracker.log_artifacts(self.out / name for name in MLFLOW_ARTIFACTS)
             tracker.finish()
         return summary
 

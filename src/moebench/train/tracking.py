@@ -49,8 +49,8 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///"))
 
 
-def check_uri(uri: str) -> None:
-    """ValueError unless the tracking store at `uri` answers.
+def check_uri(uri: str, parent_run_id: str | None = None) -> None:
+    """ValueError unless the tracking store at `uri` answers (and holds `parent_run_id`).
 
     http(s): GET <uri>/health within HEALTH_TIMEOUT_S (the MLflow client itself retries for
     minutes); sqlite: the database's folder must exist or be creatable; then, for every
@@ -69,10 +69,18 @@ def check_uri(uri: str) -> None:
             raise ValueError(f"tracking.uri={uri!r}: cannot create {db.parent} ({err})") from None
     from mlflow.tracking import MlflowClient
 
+    client = MlflowClient(tracking_uri=uri)
     try:
-        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        client.search_experiments(max_results=1)
     except Exception as err:  # any backend failure means "not usable"
         raise ValueError(f"tracking.uri={uri!r} is not a usable MLflow store: {err}") from None
+    if parent_run_id is not None:
+        try:
+            client.get_run(parent_run_id)
+        except Exception:  # MlflowException: no such run
+            raise ValueError(
+                f"tracking.parent_run_id={parent_run_id!r} is not a run of {uri!r}"
+            ) from None
 
 
 class Tracker:

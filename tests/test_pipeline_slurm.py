@@ -1,0 +1,80 @@
+"""A tiny study through `--executor slurm` on a real one-node SLURM cluster, started here by
+tests/slurm/local-cluster.sh (root: it installs slurm-wlm + munge with apt-get and writes
+/etc/slurm/slurm.conf), with the test profile workflow/profiles/slurm-test (squeue status,
+no account, partition debug)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from moebench.report import paths
+from moebench.report.summary import SUMMARY_SCHEMA
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "tests/slurm/local-cluster.sh"
+BIN = Path(sys.executable).parent
+
+
+def cluster_up() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    res = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, check=False)
+    return res.returncode == 0 and "idle" in res.stdout.split()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[None]:
+    """The one-node cluster; stopped afterwards only if this fixture started it."""
+    if os.geteuid() != 0:
+        pytest.skip("the one-node SLURM cluster needs root (apt-get, /etc/slurm, daemons)")
+    started = not cluster_up()
+    if started:
+        res = subprocess.run(
+            ["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=600, check=False
+        )
+        assert res.returncode == 0, res.stdout + res.stderr
+    yield
+    if started:
+        subprocess.run(["bash", str(CLUSTER), "stop"], check=False, timeout=60)
+
+
+def test_tiny_dag_runs_through_slurm(cluster: None, tmp_path: Path) -> None:
+    study = yaml.safe_load((REPO / "configs/test.yaml").read_text())
+    study |= {
+        "study": "slurm",
+        "seeds": [0],
+        "strategies": {"aux_free": study["strategies"]["aux_free"]},
+        "tracking": {"uri": None},
+    }
+    study_file = tmp_path / "slurm.yaml"
+    study_file.write_text(yaml.safe_dump(study))
+    workdir = tmp_path / "wd"
+    res = subprocess.run(
+        [
+            sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+            "--workflow-profile", str(REPO / "workflow/profiles/slurm-test"),
+            "--configfile", str(study_file), "--slurm-keep-successful-logs",
+        ],
+        capture_output=True, text=True, timeout=900, check=False,
+        env=os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    df = pd.read_parquet(paths.summary_file(workdir / "results"))
+    SUMMARY_SCHEMA.validate(df)
+    assert df[["study", "strategy", "seed"]].values.tolist() == [["slurm", "aux_free", 0]]
+    # The cluster ran the heavy rules (local rules stay on the submitting host).
+    slurm_logs = workdir / ".snakemake/slurm_logs"
+    ran = {p.name for p in slurm_logs.iterdir()}
+    assert {"rule_data", "rule_kernels", "rule_train", "rule_comm"} <= ran
+    assert not {"rule_resolve", "rule_aggregate", "rule_data_config"} & ran
