@@ -41,7 +41,11 @@ def cluster() -> Iterator[None]:
     started = not cluster_up()
     if started:
         res = subprocess.run(
-            ["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=600, check=False
+            ["bash", str(CLUSTER), "start"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
         )
         assert res.returncode == 0, res.stdout + res.stderr
     yield

@@ -39,18 +39,38 @@ MOEBENCH_KILL=write:<file name>:<n>  after the n-th atomic write of <file name> 
 MOEBENCH_KILL=step:<n>               when a training step starts with n steps done
 MOEBENCH_KILL_ONLY=<text>            only in a process whose arguments contain <text>
 MOEBENCH_KILL_ONCE=<file>            only if <file> is absent; it is created before the kill
+MOEBENCH_KILL_ACTION=self            SIGKILL this process (default)
+                    =snakemake       SIGKILL the Snakemake process that started this job first
+                    =scancel         `scancel $SLURM_JOB_ID`, then wait for SLURM to end us
 """
 import contextlib
 import os
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
+
+
+def _snakemake_ancestor():
+    pid = os.getppid()
+    while pid > 1:
+        if b"snakemake" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return pid
+        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    raise SystemExit("MOEBENCH_KILL_ACTION=snakemake outside Snakemake")
 
 
 def _die():
     once = os.environ.get("MOEBENCH_KILL_ONCE")
     if once:
         Path(once).touch()
+    action = os.environ.get("MOEBENCH_KILL_ACTION", "self")
+    if action == "snakemake":
+        os.kill(_snakemake_ancestor(), signal.SIGKILL)
+    elif action == "scancel":
+        subprocess.run(["scancel", os.environ["SLURM_JOB_ID"]], check=True)
+        time.sleep(600)  # SLURM ends the job step; never returns
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -99,13 +119,14 @@ TMP_NAME = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp$")
 def kill_hook_env(folder: Path, **kill: str) -> dict[str, str]:
     """Write the hook and a `moebench` wrapper that arms it into `folder`; return an
     environment whose PATH and PYTHONPATH reach them, plus the MOEBENCH_KILL* variables
-    `kill` names (spec=..., only=..., once=...)."""
+    `kill` names (spec=..., only=..., once=..., action=...)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "moebench_kill_hook.py").write_text(KILL_HOOK)
     wrapper = folder / "moebench"
     wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -c "{BOOT}" "$@"\n')
     wrapper.chmod(0o755)
-    names = {"spec": "MOEBENCH_KILL", "only": "MOEBENCH_KILL_ONLY", "once": "MOEBENCH_KILL_ONCE"}
+    names = {"spec": "MOEBENCH_KILL"} | {k: f"MOEBENCH_KILL_{k.upper()}"
+                                         for k in ("only", "once", "action")}
     env = {k: v for k, v in os.environ.items() if k not in names.values()}
     env["PATH"] = os.pathsep.join([str(folder), str(Path(sys.executable).parent), env["PATH"]])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(folder), env.get("PYTHONPATH")]))

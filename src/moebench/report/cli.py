@@ -100,7 +100,8 @@ def aggregate(
 def _log_parent(
     cfg: StudyConfig, results: Path, means: dict[str, float], files: list[Path]
 ) -> None:
-    """Log the study's means and tables to its MLflow parent run, if `mlflow-init` made one."""
+    """Log the study's means, tables and figures to its MLflow parent run (if `mlflow-init`
+    made one)."""
     from moebench.report.tracking import log_study
 
     parent_file = paths.parent_run_file(cfg.study, results)
@@ -108,8 +109,11 @@ def _log_parent(
         typer.echo(f"no MLflow parent run ({parent_file} missing): not logged", err=True)
         return
     assert cfg.tracking.uri is not None
-    tables = [p for p in files if p.suffix in (".md", ".csv")]
-    log_study(cfg.tracking.uri, parent_file.read_text().strip(), means, tables)
+    artifacts = [p for p in files if p.suffix in (".md", ".csv", ".png")]
+    try:
+        log_study(cfg.tracking.uri, parent_file.read_text().strip(), means, artifacts)
+    except Exception as err:  # MLflow only mirrors the files just written: warn, do not fail
+        typer.echo(f"warning: not logged to MLflow at {cfg.tracking.uri}: {err}", err=True)
 
 
 def where(
