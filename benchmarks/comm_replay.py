@@ -104,8 +104,8 @@ per token: {expected_groups_uniform(256, 8, 8):.4f} (E=256, 8 nodes, k=8),
 {expected_groups_uniform(2048, 256, 8):.4f} (E=2048, 256 nodes).
 
 Replay throughput, token-layer routings per second ({speed["tokens"]:.0f} tokens, V3
-topology, {args.threads} threads on {cores} visible cores, {platform.machine()}
-{platform.processor() or ""}, numpy {np.__version__}, best of {args.repeats}):
+topology, {args.threads} threads on {cores} visible cores, {platform.machine()}, numpy
+{np.__version__}, best of {args.repeats}):
 per-token path (`token_stats`) {speed["token_stats_routings_per_s"] / 1e6:.1f} M/s, full
 accounting with per-GPU matrices (`traffic`) {speed["traffic_routings_per_s"] / 1e6:.1f} M/s.
 

@@ -4,8 +4,8 @@ run by Snakemake while its jobs are killed, next to a clean run from scratch.
 - A training job killed by SIGKILL fails the job: Snakemake reports it and deletes the job's
   outputs (none of them stays visible); the other runs finish (--keep-going).
 - Snakemake itself killed (SIGKILL) during a training job leaves incomplete outputs; the next
-  run refuses to start until told what to do (`--unlock`, then `--rerun-incomplete`), which
-  reruns the job; it resumes from its last checkpoint.
+  run refuses to start, naming them, until `--rerun-incomplete`, which reruns the job; it
+  resumes from its last checkpoint.
 - The recovered study's tables, summary and run files equal the clean run's byte for byte
   (wall-clock fields aside): same seeds, same bytes, whatever happened on the way.
 - SLURM (marked `slurm`): a training job cancelled with `scancel` is reported and rerun by
@@ -83,7 +83,6 @@ class Recovery:
     killed: subprocess.CompletedProcess[str]
     visible_after_kill: set[str]
     refused: subprocess.CompletedProcess[str]
-    unlocked: subprocess.CompletedProcess[str]
     resumed: subprocess.CompletedProcess[str]
     victim_log: str
 
@@ -92,8 +91,7 @@ class Recovery:
 def recovered(tmp_path_factory: pytest.TempPathFactory) -> Recovery:
     """1. The victim's training job SIGKILLs itself at step 8 (--keep-going);
     2. on the rerun, it kills Snakemake and itself at step 8;
-    3. a plain rerun is refused (locked, incomplete); 4. `--unlock`;
-    5. `--rerun-incomplete` finishes the study."""
+    3. a plain rerun is refused (incomplete files); 4. `--rerun-incomplete` finishes."""
     workdir = tmp_path_factory.mktemp("recovered")
     victim = paths.run_dir(*VICTIM)
     only = "/".join(victim.parts[-2:])  # aux_free/seed~1: the victim's train command
@@ -111,11 +109,10 @@ def recovered(tmp_path_factory: pytest.TempPathFactory) -> Recovery:
 
     plain = kill_hook_env(hook)
     refused = snakemake(workdir, plain, "--cores", "2")
-    unlocked = snakemake(workdir, plain, "--unlock")
     resumed = snakemake(workdir, plain, "--cores", "2", "--rerun-incomplete")
     log = workdir / "work/logs/test/train/shakespeare/aux_free/seed~1.log"
     return Recovery(workdir, failed, victim_files, ckpt_after_failure, killed, visible,
-                    refused, unlocked, resumed, log.read_text())
+                    refused, resumed, log.read_text())
 
 
 def test_failed_job_is_reported_and_leaves_no_outputs(recovered: Recovery) -> None:
@@ -129,15 +126,16 @@ def test_failed_job_is_reported_and_leaves_no_outputs(recovered: Recovery) -> No
     assert all((r.workdir / f).is_file() for f in finished)  # --keep-going ran the others
 
 
-def test_killed_snakemake_needs_unlock_then_rerun_incomplete(recovered: Recovery) -> None:
+def test_killed_snakemake_is_recovered_by_rerun_incomplete(recovered: Recovery) -> None:
     r = recovered
     assert r.killed.returncode == -9
     victim = paths.run_dir(*VICTIM).as_posix().removeprefix("results/")
     assert {f"{victim}/{n}" for n in ("config.resolved.yaml", "metrics.jsonl")} <= (
         r.visible_after_kill)  # incomplete but every visible file is whole
     assert r.refused.returncode != 0
-    assert "--unlock" in r.refused.stderr
-    assert r.unlocked.returncode == 0
+    assert "seem to be incomplete" in r.refused.stderr
+    assert "--rerun-incomplete" in r.refused.stderr
+    assert f"{paths.run_dir(*VICTIM)}/metrics.jsonl" in r.refused.stderr
     ok(r.resumed, r.workdir)
     assert "resuming from step 6" in r.victim_log
     assert set(TRAIN_FILES) <= {p.name for p in (r.workdir / paths.run_dir(*VICTIM)).iterdir()}

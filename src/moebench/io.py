@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,6 +32,14 @@ def check_writable_dir(path: str | Path, name: str) -> None:
         raise ValueError(f"{name}={str(path)!r} cannot be created: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{name}={str(path)!r} is not writable (no permission on {existing})")
+
+
+def remove_temporaries(folder: str | Path, names: Iterable[str]) -> None:
+    """Delete the temporary files `atomic_path` left beside `folder/<name>` when a process was
+    killed before its rename (`.<name>.*.tmp`); call it before rewriting those files."""
+    for name in names:
+        for stale in Path(folder).glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -110,14 +110,18 @@ def expert_loss(scores_TE: Tensor, experts_TK: Tensor, seq_len: int | None = Non
     return _expert_term(scores_TE, experts_TK, seq_len, normalise=False)
 
 
-def switch_loss(scores_TE: Tensor, experts_TK: Tensor) -> Tensor:
+def switch_loss(scores_TE: Tensor, experts_TK: Tensor, counts_E: Tensor | None = None) -> Tensor:
     """Switch Transformer load-balancing loss without alpha ([Switch] eq. 4-6, code form).
 
     E * sum_i f_i P_i over the whole batch, with f_i = count_i / (K T) (the usual top-k
     generalisation of eq. 5, which is the top-1 fraction for K = 1) and P_i = mean router
     probability. Numerically this is `expert_loss` with seq_len=None (balancing.md §2). Equals 1
-    for a uniform router; GShard's paper form is 1/E^2 times smaller (see `gshard_loss`)."""
-    return expert_loss(scores_TE, experts_TK, seq_len=None)
+    for a uniform router; GShard's paper form is 1/E^2 times smaller (see `gshard_loss`).
+    `counts_E`: selection counts of the whole batch when these tokens are only part of it
+    (all-reduced over data-parallel ranks), as in `global_loss`; P stays local."""
+    if counts_E is None:
+        return expert_loss(scores_TE, experts_TK, seq_len=None)
+    return _counts_term(scores_TE, experts_TK, counts_E, normalise=False)
 
 
 def gshard_loss(
@@ -214,8 +218,16 @@ def global_loss(scores_TE: Tensor, experts_TK: Tensor, counts_E: Tensor | None =
     `experts_TK` (then this equals `seq_loss(scores_TE, experts_TK, None)`)."""
     if counts_E is None:
         return _expert_term(scores_TE, experts_TK, None, normalise=True)
+    return _counts_term(scores_TE, experts_TK, counts_E, normalise=True)
+
+
+def _counts_term(
+    scores_TE: Tensor, experts_TK: Tensor, counts_E: Tensor, *, normalise: bool
+) -> Tensor:
+    """sum_i f_i P_i with f_i = E * c_i / sum_j c_j from the given counts and P_i the mean over
+    these tokens of s, or of s' (eq. 19) when `normalise`."""
     _, E, _ = check_routing(scores_TE, experts_TK)
-    scores = _normalised(scores_TE)
+    scores = _normalised(scores_TE) if normalise else _real(scores_TE)
     counts = torch.as_tensor(counts_E, device=scores.device).detach().to(scores.dtype)
     if counts.shape != (E,):
         raise ValueError(f"counts_E has shape {tuple(counts.shape)}; allowed: ({E},)")

@@ -112,7 +112,8 @@ def replay_layers(
 
 def comm_summary(rows: list[dict[str, Any]], topo: Topology) -> dict[str, Any]:
     """comm.json: mean over layers of the per-layer figures (bytes and time per MoE layer),
-    "dedup" plain and "per_expert" with the suffix `_per_expert`, plus the topology used."""
+    "dedup" plain and "per_expert" with the suffix `_per_expert` (GPUs and nodes per token
+    do not depend on the dispatcher: no suffixed copy), plus the topology used."""
     out: dict[str, Any] = {
         "num_nodes": topo.num_nodes,
         "gpus_per_node": topo.gpus_per_node,
@@ -128,7 +129,7 @@ def comm_summary(rows: list[dict[str, Any]], topo: Topology) -> dict[str, Any]:
     for name in DISPATCHERS:
         suffix = "" if name == "dedup" else f"_{name}"
         mine = [r for r in rows if r["dispatcher"] == name]
-        for key in SUMMARY_KEYS:
+        for key in SUMMARY_KEYS if name == "dedup" else SUMMARY_KEYS[2:]:  # GPUs/nodes: once
             out[key + suffix] = float(np.mean([r[key] for r in mine]))
     out["tokens"] = rows[0]["tokens"]
     return out

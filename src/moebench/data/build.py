@@ -41,7 +41,13 @@ from moebench.data.tokenizer import (
     token_dtype,
     train_bpe,
 )
-from moebench.io import atomic_open, check_writable_dir, write_json, write_text
+from moebench.io import (
+    atomic_open,
+    check_writable_dir,
+    remove_temporaries,
+    write_json,
+    write_text,
+)
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -186,9 +192,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path, seed: int) -> dict[str, Any]:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
-    for name in (TOKENIZER_FILE, *map(bin_file, SPLITS)):
-        for stale in out.glob(f".{name}.*.tmp"):  # left by a killed run
-            stale.unlink()
+    remove_temporaries(out, (TOKENIZER_FILE, MANIFEST, *map(bin_file, SPLITS)))
     dtype = token_dtype(cfg.vocab_size)
     assert all(s.tokens.dtype == dtype for s in splits.values())
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from moebench.config import RunConfig
-from moebench.io import atomic_path
+from moebench.io import atomic_path, remove_temporaries
 
 CKPT_NAME = "last.pt"
 
@@ -34,6 +34,7 @@ def identity(cfg: RunConfig) -> dict[str, Any]:
 def save_checkpoint(ckpt_dir: Path, state: dict[str, Any]) -> Path:
     """Write `state` to ckpt_dir/last.pt atomically; returns the path."""
     path = Path(ckpt_dir) / CKPT_NAME
+    remove_temporaries(ckpt_dir, [CKPT_NAME])  # a checkpoint write cut short by a kill
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     return path

@@ -51,7 +51,13 @@ import torch
 from moebench.balancing import BiasController
 from moebench.config import RunConfig
 from moebench.data import TokenStream
-from moebench.io import check_writable_dir, write_json, write_text, write_yaml
+from moebench.io import (
+    check_writable_dir,
+    remove_temporaries,
+    write_json,
+    write_text,
+    write_yaml,
+)
 from moebench.metrics import max_vio, max_vio_layers
 from moebench.model import MoETransformer, NonFiniteRouterError
 from moebench.train.checkpoint import (
@@ -66,6 +72,8 @@ from moebench.train.trace import write_trace
 TIMING_KEYS = ("elapsed_s", "mfu", "tokens_per_s")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12}
 MLFLOW_ARTIFACTS = ("config.resolved.yaml", "summary.json", "metrics.jsonl", "timing.jsonl")
+RUN_FILES = (*MLFLOW_ARTIFACTS, "routing_trace.parquet")
+"""Every file of a run directory."""
 
 
 class TrainingDivergedError(RuntimeError):
@@ -167,7 +175,8 @@ def prepare(cfg: RunConfig, out: Path, ckpt_dir: Path | None = None) -> Run:
     check_writable_dir(out, "--out")
     check_writable_dir(ckpt_dir, "--ckpt-dir")
     device = resolve_device(cfg)
-    streams = [TokenStream(cfg.data_dir, split, vocab_size=cfg.data.vocab_size, config=cfg.data)
+    streams = [TokenStream(cfg.data_dir, split, vocab_size=cfg.data.vocab_size, config=cfg.data,
+                           verify=True)  # SHA-256: a damaged file is refused, not trained on
                for split in ("train", "val")]
     for stream in streams:
         if len(stream) < cfg.train.seq_len + 1:
@@ -449,6 +458,7 @@ class Trainer:
             tracker = Tracker(cfg, self.mlflow_run_id)
             self.mlflow_run_id = tracker.run_id
         self.out.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(self.out, RUN_FILES)  # writes cut short by a kill of an earlier attempt
         write_yaml(self.out / "config.resolved.yaml", cfg.model_dump(mode="json"))
         self._rewrite_logs()
         try:
