@@ -22,16 +22,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
 
 from moebench.cli import app
-from moebench.config import DataConfig
+from moebench.config import DataConfig, RunConfig
 from moebench.data import prepare as prepare_data
 from moebench.model import MoELayer
 from moebench.train.checkpoint import CKPT_NAME
+from moebench.train.trace import write_trace
 
 DATA = DataConfig(source="synthetic", vocab_size=300, synthetic_docs=40, synthetic_doc_tokens=128)
 """Tiny synthetic corpus: 4644 train and 516 validation tokens."""
@@ -60,13 +63,27 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def trace(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """A valid routing trace of RUN's shape (1 MoE layer, 64 tokens, top-4), as `moebench
+    train` writes it; the routing itself is random (the comm stage only counts it)."""
+    cfg = RunConfig.model_validate(RUN | {"data_dir": str(data_dir)})
+    gen = torch.Generator().manual_seed(0)
+    experts_LTK = torch.stack([torch.randperm(16, generator=gen)[:4] for _ in range(64)])[None]
+    path = tmp_path_factory.mktemp("reliability_trace") / "routing_trace.parquet"
+    write_trace(path, experts_LTK, torch.full(experts_LTK.shape, 0.25), cfg, seq_len=32)
+    return path
+
+
 @dataclass
 class Ctx:
     """What a case builds its command from: a scratch folder (the working directory) holding
-    run.yaml (a valid run config on `data`), the prepared data and the output paths."""
+    run.yaml (a valid run config on `data`), the prepared data, a routing trace and the
+    output paths."""
 
     root: Path
     data: Path
+    trace: Path
 
     @property
     def config(self) -> Path:
@@ -93,6 +110,32 @@ class Ctx:
         if content is not None:
             path.write_bytes(content)
         return self.data_cmd(*sets("data.source=file", f"data.path={path}"))
+
+    def comm(self, *args: str, trace: Path | None = None) -> list[str]:
+        return ["comm", "--trace", str(trace or self.trace), "--out", str(self.out), *args]
+
+    def replay(self, *args: str) -> list[str]:
+        """`moebench comm-replay` on a small topology (2 nodes x 2 GPUs, 16 experts)."""
+        return ["comm-replay", "--out", str(self.out / "replay.parquet"), "--nodes", "2",
+                "--gpus-per-node", "2", "--experts", "16", "--top-k", "2", "--group-limit", "1",
+                "--tokens-per-gpu", "16", "--bias-steps", "1", *args]
+
+    def damaged_trace(self, damage: Callable[[pa.Table], pa.Table | bytes]) -> Path:
+        """A copy of the trace rewritten by `damage` (a table, or raw bytes)."""
+        damaged = damage(pq.read_table(self.trace))
+        path = self.root / "trace.parquet"
+        if isinstance(damaged, bytes):
+            return _write(path, damaged)
+        pq.write_table(damaged, path)
+        return path
+
+    def run_dir(self, files: dict[str, bytes]) -> Path:
+        """results/runs/rel/syn/aux_free/seed~0 holding `files` (name -> content)."""
+        run = self.root / "results" / "runs" / "rel" / "syn" / "aux_free" / "seed~0"
+        run.mkdir(parents=True)
+        for name, content in files.items():
+            _write(run / name, content)
+        return run
 
     def damaged_data(self, damage: Callable[[Path], None]) -> str:
         """A copy of the prepared data with `damage` applied; returns `--set data_dir=...`."""
@@ -129,16 +172,17 @@ def _truncate(damaged: Path) -> None:
     path.write_bytes(path.read_bytes()[:999])
 
 
-def _set_token(damaged: Path, index: int, value: int) -> None:
-    tokens = np.fromfile(damaged / "train.bin", dtype="<u2")
-    tokens[index] = value
-    tokens.tofile(damaged / "train.bin")
-
-
 def _broken_checkpoint(ckpt_dir: Path) -> Path:
     """A last.pt cut short (as a disk-full or a copy gone wrong leaves it)."""
     ckpt_dir.mkdir()
     return _write(ckpt_dir / CKPT_NAME, b"PK\x03\x04 half a checkpoint")
+
+
+def _flip_token(damaged: Path) -> None:
+    """One token id changed to another valid id: same size, ids in range, other bytes."""
+    tokens = np.fromfile(damaged / "train.bin", dtype="<u2")
+    tokens[5] = 7 if tokens[5] != 7 else 8
+    tokens.tofile(damaged / "train.bin")
 
 
 def _free_port() -> int:
@@ -271,9 +315,8 @@ CASES = [
          ("token file", "train.bin is missing", "rerun `moebench data`")),
     Case("token_file_truncated", lambda c: c.train(*sets(c.damaged_data(_truncate))),
          ("train.bin has 999 bytes", "n_tokens=4644 x 2 = 9288", "truncated or corrupt")),
-    Case("token_file_corrupt", lambda c: c.train(
-        *sets(c.damaged_data(lambda d: _set_token(d, 5, 60000)))),
-         ("train.bin holds token id 60000", "vocab_size=300", "corrupt")),
+    Case("token_file_bit_flip", lambda c: c.train(*sets(c.damaged_data(_flip_token))),
+         ("token file", "train.bin: sha256 differs from the manifest", "rerun `moebench data`")),
     Case("vocab_differs_from_data", lambda c: c.train(*sets("data.vocab_size=512")),
          ("vocab_size=512", "vocab_size=300 of the data", "data.vocab_size=512")),
     Case("data_prepared_with_other_config", lambda c: c.train(*sets("data.synthetic_skew=2.0")),
@@ -313,6 +356,41 @@ CASES = [
     Case("data_out_under_a_file", lambda c: ["data", "--out", str(_write(c.root / "f", b"") / "d"),
                                              *sets("data.source=synthetic")],
          ("out_dir=", "cannot be created", "is not a directory")),
+    # --- moebench comm / comm-replay -------------------------------------------------------
+    Case("trace_missing", lambda c: c.comm(trace=c.root / "routing_trace.parquet"),
+         ("trace=", "routing_trace.parquet does not exist", "allowed: a routing_trace.parquet")),
+    Case("trace_truncated", lambda c: c.comm(
+        trace=c.damaged_trace(lambda t: c.trace.read_bytes()[:500])),
+         ("trace=", "is not a readable Parquet file", "rerun `moebench train`")),
+    Case("trace_without_metadata", lambda c: c.comm(
+        trace=c.damaged_trace(lambda t: t.replace_schema_metadata({}))),
+         ("trace=", "has no schema metadata key b'moebench'",)),
+    Case("trace_with_a_hole", lambda c: c.comm(trace=c.damaged_trace(lambda t: t.slice(1))),
+         ("trace=", "exactly once", "L=1, T=64, K=4")),
+    Case("comm_nodes_not_dividing_experts", lambda c: c.comm("--nodes", "3"),
+         ("num_experts=16", "3 x 2 = 6 devices", "allowed: num_experts a multiple of 6")),
+    Case("comm_negative_bandwidth", lambda c: c.comm("--ib-gbps", "-50"),
+         ("ib_gbps=-50.0", "allowed: a finite number > 0")),
+    Case("comm_out_under_a_file", lambda c: [
+        "comm", "--trace", str(c.trace), "--out", str(_write(c.root / "f", b"") / "run")],
+         ("--out=", "cannot be created", "is not a directory")),
+    Case("replay_unknown_strategy", lambda c: c.replay("--strategies", "uniform,aux_free"),
+         ("strategies=['aux_free']", "allowed: uniform, unrestricted, device_limited")),
+    Case("replay_top_k_above_experts", lambda c: c.replay("--top-k", "20"),
+         ("top_k=20", "allowed: 1..16")),
+    Case("replay_group_limit_above_groups", lambda c: c.replay("--group-limit", "5"),
+         ("group_limit=5", "allowed: 1..")),
+    Case("replay_nan_skew", lambda c: c.replay("--skew", "nan"),
+         ("skew=nan", "allowed: a finite number >= 0")),
+    # --- moebench aggregate -------------------------------------------------------------------
+    Case("aggregate_without_runs", lambda c: ["aggregate", "--results", str(c.root / "results")],
+         ("no complete run directories", "summary.json + comm.json")),
+    Case("aggregate_corrupt_summary", lambda c: ["aggregate", "--results", str(
+        c.run_dir({"summary.json": b'{"study": "rel"', "comm.json": b"{}"}).parents[4])],
+         ("cannot read", "seed~0/summary.json", "Expecting ',' delimiter")),
+    Case("aggregate_unknown_study_file", lambda c: [
+        "aggregate", "--results", str(c.root / "results"), "--study", str(c.root / "s.yaml")],
+         ("study file", "s.yaml does not exist")),
     # --- moebench resolve (a study's grid point) ------------------------------------------
     Case("unknown_strategy", lambda c: c.resolve("--strategy", "aux_free", "--seed", "0"),
          ("strategy='aux_free' is not in the study", "allowed: ['aux_loss', 'none']")),
@@ -340,9 +418,9 @@ def snapshot(root: Path) -> set[str]:
 
 
 @pytest.fixture
-def ctx(tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Ctx:
+def ctx(tmp_path: Path, data_dir: Path, trace: Path, monkeypatch: pytest.MonkeyPatch) -> Ctx:
     monkeypatch.chdir(tmp_path)  # relative defaults (work/ckpt, results/) land here
-    c = Ctx(tmp_path, data_dir)
+    c = Ctx(tmp_path, data_dir, trace)
     c.config.write_text(yaml.safe_dump(RUN | {"data_dir": str(data_dir)}))
     return c
 

@@ -261,6 +261,7 @@ def test_kill_during_training_then_resume_gives_identical_outputs(
     assert result.exit_code == 0, result.output
     assert f"resuming from step {resumed_from}" in result.stderr
     same_files(out, reference / "trained", wall_clock=WALL_CLOCK)
+    assert [p.name for p in ckpt.iterdir()] == [CKPT_NAME]  # the cut-short write is cleaned
     assert torch.load(ckpt / CKPT_NAME, weights_only=True)["step"] == 8
 
 

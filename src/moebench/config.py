@@ -330,7 +330,8 @@ def describe_errors(err: ValidationError, model: type[BaseModel]) -> list[str]:
         value = e.get("input")
         shown = "" if not loc or isinstance(value, dict) else f" (got {value!r})"
         hint = _unknown_key_hint(model, e["loc"]) if e["type"] == "extra_forbidden" else ""
-        out.append(f"{loc}: {msg}{shown}{hint}" if loc else msg)
+        named = not loc or msg.startswith(loc)  # a validator's message names field and value
+        out.append(msg if named else f"{loc}: {msg}{shown}{hint}")
     return out
 
 

@@ -17,7 +17,7 @@ from moebench.comm.replay import (
     replay_synthetic,
 )
 from moebench.comm.topology import Topology
-from moebench.io import write_json, write_parquet, write_text
+from moebench.io import check_writable_dir, write_json, write_parquet, write_text
 
 Nodes = Annotated[int | None, typer.Option(help="nodes (default: the trace's num_nodes)")]
 Gpus = Annotated[int | None, typer.Option(help="GPUs per node (default: the trace's)")]
@@ -60,6 +60,7 @@ def comm(
     """Account a routing trace on a topology: per layer and dispatcher, GPUs and nodes per
     token, NVLink / IB bytes, busiest GPU and modeled all-to-all time."""
     try:
+        check_writable_dir(out, "--out")
         tr = read_trace(trace)
         meta = tr.meta
         topo = Topology.build(
@@ -131,6 +132,7 @@ def comm_replay(
     """Replay synthetic routing strategies (uniform, unrestricted, device- and node-limited)
     onto a topology and write one row per (strategy, dispatcher)."""
     try:
+        check_writable_dir(out.parent, "--out")
         topo = Topology.build(
             experts,
             nodes,

@@ -19,11 +19,13 @@ Legend: L layers, T tokens, K experts per token, E experts.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -67,7 +69,13 @@ def read_trace(path: str | Path) -> Trace:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"trace={path} does not exist; allowed: a routing_trace.parquet file")
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as err:
+        raise ValueError(
+            f"trace={path} is not a readable Parquet file ({err}); rerun `moebench train` "
+            "for this run"
+        ) from None
     raw = (table.schema.metadata or {}).get(TRACE_META_KEY)
     if raw is None:
         raise ValueError(f"trace={path} has no schema metadata key {TRACE_META_KEY!r}")
@@ -237,6 +245,15 @@ def replay_synthetic(
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise ValueError(f"strategies={unknown} are invalid; allowed: {', '.join(STRATEGIES)}")
+    E = topo.layout.num_experts
+    for name, value, ok, allowed in (
+        ("top_k", top_k, 1 <= top_k <= E, f"1..{E} (the experts)"),
+        ("tokens_per_gpu", tokens_per_gpu, tokens_per_gpu >= 1, "an integer >= 1"),
+        ("skew", skew, math.isfinite(skew) and skew >= 0, "a finite number >= 0"),
+        ("bias_steps", bias_steps, bias_steps >= 0, "an integer >= 0"),
+    ):
+        if not ok:
+            raise ValueError(f"{name}={value} is invalid; allowed: {allowed}")
     layout = topo.layout
     T = topo.num_devices * tokens_per_gpu
     popularity_E = expert_popularity(layout.num_experts, skew, seed)

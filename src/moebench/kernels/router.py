@@ -8,24 +8,38 @@ Semantics are exactly `moebench.routing.route` (routing.md §7):
     groups ranked by max / top-2 sum / top-(K//M) sum of key; keep M; others -inf
     sel    = top-K of key;  w = route_scale * s[sel] (/ sum s[sel] if normalize)
 
-How the selection stays cheap (the peers.md anchor: one argmax per round per row is
-arithmetic bound at 6x the HBM floor): each program holds a tile of BLOCK_T rows x E experts
-in registers and finds the K-th largest key by K rounds of one row-wise max each
-("largest key below the previous maximum"), with no argmax and no index bookkeeping. The
-selected set is then `key >= threshold`, and a cumulative sum over the row places each
-selected expert in its output slot. Only if some row of the tile holds an exact tie at the
-threshold (the count of `key >= threshold` exceeds K) does the tile take the exact path:
-rounds that also count multiplicities, then the lowest indices among the tied keys win.
+How the selection stays cheap (the instruction count per logit, not the bytes, bounded the
+first version: results/benchmarks/NOTES.md):
+- Tile layout. A program holds W x R rows; one row is spread over LPR = GP x L lanes of one
+  warp, so every thread holds CI x V experts of one group of one row (the tile axes are
+  [CI, W, GP, L, R, V]; V contiguous experts are one vector load). Group reductions are then
+  mostly inside a thread and row reductions need log2(LPR) shuffles; no reduction crosses
+  warps.
+- Group score: the top-2 sum (with multiplicity) is one tuple reduction (running max and
+  second max); M rounds of a max over the GP group scores keep the M best groups.
+- Top-K by packed keys. Each key becomes an order-preserving int32 (float bits, negatives
+  flipped) whose low IB = ceil(log2 E) bits are replaced by (2^IB - 1 - expert id), so one
+  integer max gives the largest key and, among keys equal in the remaining bits, the lower
+  id. Round r+1 takes the largest packed key below round r's: with p the previous maximum,
+  min over unsigned (p - 1 - packed) is one subtract and one min per element. K + 1 rounds
+  give the K selected experts in descending key order, and the (K+1)-th bounds the set.
+- Exactness. Truncating IB bits can only misorder keys that agree in their top 32 - IB bits.
+  If any two consecutive of the K + 1 packed maxima agree there, the tile recomputes its
+  keys from the logits and takes the exact path: K rounds of a float max, the lowest id
+  among the equal keys, and that expert removed. Measured on V3-like logits, 0.4 % of rows.
+- Gates: each of the first K lanes of a row owns one slot: it loads the logit of its expert
+  again (an L1 hit), recomputes s, normalizes over the K lanes and stores id and gate.
 
 Conventions (identical to the reference):
 - Ties: the lower expert index wins, both for groups and for experts.
-- Output order: the K experts of a token come in ascending expert id (the reference orders
-  by descending key; the contract compares them as sets, weights stay aligned).
+- Output order: the K experts of a token come in descending key order, ties by ascending id
+  (the reference's order).
 - Normalization has no epsilon; the sum is clamped to the smallest normal float32.
 - The load histogram counts every selected (token, expert) pair (int64 [E]).
 
 Legend: T tokens, E routed experts, K experts per token, G groups, EG experts per group,
-GP / EGP / EP: G, EG, E padded to powers of two (Triton tile sizes).
+GP / EGP: G, EG padded to powers of two; tile axes CI (vectors per thread), W (warps),
+L (lanes per group), R (rows per warp), V (vector width); LPR = GP * L lanes per row.
 """
 
 from __future__ import annotations
@@ -39,44 +53,155 @@ import triton.language as tl
 from moebench.routing import RouterConfig
 
 MAX_EXPERTS = 1024
+MAX_TOP_K = 32  # one slot per lane of a row
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TINY = tl.constexpr(1.1754943508222875e-38)  # smallest normal float32: the gate sum clamp
+TUPLE_TOP2 = False  # also use the GPU's tuple top-2 reduction in the interpreter (tests)
 
 
 @triton.jit
-def _row_max(x):
-    """Max over the last two axes of a [BT, GP, EGP] tile -> [BT]."""
-    return tl.max(tl.max(x, axis=2), axis=1)
+def _gmax(x):
+    """Max over each group of a [CI, W, GP, L, R, V] tile -> [1, W, GP, 1, R, 1]."""
+    x = tl.max(tl.max(x, axis=5, keep_dims=True), axis=0, keep_dims=True)
+    return tl.max(x, axis=3, keep_dims=True)
 
 
 @triton.jit
-def _row_count(mask):
-    """Number of true entries over the last two axes of a [BT, GP, EGP] tile -> int32 [BT]."""
-    return tl.sum(tl.sum(mask.to(tl.int32), axis=2), axis=1)
+def _gsum(x):
+    """Sum over each group of a [CI, W, GP, L, R, V] tile -> [1, W, GP, 1, R, 1]."""
+    x = tl.sum(tl.sum(x, axis=5, keep_dims=True), axis=0, keep_dims=True)
+    return tl.sum(x, axis=3, keep_dims=True)
 
 
 @triton.jit
-def _row_cumsum(x):
-    """Inclusive cumulative sum of an int32 [BT, GP, EGP] tile in flattened (expert id) order."""
-    inner = tl.cumsum(x, axis=2)
-    per_group = tl.sum(x, axis=2)
-    before = tl.cumsum(per_group, axis=1) - per_group
-    return inner + before[:, :, None]
+def _rmax(x):
+    """Max over each row of a [CI, W, GP, L, R, V] tile -> [1, W, 1, 1, R, 1]."""
+    return tl.max(_gmax(x), axis=2, keep_dims=True)
+
+
+@triton.jit
+def _rmin(x):
+    """Min over each row of a [CI, W, GP, L, R, V] tile -> [1, W, 1, 1, R, 1]."""
+    x = tl.min(tl.min(x, axis=5, keep_dims=True), axis=0, keep_dims=True)
+    return tl.min(tl.min(x, axis=3, keep_dims=True), axis=2, keep_dims=True)
+
+
+@triton.jit
+def _packed_max(packed, keep):
+    """Largest int32 of each row over the kept groups (`keep` [1, W, GP | 1, 1, R, 1]):
+    a thread holds one group, so the mask applies to its partial maximum, not to every key."""
+    x = tl.max(tl.max(packed, axis=5, keep_dims=True), axis=0, keep_dims=True)
+    x = tl.where(keep, x, -2147483648)
+    return tl.max(tl.max(x, axis=3, keep_dims=True), axis=2, keep_dims=True)
+
+
+@triton.jit
+def _packed_below(packed, p, keep):
+    """Largest packed key below p of each row, over the kept groups: p - 1 - min over the
+    unsigned differences p - 1 - packed (keys at or above p wrap to large values)."""
+    below = ((p - 1) - packed).to(tl.uint32, bitcast=True)
+    x = tl.min(tl.min(below, axis=5, keep_dims=True), axis=0, keep_dims=True)
+    x = tl.where(keep, x, 0xFFFFFFFF)
+    d = tl.min(tl.min(x, axis=3, keep_dims=True), axis=2, keep_dims=True)
+    return (p - 1) - d.to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _top2_combine(a1, a2, b1, b2):
+    """Merge two (largest, second largest) pairs, ties kept with multiplicity."""
+    return tl.maximum(a1, b1), tl.maximum(tl.minimum(a1, b1), tl.maximum(a2, b2))
+
+
+@triton.jit
+def _group_top2_sum(key, TUPLE: tl.constexpr):
+    """Sum of the 2 largest keys of each group (with multiplicity) -> [1, W, GP, 1, R, 1].
+
+    TUPLE: one reduction of (max, second max) pairs (3 instructions per key on the GPU);
+    else max, count of the max and max below it (three reductions; the interpreter runs
+    a tuple reduction element by element, far too slowly for the tests)."""
+    if TUPLE:
+        t1, t2 = tl.reduce(
+            (key, tl.full(key.shape, float("-inf"), tl.float32)), 5, _top2_combine, keep_dims=True
+        )
+        t1, t2 = tl.reduce((t1, t2), 0, _top2_combine, keep_dims=True)
+        t1, t2 = tl.reduce((t1, t2), 3, _top2_combine, keep_dims=True)
+    else:
+        t1 = _gmax(key)
+        below = _gmax(tl.where(key < t1, key, float("-inf")))
+        t2 = tl.where(_gsum((key == t1).to(tl.int32)) > 1, t1, below)
+    return t1 + t2
 
 
 @triton.jit
 def _group_topq_sum(key, Q: tl.constexpr):
-    """Sum of the Q largest keys of each group, ties counted with multiplicity -> [BT, GP]."""
-    prev = tl.full([key.shape[0], key.shape[1]], float("inf"), tl.float32)
-    taken = tl.zeros([key.shape[0], key.shape[1]], tl.int32)
-    total = tl.zeros([key.shape[0], key.shape[1]], tl.float32)
+    """Sum of the Q largest keys of each group, ties counted with multiplicity."""
+    prev = tl.full([1, key.shape[1], key.shape[2], 1, key.shape[4], 1], float("inf"), tl.float32)
+    taken = tl.zeros(prev.shape, tl.int32)
+    total = tl.zeros(prev.shape, tl.float32)
     for _ in tl.static_range(Q):
-        m = tl.max(tl.where(key < prev[:, :, None], key, float("-inf")), axis=2)
-        count = tl.sum((key == m[:, :, None]).to(tl.int32), axis=2)
-        take = tl.minimum(count, Q - taken)
+        m = _gmax(tl.where(key < prev, key, float("-inf")))
+        take = tl.minimum(_gsum((key == m).to(tl.int32)), Q - taken)
         total += tl.where(take > 0, m, 0.0) * take.to(tl.float32)
         taken += take
         prev = m
     return total
+
+
+@triton.jit
+def _exp2(x, FAST: tl.constexpr):
+    """2^x; FAST: one MUFU.EX2 with subnormal results flushed to zero (GPU only), instead
+    of the subnormal-safe sequence of four instructions."""
+    if FAST:
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    return tl.exp2(x)
+
+
+@triton.jit
+def _rcp(x, FAST: tl.constexpr):
+    """1 / x; FAST: one MUFU.RCP (1 ulp, subnormals flushed; GPU only)."""
+    if FAST:
+        return tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    return 1.0 / x
+
+
+@triton.jit
+def _sigmoid(z, FAST: tl.constexpr):
+    return _rcp(1.0 + _exp2(z * -1.4426950408889634, FAST), FAST)
+
+
+@triton.jit
+def _scores_keys(z, bias, rmask, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BIAS_MUL: tl.constexpr, FAST: tl.constexpr):  # fmt: skip
+    """Scores s, selection keys, the softmax row max and reciprocal denominator (sigmoid:
+    0 and 1)."""
+    if SOFTMAX:
+        zmax = tl.where(rmask, _rmax(z), 0.0)
+        ex = _exp2((z - zmax) * 1.4426950408889634, FAST)
+        rden = _rcp(tl.where(rmask, tl.sum(_gsum(ex), axis=2, keep_dims=True), 1.0), FAST)
+        s = ex * rden
+    else:
+        zmax = tl.zeros(rmask.shape, tl.float32)
+        rden = zmax + 1.0
+        s = _sigmoid(z, FAST)
+    key = s
+    if HAS_BIAS:
+        # + 0.0 turns the product -0.0 (s = 0, b < 0) into +0.0, which the packed keys
+        # would otherwise rank below +0.0
+        key = s * bias + 0.0 if BIAS_MUL else s + bias
+    return key, zmax, rden
+
+
+@triton.jit
+def _load_tile(ptrs, rmask, valid, FULL: tl.constexpr):
+    """float32 logits of a tile; padding -inf. Full tiles skip the fill value (rows past T
+    hold garbage that is masked out everywhere), saving one move per logit."""
+    if FULL:
+        return tl.load(ptrs, mask=rmask).to(tl.float32)
+    return tl.load(ptrs, mask=rmask & valid, other=float("-inf")).to(tl.float32)
 
 
 @triton.jit
@@ -94,7 +219,12 @@ def _router_fwd_kernel(
     G: tl.constexpr,
     EG: tl.constexpr,
     GP: tl.constexpr,
-    EGP: tl.constexpr,
+    CI: tl.constexpr,
+    W: tl.constexpr,
+    L: tl.constexpr,
+    R: tl.constexpr,
+    V: tl.constexpr,
+    IB: tl.constexpr,
     M: tl.constexpr,
     Q: tl.constexpr,
     SOFTMAX: tl.constexpr,
@@ -102,88 +232,115 @@ def _router_fwd_kernel(
     BIAS_MUL: tl.constexpr,
     GROUP_LIMITED: tl.constexpr,
     NORMALIZE: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    FULL: tl.constexpr,
+    NEXT: tl.constexpr,
+    ATOMIC_LOAD: tl.constexpr,
+    TUPLE_TOP2: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    g = tl.arange(0, GP)
-    j = tl.arange(0, EGP)
-    col_GE = g[:, None] * EG + j[None, :]  # expert id of every tile position
-    valid_GE = (g[:, None] < G) & (j[None, :] < EG)
+    ci = tl.arange(0, CI)[:, None, None, None, None, None]
+    g = tl.arange(0, GP)[None, None, :, None, None, None]
+    ln = tl.arange(0, L)[None, None, None, :, None, None]
+    v = tl.arange(0, V)[None, None, None, None, None, :]
+    inner = ci * (L * V) + ln * V + v
+    col = g * EG + inner  # expert id of every tile position, [CI, 1, GP, L, 1, V]
+    valid = (g < G) & (inner < EG)
+    low = (1 << IB) - 1 - col  # the packed key's low bits: the lower id ranks higher
+    slot = g * L + ln  # the output slot a lane owns, [1, 1, GP, L, 1, 1]
+    rowoff = (
+        tl.arange(0, W)[None, :, None, None, None, None] * R
+        + tl.arange(0, R)[None, None, None, None, :, None]
+    )
+    bias = tl.zeros([CI, 1, GP, L, 1, V], tl.float32)
     if HAS_BIAS:
-        bias_GE = tl.load(bias_ptr + col_GE, mask=valid_GE, other=0.0).to(tl.float32)
-    hist = tl.zeros([BLOCK_T, GP, EGP], tl.int32)  # summed over rows once, after the loop
-    gidx = tl.zeros([BLOCK_T, GP], tl.int32) + g[None, :]
-    rt = tl.arange(0, BLOCK_T)
+        bias = tl.load(bias_ptr + col, mask=valid, other=0.0)
+    if not ATOMIC_LOAD:
+        hist = tl.zeros([CI, W, GP, L, R, V], tl.int32)  # summed over rows after the loop
     for tile in range(pid, num_tiles, nprog):
-        rows = tile * BLOCK_T + rt
+        rows = tile * (W * R) + rowoff  # [1, W, 1, 1, R, 1]
         rmask = rows < T
-        m3 = rmask[:, None, None] & valid_GE[None, :, :]
-        z = tl.load(
-            logits_ptr + rows.to(tl.int64)[:, None, None] * E + col_GE[None, :, :],
-            mask=m3,
-            other=float("-inf"),
-        ).to(tl.float32)
-        if SOFTMAX:
-            zmax = tl.where(rmask, _row_max(z), 0.0)
-            ex = tl.exp(z - zmax[:, None, None])
-            den = tl.sum(tl.sum(ex, axis=2), axis=1)
-            den = tl.where(rmask, den, 1.0)
-            s = ex / den[:, None, None]
-        else:
-            s = 1.0 / (1.0 + tl.exp(-z))
-        key = s
-        if HAS_BIAS:
-            key = s * bias_GE[None, :, :] if BIAS_MUL else s + bias_GE[None, :, :]
-        key = tl.where(m3, key, float("-inf"))
-
+        base = logits_ptr + rows.to(tl.int64) * E
+        z = _load_tile(base + col, rmask, valid, FULL)
+        key, zmax, rden = _scores_keys(z, bias, rmask, SOFTMAX, HAS_BIAS, BIAS_MUL, FAST)
+        if not FULL:
+            key = tl.where(valid, key, float("-inf"))
+        usable = valid
+        keep = rmask | True  # [1, W, 1, 1, R, 1] all True: every group kept
         if GROUP_LIMITED:
-            # Group score, then the M best groups (lower index wins ties); others -> -inf.
-            gscore = tl.max(key, axis=2) if Q == 1 else _group_topq_sum(key, Q)
-            gscore = tl.where(gidx < G, gscore, float("-inf"))
-            keep = gidx < 0
+            if Q == 1:
+                gscore = _gmax(key)
+            elif Q == 2:
+                gscore = _group_top2_sum(key, TUPLE_TOP2)
+            else:
+                gscore = _group_topq_sum(key, Q)
+            gscore = tl.where(g < G, gscore, float("-inf"))
+            keep = gscore != gscore  # [1, W, GP, 1, R, 1] all False
             for _ in tl.static_range(M):
-                best = tl.max(gscore, axis=1)
-                first = tl.min(tl.where(gscore == best[:, None], gidx, GP), axis=1)
-                hit = gidx == first[:, None]
+                best = tl.max(gscore, axis=2, keep_dims=True)
+                first = tl.min(tl.where(gscore == best, g, GP), axis=2, keep_dims=True)
+                hit = g == first
                 keep = keep | hit
                 gscore = tl.where(hit, float("-inf"), gscore)
-            key = tl.where(keep[:, :, None], key, float("-inf"))
+            usable = valid & keep
 
-        # Fast path: the K-th largest distinct key, one row-wise max per round.
-        thr = tl.full([BLOCK_T], float("inf"), tl.float32)
-        for _ in tl.static_range(K):
-            thr = _row_max(tl.where(key < thr[:, None, None], key, float("-inf")))
-        sel = (key >= thr[:, None, None]) & m3
-        n_sel = tl.where(rmask, _row_count(sel), K)
-        if tl.max(n_sel, axis=0) > K:
-            # Exact path (an exact tie straddles the threshold in some row of the tile).
-            prev = tl.full([BLOCK_T], float("inf"), tl.float32)
-            taken = tl.zeros([BLOCK_T], tl.int32)
-            thr = tl.full([BLOCK_T], float("-inf"), tl.float32)
-            for _ in tl.static_range(K):
-                m = _row_max(tl.where(key < prev[:, None, None], key, float("-inf")))
-                thr = tl.where(taken < K, m, thr)
-                taken += _row_count(key == m[:, None, None])
-                prev = m
-            above = (key > thr[:, None, None]) & m3
-            tied = (key == thr[:, None, None]) & m3
-            need = K - _row_count(above)
-            rank = _row_cumsum(tied.to(tl.int32))  # 1-based among the tied, by expert id
-            sel = above | (tied & (rank <= need[:, None, None]))
+        # Packed keys: order-preserving int32 of the key, low IB bits = 2^IB - 1 - id.
+        bits = key.to(tl.int32, bitcast=True)
+        packed = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)) & -(1 << IB)) | low
+        if not FULL:
+            packed = tl.where(valid, packed, -2147483648)
+        # Dropped groups are masked on each thread's partial result (one select per round)
+        # rather than on every key: a thread holds experts of a single group.
+        p = _packed_max(packed, keep)  # [1, W, 1, 1, R, 1]
+        p_k = p
+        pvec = tl.where(slot == 0, p, 0)  # [1, W, GP, L, R, 1]: slot r holds round r's max
+        ambiguous = p != p  # all False
+        for r in tl.static_range(1, K + NEXT):
+            q = _packed_below(packed, p, keep)
+            ambiguous = ambiguous | ((q >> IB) == (p >> IB))
+            if r < K:
+                pvec = tl.where(slot == r, q, pvec)
+                p_k = q
+            p = q
+        ids = (1 << IB) - 1 - (pvec & ((1 << IB) - 1))
+        if not ATOMIC_LOAD:
+            sel = (packed >= p_k) & usable
+        if tl.max((ambiguous & rmask).to(tl.int32)) > 0:
+            # Exact path: recompute the float keys and take K rounds of (max, lowest id).
+            z = _load_tile(base + col, rmask, valid, FULL)
+            key, zmax, rden = _scores_keys(z, bias, rmask, SOFTMAX, HAS_BIAS, BIAS_MUL, FAST)
+            key = tl.where(usable, key, float("-inf"))
+            for r in tl.static_range(K):
+                best = _rmax(key)
+                first = _rmin(tl.where(key == best, col, E))
+                ids = tl.where(slot == r, first, ids)
+                key = tl.where(col == first, float("-inf"), key)
+            if not ATOMIC_LOAD:
+                sel = usable & (key == float("-inf"))
 
-        slot = _row_cumsum(sel.to(tl.int32)) - 1
-        out = rows[:, None, None] * K + slot  # int32: T * K < 2**31 (checked on the host)
-        ids = tl.zeros([BLOCK_T, GP, EGP], tl.int32) + col_GE[None, :, :]
-        tl.store(experts_ptr + out, ids.to(tl.int64), mask=sel)
-        w = s
+        # Gates: lane `slot` of a row reloads its expert's logit and recomputes s.
+        smask = (slot < K) & rmask
+        z_k = tl.load(base + ids, mask=smask, other=0.0).to(tl.float32)
+        if SOFTMAX:
+            s_k = _exp2((z_k - zmax) * 1.4426950408889634, FAST) * rden
+        else:
+            s_k = _sigmoid(z_k, FAST)
         if NORMALIZE:
-            total = tl.sum(tl.sum(tl.where(sel, s, 0.0), axis=2), axis=1)
-            w = s / tl.maximum(total, 1.1754943508222875e-38)[:, None, None]
-        tl.store(weights_ptr + out, w * route_scale, mask=sel)
-        hist += sel.to(tl.int32)
-    hist_GE = tl.sum(hist, axis=0)
-    tl.atomic_add(load_ptr + col_GE, hist_GE, mask=valid_GE & (hist_GE > 0))
+            total = tl.sum(
+                tl.sum(tl.where(smask, s_k, 0.0), axis=3, keep_dims=True), axis=2, keep_dims=True
+            )
+            s_k = s_k * _rcp(tl.maximum(total, TINY), FAST)
+        out = rows * K + slot  # int32: T * K < 2**31 (checked on the host)
+        tl.store(experts_ptr + out, ids.to(tl.int64), mask=smask)
+        tl.store(weights_ptr + out, s_k * route_scale, mask=smask)
+        if ATOMIC_LOAD:
+            tl.atomic_add(load_ptr + ids, 1, mask=smask, sem="relaxed")
+        else:
+            hist += (sel & rmask).to(tl.int32)
+    if not ATOMIC_LOAD:
+        counts = tl.sum(tl.sum(hist, axis=4, keep_dims=True), axis=1, keep_dims=True)
+        tl.atomic_add(load_ptr + col, counts, mask=valid & (counts > 0))
 
 
 @triton.jit
@@ -248,7 +405,7 @@ def _router_bwd_kernel(
             )
             total += a_k
             dot += g_k * a_k
-        total = tl.maximum(total, 1.1754943508222875e-38)
+        total = tl.maximum(total, TINY)
         acc = tl.zeros([BLOCK_T, EP], tl.float32)
         dsum = tl.zeros([BLOCK_T], tl.float32)
         for k in tl.static_range(K):
@@ -273,17 +430,25 @@ def _router_bwd_kernel(
 
 @dataclass(frozen=True)
 class Launch:
-    """Tile shape and grid of one launch: rows per program, warps, programs per SM."""
+    """Launch shape. Forward: `num_warps` warps per program, `lanes_per_row` lanes per token
+    row (0 = the smallest that gives every slot a lane and each thread at most 32 experts),
+    so W x 32 / lanes_per_row rows per program; `atomic_load` counts the load histogram with
+    one atomic per selected pair instead of a per-program register histogram. Backward:
+    `block_t` rows and `num_warps` warps per program. Both: `programs_per_sm` programs per
+    multiprocessor in the persistent grid."""
 
     block_t: int = 8
     num_warps: int = 4
     programs_per_sm: int = 8
+    lanes_per_row: int = 0
+    atomic_load: bool = False
 
 
 @dataclass(frozen=True)
 class FusedRouting:
-    """`route_fused` result: experts int64 [T, K] (ascending id per token), weights float32
-    [T, K] (differentiable w.r.t. the logits), load int64 [E] (selected pairs per expert)."""
+    """`route_fused` result: experts int64 [T, K] (descending key per token, as the reference),
+    weights float32 [T, K] (differentiable w.r.t. the logits), load int64 [E] (selected pairs
+    per expert)."""
 
     experts: torch.Tensor
     weights: torch.Tensor
@@ -301,13 +466,28 @@ def _num_programs(num_tiles: int, device: torch.device, launch: Launch) -> int:
     return max(1, min(num_tiles, 4))  # interpreter: few programs, big tiles
 
 
+def _groups(cfg: RouterConfig) -> int:
+    return cfg.num_groups if cfg.group_limited else 1
+
+
+def fwd_layout(cfg: RouterConfig, launch: Launch) -> dict[str, int]:
+    """The forward tile's axis sizes (see the module docstring) for a config and launch."""
+    G = _groups(cfg)
+    GP, EGP = _pow2(G), _pow2(cfg.num_experts // G)
+    lanes = max(GP, _pow2(cfg.top_k), GP * EGP // 32, launch.lanes_per_row)
+    L = min(lanes // GP, EGP)
+    V = min(4, EGP // L)
+    return {"GP": GP, "CI": EGP // (L * V), "W": launch.num_warps, "L": L, "R": 32 // (GP * L),
+            "V": V}  # fmt: skip
+
+
 def default_launch(cfg: RouterConfig, device: torch.device, backward: bool = False) -> Launch:
-    """Tile shape used when none is given: the fastest of the H100 sweep at T = 65536
-    (results/benchmarks/router_sweep.md); big tiles for the CPU interpreter."""
+    """Launch used when none is given: the fastest of the H100 sweep at T = 65536
+    (results/benchmarks/router_sweep.md); many rows per program for the CPU interpreter."""
     if device.type != "cuda":
-        return Launch(block_t=64, num_warps=4)
+        return Launch(block_t=64, num_warps=16)
     if not backward:
-        return Launch(block_t=16, num_warps=4, programs_per_sm=16)
+        return Launch(num_warps=1, programs_per_sm=32)
     if cfg.num_experts >= 128:
         return Launch(block_t=2, num_warps=1, programs_per_sm=64)
     return Launch(block_t=8, num_warps=4, programs_per_sm=16)
@@ -321,6 +501,8 @@ def supports(
         logits_TE.dim() == 2
         and logits_TE.shape[1] == cfg.num_experts
         and cfg.num_experts <= MAX_EXPERTS
+        and cfg.top_k <= MAX_TOP_K
+        and _pow2(_groups(cfg)) <= 32
         and logits_TE.dtype in LOGIT_DTYPES
         and (bias_E is None or tuple(bias_E.shape) == (cfg.num_experts,))
     )
@@ -339,6 +521,14 @@ def _check(cfg: RouterConfig, logits_TE: torch.Tensor, bias_E: torch.Tensor | No
         raise ValueError(
             f"num_experts={cfg.num_experts} is invalid for the fused router; "
             f"allowed: 1..{MAX_EXPERTS}"
+        )
+    if cfg.top_k > MAX_TOP_K:
+        raise ValueError(
+            f"top_k={cfg.top_k} is invalid for the fused router; allowed: 1..{MAX_TOP_K}"
+        )
+    if _pow2(_groups(cfg)) > 32:
+        raise ValueError(
+            f"num_groups={cfg.num_groups} is invalid for the fused router; allowed: 1..32"
         )
     if bias_E is not None and tuple(bias_E.shape) != (cfg.num_experts,):
         raise ValueError(
@@ -359,7 +549,7 @@ def router_forward(
     logits_TE = logits_TE.contiguous()
     T, E = logits_TE.shape
     K = cfg.top_k
-    G = cfg.num_groups if cfg.group_limited else 1
+    G = _groups(cfg)
     EG = E // G
     dev = logits_TE.device
     experts_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
@@ -371,7 +561,8 @@ def router_forward(
             if bias_E is not None
             else load_E  # unused (HAS_BIAS=False); any tensor keeps the signature
         )
-        num_tiles = triton.cdiv(T, launch.block_t)
+        lay = fwd_layout(cfg, launch)
+        num_tiles = triton.cdiv(T, lay["W"] * lay["R"])
         grid = (_num_programs(num_tiles, dev, launch),)
         _router_fwd_kernel[grid](
             logits_TE,
@@ -386,8 +577,8 @@ def router_forward(
             K=K,
             G=G,
             EG=EG,
-            GP=_pow2(G),
-            EGP=_pow2(EG),
+            **lay,
+            IB=max(1, (E - 1).bit_length()),
             M=cfg.group_limit if G > 1 else 1,
             Q=cfg.group_topk if G > 1 else 1,
             SOFTMAX=cfg.score_fn == "softmax",
@@ -395,8 +586,12 @@ def router_forward(
             BIAS_MUL=cfg.bias_mode == "mul",
             GROUP_LIMITED=G > 1,
             NORMALIZE=cfg.normalize,
-            BLOCK_T=launch.block_t,
-            num_warps=launch.num_warps,
+            FULL=lay["GP"] == G and lay["CI"] * lay["L"] * lay["V"] == EG,
+            NEXT=int(K < E),
+            ATOMIC_LOAD=launch.atomic_load,
+            TUPLE_TOP2=TUPLE_TOP2 or dev.type == "cuda",
+            FAST=dev.type == "cuda",
+            num_warps=lay["W"],
         )
     return experts_TK, weights_TK, load_E.to(torch.int64)
 

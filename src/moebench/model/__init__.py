@@ -2,6 +2,8 @@
 
 from moebench.model.moe import (
     AUX_NAMES,
+    ExpertParallel,
+    LayerComm,
     LayerRouting,
     MoELayer,
     NonFiniteRouterError,
@@ -14,6 +16,8 @@ from moebench.model.transformer import ModelOutput, MoETransformer
 
 __all__ = [
     "AUX_NAMES",
+    "ExpertParallel",
+    "LayerComm",
     "LayerRouting",
     "MoELayer",
     "MoETransformer",

@@ -18,15 +18,28 @@ Two expert paths compute the same function:
   expert), then one grouped GEMM per projection: `moebench.kernels.experts.grouped_experts`
   (torch._grouped_mm) on CUDA, a loop over the sorted contiguous segments on CPU.
 
+Expert parallelism (`MoETransformer.shard_experts(ExpertParallel)`, used by distributed
+training): rank r keeps only the experts the layout places on GPU r. The kept assignments,
+sorted by expert as in the grouped path, travel to their expert's rank and back through
+`moebench.comm.ep_moe` (the "per_expert" dispatcher: one row per (token, expert) pair,
+all_to_all_single with autograd), whatever `impl` says; each received expert batch runs
+as one SwiGLU. Capacity is then per rank and micro-batch: T in [Switch] eq. 3 (and the V2
+device budget) counts this rank's tokens, as every rank drops before it dispatches. The
+batch-wide losses (switch, global) take f from the selection counts all-reduced over the
+ranks, P from the rank's own tokens, so the mean over ranks of the rank losses is the loss
+of the whole batch; the per-sequence losses need nothing (ranks hold whole sequences).
+
 Legend: T tokens, H d_model, F expert hidden width, E routed experts, K experts per token,
 B sequences, S sequence length, A kept (token, slot) assignments.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -42,6 +55,7 @@ from moebench.balancing import (
     seq_loss,
     switch_loss,
 )
+from moebench.comm.alltoall import DispatchPlan, ep_moe
 from moebench.config import RunConfig
 from moebench.kernels.experts import grouped_experts
 from moebench.routing import Layout, RouterConfig, route
@@ -60,12 +74,50 @@ class NonFiniteRouterError(FloatingPointError):
 @dataclass(frozen=True)
 class LayerRouting:
     """What one MoE layer routed: `experts_TK` int64, gate `weights_TK` float32 (zero where
-    dropped), `keep_TK` bool (False = dropped by capacity), unbiased `scores_TE` float32."""
+    dropped), `keep_TK` bool (False = dropped by capacity), unbiased `scores_TE` float32;
+    `comm`: what its all-to-all did, under expert parallelism (else None)."""
 
     experts_TK: Tensor  # noqa: N815 (contract field names)
     weights_TK: Tensor  # noqa: N815 (contract field names)
     keep_TK: Tensor  # noqa: N815 (contract field names)
     scores_TE: Tensor  # noqa: N815 (contract field names)
+    comm: LayerComm | None = None
+
+
+@dataclass(frozen=True)
+class LayerComm:
+    """One expert-parallel MoE layer's all-to-all: the `DispatchPlan` (split sizes, bytes sent
+    per phase and link, forward wall times) and the bytes per element of what crossed the
+    links in each phase (dispatch: the layer input; combine: the experts' output)."""
+
+    plan: DispatchPlan
+    dispatch_elem_bytes: int
+    combine_elem_bytes: int
+
+
+@dataclass(frozen=True)
+class ExpertParallel:
+    """Expert parallelism over the ranks of `group` (None = the default group), whose size
+    is `layout.num_devices`: rank `rank` holds the experts the layout places on GPU `rank`
+    (and, data parallel, its share of every batch's sequences)."""
+
+    layout: Layout
+    rank: int
+    group: dist.ProcessGroup | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.num_devices
+
+    @property
+    def local_experts(self) -> list[int]:
+        """Global ids of this rank's experts, ascending."""
+        return torch.nonzero(self.layout.device_of_expert == self.rank).flatten().tolist()
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        """Sum `tensor` over the ranks, in place; returns it."""
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor
 
 
 def router_config(cfg: RunConfig) -> RouterConfig:
@@ -104,6 +156,20 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def _sorted_assignments(
+    experts_TK: Tensor, gates_TK: Tensor, keep_TK: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Kept (token, slot) assignments sorted by expert, stable (token order kept within an
+    expert): their token ids tok_A, expert ids expert_A and gates gate_A."""
+    T, K = experts_TK.shape
+    flat_keep = keep_TK.reshape(-1)
+    expert_A = experts_TK.reshape(-1)[flat_keep]
+    gate_A = gates_TK.reshape(-1)[flat_keep]
+    tok_A = torch.arange(T, device=experts_TK.device).repeat_interleave(K)[flat_keep]
+    order_A = torch.sort(expert_A, stable=True).indices
+    return tok_A[order_A], expert_A[order_A], gate_A[order_A]
+
+
 def _segment_mm(x_AH: Tensor, w_EHF: Tensor, counts: list[int]) -> Tensor:
     """Rows of x sorted by expert times each expert's matrix: one matmul per segment (CPU
     `torch._grouped_mm` needs 16-byte-aligned strides and its backward failed for some
@@ -114,13 +180,27 @@ def _segment_mm(x_AH: Tensor, w_EHF: Tensor, counts: list[int]) -> Tensor:
 
 class RoutedExperts(nn.Module):
     """E SwiGLU experts of width F stored as stacked matrices (what a grouped GEMM needs):
-    w1, w3 [E, H, F] and w2 [E, F, H]; expert e computes (silu(x w1_e) * x w3_e) w2_e."""
+    w1, w3 [E, H, F] and w2 [E, F, H]; expert e computes (silu(x w1_e) * x w3_e) w2_e.
+    After `shard`, row j of the matrices is expert `expert_ids[j]` (this rank's experts)."""
 
     def __init__(self, num_experts: int, d_model: int, hidden: int) -> None:
         super().__init__()
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, hidden))
         self.w3 = nn.Parameter(torch.empty(num_experts, d_model, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, d_model))
+        self.expert_ids = list(range(num_experts))
+
+    def shard(self, expert_ids: list[int]) -> None:
+        """Keep only the experts `expert_ids` (global ids), as new parameters."""
+        index = torch.tensor(expert_ids, dtype=torch.long, device=self.w1.device)
+        for name in ("w1", "w3", "w2"):
+            full = getattr(self, name).detach()
+            setattr(self, name, nn.Parameter(full.index_select(0, index).clone()))
+        self.expert_ids = list(expert_ids)
+
+    def _swiglu(self, j: int, x_AH: Tensor) -> Tensor:
+        """Stored expert j on the rows x_AH."""
+        return (F.silu(x_AH @ self.w1[j]) * (x_AH @ self.w3[j])) @ self.w2[j]
 
     def forward_loop(self, x_TH: Tensor, experts_TK: Tensor, gates_TK: Tensor,
                      keep_TK: Tensor) -> Tensor:
@@ -130,8 +210,7 @@ class RoutedExperts(nn.Module):
             tok_A, slot_A = ((experts_TK == e) & keep_TK).nonzero(as_tuple=True)
             if tok_A.numel() == 0:
                 continue
-            x_AH = x_TH[tok_A]
-            y_AH = (F.silu(x_AH @ self.w1[e]) * (x_AH @ self.w3[e])) @ self.w2[e]
+            y_AH = self._swiglu(e, x_TH[tok_A])
             out_TH.index_add_(0, tok_A, y_AH.float() * gates_TK[tok_A, slot_A, None])
         return out_TH.to(x_TH.dtype)
 
@@ -148,13 +227,7 @@ class RoutedExperts(nn.Module):
             w1, w3, w2 = (w.to(dtype) for w in (self.w1, self.w3, self.w2))
             y_TH = grouped_experts(x_TH.to(dtype), experts_TK, gates_TK, w1, w3, w2)
             return y_TH.to(x_TH.dtype)
-        T, K = experts_TK.shape
-        flat_keep = keep_TK.reshape(-1)
-        expert_A = experts_TK.reshape(-1)[flat_keep]
-        gate_A = gates_TK.reshape(-1)[flat_keep]
-        tok_A = torch.arange(T, device=x_TH.device).repeat_interleave(K)[flat_keep]
-        order_A = torch.sort(expert_A, stable=True).indices
-        tok_A, gate_A = tok_A[order_A], gate_A[order_A]
+        tok_A, expert_A, gate_A = _sorted_assignments(experts_TK, gates_TK, keep_TK)
         counts = torch.bincount(expert_A, minlength=self.w1.shape[0]).tolist()
         x_AH = x_TH[tok_A]
         h_AF = F.silu(_segment_mm(x_AH, self.w1, counts)) * _segment_mm(x_AH, self.w3, counts)
@@ -162,6 +235,20 @@ class RoutedExperts(nn.Module):
         out_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
         out_TH.index_add_(0, tok_A, y_AH.float() * gate_A[:, None])
         return out_TH.to(x_TH.dtype)
+
+    def forward_ep(self, x_TH: Tensor, experts_TK: Tensor, gates_TK: Tensor, keep_TK: Tensor,
+                   ep: ExpertParallel) -> tuple[Tensor, LayerComm]:
+        """Expert-parallel path (collective: every rank of `ep.group` calls it): each kept
+        assignment, sorted by expert, is one row sent to its expert's rank by
+        `moebench.comm.ep_moe`, which returns gate * expert output; rows are summed per token
+        in the same order as the grouped path. Returns the output and what was sent."""
+        tok_A, expert_A, gate_A = _sorted_assignments(experts_TK, gates_TK, keep_TK)
+        fns = {e: functools.partial(self._swiglu, j) for j, e in enumerate(self.expert_ids)}
+        y_AH, plan = ep_moe(x_TH[tok_A], expert_A[:, None], gate_A[:, None], ep.layout, fns,
+                            ep.group)
+        out_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
+        out_TH.index_add_(0, tok_A, y_AH.float())
+        return out_TH.to(x_TH.dtype), LayerComm(plan, x_TH.element_size(), y_AH.element_size())
 
 
 class MoELayer(nn.Module):
@@ -190,6 +277,7 @@ class MoELayer(nn.Module):
         hidden_shared = m.n_shared_experts * m.expert_hidden
         self.shared = SwiGLU(m.d_model, hidden_shared) if hidden_shared else None
         self.experts = RoutedExperts(r.num_experts, m.d_model, m.expert_hidden)
+        self.ep: ExpertParallel | None = None
 
     def router_logits(self, x_TH: Tensor) -> Tensor:
         """float32 [T, E] logits u_t^T e_i with hidden and weight in float32, autocast off."""
@@ -218,7 +306,8 @@ class MoELayer(nn.Module):
         f counts `experts_TK` (the routing performed) for aux_counts="actual", or the plain
         unbiased top-K ([V3] eq. 18 read literally) for "literal"; balancing.md §5.
         Sequence-level scopes ([V2] eq. 23-31 and [V3] eq. 17 with T = one sequence) use
-        `seq_len`; switch and global use the whole micro-batch."""
+        `seq_len`; switch and global use the whole micro-batch (of all ranks: f from the
+        counts all-reduced over them under expert parallelism)."""
         b = self.balance
         alphas = {name: getattr(b, f"{name}_alpha") for name in AUX_NAMES}
         if not any(alphas.values()):
@@ -226,13 +315,17 @@ class MoELayer(nn.Module):
         if b.aux_counts == "literal":
             experts_TK = literal_topk(scores_TE, self.router_cfg.top_k)
         dev_E = self.device_of_expert_E
+        counts_E = None
+        if self.ep is not None and (alphas["switch"] or alphas["global"]):
+            E = self.router_cfg.num_experts
+            counts_E = self.ep.all_reduce_sum(torch.bincount(experts_TK.reshape(-1), minlength=E))
         terms = {
-            "switch": lambda: switch_loss(scores_TE, experts_TK),
+            "switch": lambda: switch_loss(scores_TE, experts_TK, counts_E),
             "expert": lambda: expert_loss(scores_TE, experts_TK, seq_len),
             "device": lambda: device_loss(scores_TE, experts_TK, dev_E, seq_len),
             "comm": lambda: comm_loss(scores_TE, experts_TK, dev_E, self.comm_limit, seq_len),
             "seq": lambda: seq_loss(scores_TE, experts_TK, seq_len),
-            "global": lambda: global_loss(scores_TE, experts_TK),
+            "global": lambda: global_loss(scores_TE, experts_TK, counts_E),
         }
         return {name: alpha * terms[name]() for name, alpha in alphas.items() if alpha > 0}
 
@@ -254,11 +347,16 @@ class MoELayer(nn.Module):
             raise
         keep_TK = self._keep(routing.experts, routing.scores, protected_T)
         gates_TK = routing.weights * keep_TK
-        forward = (self.experts.forward_loop if self.impl == "loop"
-                   else self.experts.forward_grouped)
-        y_TH = forward(x_TH, routing.experts, gates_TK, keep_TK)
+        comm = None
+        if self.ep is not None:
+            y_TH, comm = self.experts.forward_ep(x_TH, routing.experts, gates_TK, keep_TK,
+                                                 self.ep)
+        else:
+            forward = (self.experts.forward_loop if self.impl == "loop"
+                       else self.experts.forward_grouped)
+            y_TH = forward(x_TH, routing.experts, gates_TK, keep_TK)
         if self.shared is not None:
             y_TH = y_TH + self.shared(x_TH)
         aux = self.aux_losses(routing.scores, routing.experts, S) if self.training else {}
-        layer = LayerRouting(routing.experts, gates_TK.detach(), keep_TK, routing.scores)
+        layer = LayerRouting(routing.experts, gates_TK.detach(), keep_TK, routing.scores, comm)
         return y_TH.reshape(B, S, H), layer, aux

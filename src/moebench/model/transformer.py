@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from moebench.balancing import protected_sequences
 from moebench.config import RunConfig
-from moebench.model.moe import LayerRouting, MoELayer, SwiGLU
+from moebench.model.moe import ExpertParallel, LayerRouting, MoELayer, SwiGLU
 
 
 @dataclass
@@ -69,8 +69,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x_BSH: Tensor, cos_SF: Tensor, sin_SF: Tensor) -> Tensor:
-        B, S, H = x_BSH.shape
-        q, k, v = self.qkv(x_BSH).view(B, S, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        B, S, H = x_BSH.shape  # B may be 0 (a rank's empty share of an evaluation batch)
+        q, k, v = (self.qkv(x_BSH).view(B, S, 3, self.n_heads, H // self.n_heads)
+                   .permute(2, 0, 3, 1, 4))
         q, k = apply_rope(q, cos_SF, sin_SF), apply_rope(k, cos_SF, sin_SF)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(B, S, H))
@@ -115,6 +116,7 @@ class MoETransformer(nn.Module):
                    else MoELayer(cfg, index=i - m.n_dense_layers))
             self.blocks.append(Block(cfg, ffn))
         self.moe_layers = [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
+        self.ep: ExpertParallel | None = None
         self.norm = nn.RMSNorm(m.d_model)
         self.head = nn.Linear(m.d_model, vocab_size, bias=False)
         cos_SF, sin_SF = rope_tables(self.max_seq_len, head_dim)
@@ -137,13 +139,29 @@ class MoETransformer(nn.Module):
         for layer in self.moe_layers:
             layer.impl = impl
 
+    def shard_experts(self, ep: ExpertParallel) -> None:
+        """Keep only this rank's routed experts in every MoE layer and route through the
+        expert-parallel all-to-all (see `moebench.model.moe`). Call it once, before the
+        optimizer is built; the full model must have been initialised first (same seed on
+        every rank), so each shard holds the single-process run's initial weights."""
+        if self.ep is not None:
+            raise ValueError("shard_experts was already called; allowed: once per model")
+        self.ep = ep
+        for layer in self.moe_layers:
+            layer.experts.shard(ep.local_experts)
+            layer.ep = ep
+
     def _protected(self, B: int, S: int, device: torch.device) -> Tensor | None:
         """bool [T]: tokens of the sequences exempt from device-level dropping, the same
-        sequences in every layer; None unless training with device-level capacity."""
+        sequences in every layer; None unless training with device-level capacity. Under
+        expert parallelism the draw covers all W * B sequences of the global batch (the
+        generator advances as in one process) and this rank takes its B."""
         cap = self.capacity
         if not (self.training and cap.factor is not None and cap.level == "device"):
             return None
-        return protected_sequences(B * S, S, cap.protected_frac, self.drop_generator).to(device)
+        W, r = (1, 0) if self.ep is None else (self.ep.world_size, self.ep.rank)
+        drawn_T = protected_sequences(W * B * S, S, cap.protected_frac, self.drop_generator)
+        return drawn_T[r * B * S : (r + 1) * B * S].to(device)
 
     def forward(self, tokens_BS: Tensor, targets_BS: Tensor | None = None,
                 bias_LE: Tensor | None = None) -> ModelOutput:

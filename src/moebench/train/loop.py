@@ -19,6 +19,13 @@ Outputs (run directory contract in contracts.md), every file through `moebench.i
   atomically from the checkpoint on resume and once at the end, so the final files are
   complete and a killed-and-resumed run ends with the same bytes as an uninterrupted one.
 
+Distributed runs (torchrun, srun; `moebench.train.distributed` says how the batch, the
+gradients, the experts and the checkpoints are split) give the same files, written by rank
+0: every metric is reduced over the global batch (loads, drops and the bias counts summed,
+losses averaged over ranks), and each timing.jsonl record adds `a2a`: the logged step's
+measured all-to-all beside the `moebench.comm` accounting's prediction; summary.json adds
+`world_size`. MFU divides by the peak of all W GPUs.
+
 Metrics: `load` is the per-layer, per-expert count of the routing performed (before
 capacity dropping) summed over the step's micro-batches; `maxvio_batch` the mean over
 layers of its MaxVio ([LF] eq. 4); `drop_frac` the fraction of assignments dropped by
@@ -48,7 +55,7 @@ from typing import IO, Any
 
 import torch
 
-from moebench.balancing import BiasController
+from moebench.balancing import BiasController, all_reduce_sum
 from moebench.config import RunConfig
 from moebench.data import TokenStream
 from moebench.io import (
@@ -67,6 +74,7 @@ from moebench.train.checkpoint import (
     matches,
     save_checkpoint,
 )
+from moebench.train.distributed import A2AMeter, Launch, Parallel, check_world, process_group
 from moebench.train.trace import write_trace
 
 TIMING_KEYS = ("elapsed_s", "mfu", "tokens_per_s")
@@ -166,15 +174,18 @@ class Run:
     train_data: TokenStream
     val_data: TokenStream
     checkpoint: dict[str, Any] | None
+    parallel: Parallel | None = None
 
 
-def prepare(cfg: RunConfig, out: Path, ckpt_dir: Path | None = None) -> Run:
+def prepare(cfg: RunConfig, out: Path, ckpt_dir: Path | None = None,
+            parallel: Parallel | None = None) -> Run:
     """Check everything a run needs (device, data, tracking store, checkpoint) and write
-    nothing; ValueError naming the problem otherwise."""
+    nothing; ValueError naming the problem otherwise. `parallel`: this rank of a distributed
+    run (its device is used; only rank 0 checks the tracking store)."""
     out, ckpt_dir = Path(out), Path(ckpt_dir) if ckpt_dir is not None else default_ckpt_dir(cfg)
     check_writable_dir(out, "--out")
     check_writable_dir(ckpt_dir, "--ckpt-dir")
-    device = resolve_device(cfg)
+    device = resolve_device(cfg) if parallel is None else parallel.device
     streams = [TokenStream(cfg.data_dir, split, vocab_size=cfg.data.vocab_size, config=cfg.data,
                            verify=True)  # SHA-256: a damaged file is refused, not trained on
                for split in ("train", "val")]
@@ -184,7 +195,7 @@ def prepare(cfg: RunConfig, out: Path, ckpt_dir: Path | None = None) -> Run:
                 f"train.seq_len={cfg.train.seq_len} needs {cfg.train.seq_len + 1} tokens; split "
                 f"{stream.split!r} of {cfg.data_dir} has {len(stream)}"
             )
-    if cfg.tracking.uri is not None:
+    if cfg.tracking.uri is not None and (parallel is None or parallel.lead):
         from moebench.train.tracking import check_uri
 
         check_uri(cfg.tracking.uri, cfg.tracking.parent_run_id)
@@ -195,7 +206,7 @@ def prepare(cfg: RunConfig, out: Path, ckpt_dir: Path | None = None) -> Run:
         log(f"ignoring checkpoint {ckpt_dir / CKPT_NAME}: written by another config "
             f"(sections differ: {', '.join(differ)}); starting from step 0")
         state = None
-    return Run(cfg, out, ckpt_dir, device, streams[0], streams[1], state)
+    return Run(cfg, out, ckpt_dir, device, streams[0], streams[1], state, parallel)
 
 
 @contextlib.contextmanager
@@ -223,8 +234,14 @@ class Trainer:
         self.cfg = cfg = run.cfg
         self.device = run.device
         self.out = run.out
+        self.par = run.parallel
+        self.lead = self.par is None or self.par.lead
+        self.world_size = 1 if self.par is None else self.par.world_size
         torch.manual_seed(cfg.seed)
         self.model = MoETransformer(cfg, run.train_data.vocab_size).to(self.device)
+        total, active = self.model.param_counts()  # the whole model, before any sharding
+        if self.par is not None:
+            self.model.shard_experts(self.par.ep)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         t = cfg.train
@@ -239,11 +256,13 @@ class Trainer:
                                     b.rule, freeze, b.recenter, device=self.device)
                      if b.enabled else None)
         self.batch_generator = torch.Generator().manual_seed(cfg.seed)
-        total, active = self.model.param_counts()
         self.params_total, self.params_active = total, active
         m = cfg.model
         self.flops_per_token = 6 * active + 12 * m.n_layers * m.d_model * t.seq_len
-        self.peak = peak_flops(self.device)
+        peak = peak_flops(self.device)
+        self.peak = peak * self.world_size if peak is not None else None  # all ranks' GPUs
+        self.a2a = A2AMeter(cfg) if self.par is not None else None
+        self._a2a_record: dict[str, Any] | None = None
         self.step = 0
         self.metrics_lines: list[str] = []
         self.timing_lines: list[str] = []
@@ -255,14 +274,27 @@ class Trainer:
         self._files: dict[str, IO[str]] = {}
         if run.checkpoint is not None:
             self._restore(run.checkpoint)
+        if self.par is not None and len(set(self.par.all_objects(self.step))) > 1:
+            raise ValueError(f"the ranks found different checkpoints in --ckpt-dir="
+                             f"{run.ckpt_dir}; allowed: one directory shared by all ranks")
+
+    def _log(self, msg: str) -> None:
+        if self.lead:
+            log(msg)
 
     # ---- state -------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
+        """Everything to resume; under expert parallelism gathered into the single-process
+        format (collective)."""
+        if self.par is None:
+            model, optimizer = self.model.state_dict(), self.optimizer.state_dict()
+        else:
+            model, optimizer = self.par.full_state(self.model, self.optimizer)
         return {
             "identity": identity(self.cfg),
             "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model,
+            "optimizer": optimizer,
             "bias": self.bias.state_dict() if self.bias is not None else None,
             "batch_rng": self.batch_generator.get_state(),
             "drop_rng": self.model.drop_generator.get_state(),
@@ -274,8 +306,12 @@ class Trainer:
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.par is None:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            self.par.load_full_state(self.model, self.optimizer, state["model"],
+                                     state["optimizer"])
         if self.bias is not None:
             self.bias.load_state_dict(state["bias"])
         self.batch_generator.set_state(state["batch_rng"])
@@ -287,16 +323,23 @@ class Trainer:
         self.sums = dict(state["sums"])
         self.mlflow_run_id = state["mlflow_run_id"]
         self.last_ckpt = f"step {self.step} in {self.run_spec.ckpt_dir / CKPT_NAME}"
-        log(f"resuming from {self.last_ckpt}")
+        self._log(f"resuming from {self.last_ckpt}")
 
     def save(self) -> None:
-        path = save_checkpoint(self.run_spec.ckpt_dir, self._state())
+        """Checkpoint the current step (rank 0 writes; every rank takes part)."""
+        state = self._state()
+        path = self.run_spec.ckpt_dir / CKPT_NAME
+        if self.lead:
+            path = save_checkpoint(self.run_spec.ckpt_dir, state)
         self.last_ckpt = f"step {self.step} in {path}"
 
     # ---- files -------------------------------------------------------------------------
     def _rewrite_logs(self) -> None:
-        """Atomically rewrite both .jsonl files from memory, then reopen them for appends."""
+        """Atomically rewrite both .jsonl files from memory, then reopen them for appends
+        (rank 0 only)."""
         self._close_logs()
+        if not self.lead:
+            return
         for name, lines in (("metrics.jsonl", self.metrics_lines),
                             ("timing.jsonl", self.timing_lines)):
             write_text(self.out / name, "".join(lines))
@@ -310,9 +353,10 @@ class Trainer:
     def _append(self, name: str, record: dict[str, Any]) -> None:
         line = _dumps(record)
         (self.metrics_lines if name == "metrics.jsonl" else self.timing_lines).append(line)
-        f = self._files[name]
-        f.write(line)
-        f.flush()
+        if self.lead:
+            f = self._files[name]
+            f.write(line)
+            f.flush()
 
     # ---- steps -------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -327,9 +371,17 @@ class Trainer:
                 out = self.model(tokens_BS.to(self.device), targets_BS.to(self.device), bias_LE)
         except NonFiniteRouterError as err:
             raise TrainingDivergedError(step, err.layer, self.last_ckpt) from None
-        if not bool(torch.isfinite(out.loss)):
+        finite = targets_BS.numel() == 0 or bool(torch.isfinite(out.loss))
+        if not (finite if self.par is None else self.par.all_true(finite)):
             raise TrainingDivergedError(step, None, self.last_ckpt)
         return out
+
+    def _rows(self, *batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """This rank's sequences of a batch (all of them in a single process)."""
+        if self.par is None:
+            return batch
+        rows = self.par.rows(len(batch[0]))
+        return tuple(t[rows] for t in batch)
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over `grad_accum` micro-batches; returns its train record."""
@@ -344,10 +396,15 @@ class Trainer:
         dropped = torch.zeros((), dtype=torch.int64, device=self.device)
         ce = torch.zeros((), device=self.device)
         aux: dict[str, torch.Tensor] = {}
+        meter = self.a2a if step % t.log_every == 0 or step == t.steps else None
         for _ in range(t.grad_accum):
-            tokens_BS, targets_BS = self.run_spec.train_data.batch(
-                self.batch_generator, t.batch_size, t.seq_len)
+            tokens_BS, targets_BS = self._rows(*self.run_spec.train_data.batch(
+                self.batch_generator, t.batch_size, t.seq_len))
             out = self._forward(tokens_BS, targets_BS, step)
+            if meter is not None and self.par is not None:
+                meter.add((r.experts_TK for r in out.layers), (r.keep_TK for r in out.layers),
+                          (r.comm for r in out.layers), self.par.rank,
+                          self.par.ep.local_experts[0])
             (out.loss / t.grad_accum).backward()
             ce += out.ce_loss.detach() / t.grad_accum
             for name, value in out.aux.items():
@@ -357,19 +414,31 @@ class Trainer:
                 dropped += (~routing.keep_TK).sum()
                 if self.bias is not None:
                     self.bias.observe(i, routing.experts_TK, routing.keep_TK, training=True)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        if self.par is None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        else:
+            self.par.sync_grads(self.model)
+            grad_norm = self.par.clip_grad_norm(self.model, t.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.bias is not None:
-            self.bias.step(self.step)
+            self.bias.step(self.step, None if self.par is None else all_reduce_sum(self.par.group))
         self.step = step
+        names = sorted(aux)
+        ce_f, *aux_fs = [float(ce), *(float(aux[n]) for n in names)]
+        if self.par is not None:  # the global batch's loads, drops and mean losses
+            self.par.sum(load_LE)
+            self.par.sum(dropped)
+            ce_f, *aux_fs = (x / self.world_size for x in self.par.sum_floats([ce_f, *aux_fs]))
+            if meter is not None:
+                self._a2a_record = meter.record(self.par)
+        aux_f = dict(zip(names, aux_fs, strict=True))
         load = load_LE.cpu()
         layers = [max_vio(load_E) for load_E in load]
         assignments = t.grad_accum * t.batch_size * t.seq_len * cfg.router.top_k * L
-        aux_f = {name: float(v) for name, v in sorted(aux.items())}
         record = {
-            "kind": "train", "step": step, "lr": lr, "ce_loss": float(ce),
-            "loss": float(ce) + sum(aux_f.values()), "aux": aux_f,
+            "kind": "train", "step": step, "lr": lr, "ce_loss": ce_f,
+            "loss": ce_f + sum(aux_f.values()), "aux": aux_f,
             "maxvio_batch": sum(layers) / L, "maxvio_batch_layers": layers,
             "load": load.tolist(), "drop_frac": int(dropped) / assignments,
             "grad_norm": float(grad_norm),
@@ -389,13 +458,18 @@ class Trainer:
         load_LE = torch.zeros(L, E, dtype=torch.int64, device=self.device)
         nll, n = 0.0, 0
         val = self.run_spec.val_data
-        for tokens_BS, targets_BS in val.iter_eval(t.batch_size, t.seq_len, t.eval_batches):
+        for batch in val.iter_eval(t.batch_size, t.seq_len, t.eval_batches):
+            tokens_BS, targets_BS = self._rows(*batch)
             out = self._forward(tokens_BS, targets_BS, self.step)
-            nll += float(out.ce_loss) * targets_BS.numel()
-            n += targets_BS.numel()
+            if targets_BS.numel():
+                nll += float(out.ce_loss) * targets_BS.numel()
+                n += targets_BS.numel()
             for i, routing in enumerate(out.layers):
                 load_LE[i] += torch.bincount(routing.experts_TK.reshape(-1), minlength=E)
         self.model.train()
+        if self.par is not None:
+            nll, n = self.par.sum_floats([nll, n])
+            self.par.sum(load_LE)
         val_loss = nll / n
         load = load_LE.cpu()
         record = {
@@ -416,12 +490,17 @@ class Trainer:
         weights: list[list[torch.Tensor]] = [[] for _ in range(self.model.num_moe_layers)]
         batches = self.run_spec.val_data.iter_eval(
             t.batch_size, t.seq_len, math.ceil(n_windows / t.batch_size))
-        for tokens_BS, targets_BS in batches:
-            out = self._forward(tokens_BS, targets_BS, self.step)
+        for batch in batches:
+            out = self._forward(*self._rows(*batch), self.step)
             for i, routing in enumerate(out.layers):
                 experts[i].append(routing.experts_TK.cpu())
                 weights[i].append(routing.weights_TK.float().cpu())
         self.model.train()
+        if self.par is not None:  # every rank's share of each batch, in rank order
+            ranks = self.par.all_objects((experts, weights))
+            experts, weights = ([[torch.cat([r[k][i][b] for r in ranks])
+                                  for b in range(len(experts[i]))]
+                                 for i in range(len(experts))] for k in (0, 1))
         n_tokens = min(t.trace_tokens, n_windows * t.seq_len)
         return (torch.stack([torch.cat(e)[:n_tokens] for e in experts]),
                 torch.stack([torch.cat(w)[:n_tokens] for w in weights]))
@@ -433,8 +512,11 @@ class Trainer:
         mfu = (self.flops_per_token * tps / self.peak
                if tps is not None and self.peak is not None else None)
         self._window = {"tokens": 0, "seconds": 0.0}
-        return {"step": step, "tokens_per_s": tps, "mfu": mfu,
-                "elapsed_s": self.sums["elapsed_s"]}
+        record = {"step": step, "tokens_per_s": tps, "mfu": mfu,
+                  "elapsed_s": self.sums["elapsed_s"]}
+        if self._a2a_record is not None:
+            record["a2a"], self._a2a_record = self._a2a_record, None
+        return record
 
     def _log_eval(self, tracker: Any) -> tuple[dict[str, Any], torch.Tensor]:
         record, load = self.evaluate()
@@ -443,7 +525,7 @@ class Trainer:
             tracker.log_metrics({k: v for k, v in record.items() if k not in ("kind", "step")},
                                 self.step)
         bpb = record["val_bpb"]
-        log(f"eval step {self.step}: val_loss {record['val_loss']:.4f} "
+        self._log(f"eval step {self.step}: val_loss {record['val_loss']:.4f} "
             f"ppl {record['val_ppl']:.2f}" + (f" bpb {bpb:.4f}" if bpb is not None else "")
             + f" maxvio_global {record['maxvio_global']:.3f}")
         return record, load
@@ -452,14 +534,15 @@ class Trainer:
         """Train from the current step to train.steps, then evaluate, trace and summarise."""
         cfg = self.cfg
         tracker = None
-        if cfg.tracking.uri is not None:
+        if cfg.tracking.uri is not None and self.lead:
             from moebench.train.tracking import Tracker
 
             tracker = Tracker(cfg, self.mlflow_run_id)
             self.mlflow_run_id = tracker.run_id
-        self.out.mkdir(parents=True, exist_ok=True)
-        remove_temporaries(self.out, RUN_FILES)  # writes cut short by a kill of an earlier attempt
-        write_yaml(self.out / "config.resolved.yaml", cfg.model_dump(mode="json"))
+        if self.lead:
+            self.out.mkdir(parents=True, exist_ok=True)
+            remove_temporaries(self.out, RUN_FILES)  # cut short by a kill of an earlier attempt
+            write_yaml(self.out / "config.resolved.yaml", cfg.model_dump(mode="json"))
         self._rewrite_logs()
         try:
             summary = self._loop(tracker)
@@ -496,7 +579,7 @@ class Trainer:
                     tracker.log_metrics({k: v for k, v in {**record, **timing}.items()
                                          if k not in ("kind", "load", "step")}, step)
                 tps = timing["tokens_per_s"]
-                log(f"step {step}/{t.steps} loss {record['loss']:.4f} "
+                self._log(f"step {step}/{t.steps} loss {record['loss']:.4f} "
                     f"maxvio {record['maxvio_batch']:.3f} tok/s {tps or 0:.0f}"
                     + (f" mfu {timing['mfu']:.3f}" if timing["mfu"] is not None else ""))
             if step % t.eval_every == 0 and step < t.steps:
@@ -508,7 +591,9 @@ class Trainer:
         self._rewrite_logs()
         self._close_logs()
         experts_LTK, weights_LTK = self.routing_trace()
-        write_trace(self.out / "routing_trace.parquet", experts_LTK, weights_LTK, cfg, t.seq_len)
+        if self.lead:
+            write_trace(self.out / "routing_trace.parquet", experts_LTK, weights_LTK, cfg,
+                        t.seq_len)
         train_s = self.sums["train_s"]
         tps = self.sums["tokens"] / train_s if train_s > 0 else None
         summary = {
@@ -529,9 +614,11 @@ class Trainer:
             "params_total": self.params_total, "params_active": self.params_active,
             "machine": machine_label(self.device), "device": self.device.type,
             "git_sha": git_sha(), "torch_version": torch.__version__,
+            "world_size": self.world_size,
         }
-        write_json(self.out / "summary.json", summary)
-        log(f"done: val_loss {summary['val_loss']:.4f} maxvio_global "
+        if self.lead:
+            write_json(self.out / "summary.json", summary)
+        self._log(f"done: val_loss {summary['val_loss']:.4f} maxvio_global "
             f"{summary['maxvio_global']:.3f} -> {self.out}")
         return summary
 
@@ -539,9 +626,21 @@ class Trainer:
 def train(cfg: RunConfig, out: Path, ckpt_dir: Path | None = None) -> dict[str, Any]:
     """Run `cfg` into the run directory `out` (resuming from `ckpt_dir`'s last checkpoint);
     returns the summary. ValueError before anything is written if an input is unusable;
-    TrainingDivergedError on NaN/inf."""
-    run = prepare(cfg, out, ckpt_dir)
+    TrainingDivergedError on NaN/inf. Started by torchrun or srun with several tasks, this
+    process is one rank of a distributed run (`moebench.train.distributed`)."""
+    launch = Launch.from_env()
+    check_world(cfg, launch.world_size)
+    if launch.world_size == 1:
+        return _train(prepare(cfg, out, ckpt_dir))
+    device = resolve_device(cfg)
+    if device.type == "cuda":
+        device = torch.device("cuda", launch.local_rank)
+    with process_group(cfg, launch, device) as par:
+        return _train(prepare(cfg, out, ckpt_dir, par))
+
+
+def _train(run: Run) -> dict[str, Any]:
     with torch.random.fork_rng(devices=[]), _torch_settings(
-        cfg.train.threads, deterministic=run.device.type == "cpu"
+        run.cfg.train.threads, deterministic=run.device.type == "cpu"
     ):
         return Trainer(run).run()

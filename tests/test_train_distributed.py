@@ -1,0 +1,283 @@
+"""Distributed training (moebench.train.distributed): 4 gloo processes standing for 2 nodes x 2
+GPUs train the same global batch as one process (losses within float tolerance, identical
+loads and routing, the same bias on every rank), the measured all-to-all equals the
+accounting's prediction, a killed run resumes under torchrun to the same bytes, and srun on
+the real one-node SLURM cluster gives the same summary. Plus the launcher environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from moebench.config import DataConfig, RunConfig
+from moebench.data import prepare as prepare_data
+from moebench.train import TIMING_KEYS, Trainer, prepare, train
+from moebench.train.checkpoint import CKPT_NAME
+from moebench.train.distributed import Launch, check_world, first_host, process_group
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+WORLD = 4
+DATA = DataConfig(source="synthetic", vocab_size=512, synthetic_docs=200, synthetic_doc_tokens=64)
+
+
+def tiny_cfg(data_dir: Path, **train: Any) -> RunConfig:
+    """16 experts top-4 on 2 nodes x 2 GPUs; sigmoid router with the aux-loss-free bias and
+    the batch-wide (switch, global) and sequence-wise losses, gradient accumulation 2."""
+    return RunConfig.model_validate({
+        "data_dir": str(data_dir), "data": DATA.model_dump(),
+        "model": {"d_model": 32, "n_layers": 3, "n_heads": 2, "n_dense_layers": 1,
+                  "dense_hidden": 64, "expert_hidden": 16},
+        "router": {"num_experts": 16, "top_k": 4, "score_fn": "sigmoid", "normalize": True},
+        "topology": {"num_nodes": 2, "gpus_per_node": 2},
+        "balance": {"bias": {"enabled": True}, "seq_alpha": 1e-3, "global_alpha": 1e-2,
+                    "switch_alpha": 1e-2, "aux_counts": "actual"},
+        "train": {"steps": 8, "batch_size": 4, "grad_accum": 2, "seq_len": 32,
+                  "warmup_steps": 2, "eval_every": 4, "eval_batches": 2, "log_every": 1,
+                  "ckpt_every": 2, "trace_tokens": 100, **train},
+    })
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, port: int) -> dict[str, str]:
+    """What torchrun gives each worker."""
+    return {"RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+def lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def summary_without_timing(out: Path) -> dict[str, Any]:
+    return {k: v for k, v in json.loads((out / "summary.json").read_text()).items()
+            if k not in TIMING_KEYS}
+
+
+# ---- the launcher environment (fast) -------------------------------------------------------
+def test_first_host_of_slurm_node_lists() -> None:
+    assert first_host("vm") == "vm"
+    assert first_host("gpu[03-05,9],cpu1") == "gpu03"
+    assert first_host("n[7]-ib,m1") == "n7-ib"
+    with pytest.raises(ValueError, match="node list"):
+        first_host("")
+
+
+def test_launch_from_torchrun_srun_and_plain_environments() -> None:
+    assert Launch.from_env({}) == Launch()
+    assert Launch.from_env(rank_env(2, 1234)) == Launch(2, 4, 2, "torchrun")
+    step = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4",
+            "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_NODELIST": "node[02-03]",
+            "SLURM_JOB_ID": "41"}
+    assert Launch.from_env(step) == Launch(3, 4, 1, "slurm", "node02", 10041)
+    assert Launch.from_env(step | {"MASTER_ADDR": "h", "MASTER_PORT": "5"}).master_port == 5
+    # a batch script (no job step) and `srun -n 1` are one process, whatever the job's tasks
+    batch = {k: v for k, v in step.items() if k not in ("SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS")}
+    assert Launch.from_env(batch) == Launch()
+    assert Launch.from_env(step | {"SLURM_STEP_NUM_TASKS": "1"}) == Launch()
+    with pytest.raises(ValueError, match="SLURM_PROCID='x'"):
+        Launch.from_env(step | {"SLURM_PROCID": "x"})
+    with pytest.raises(ValueError, match="rank=4"):
+        Launch.from_env(rank_env(4, 1))
+
+
+def test_world_size_must_match_the_topology_and_split_the_batch(tmp_path: Path) -> None:
+    cfg = tiny_cfg(tmp_path)
+    check_world(cfg, 1)
+    check_world(cfg, 4)
+    with pytest.raises(ValueError, match=r"started 2 processes; allowed: 1, or .* = 4"):
+        check_world(cfg, 2)
+    with pytest.raises(ValueError, match=r"train\.batch_size=6 .* multiple of 4"):
+        check_world(tiny_cfg(tmp_path, batch_size=6), 4)
+
+
+# ---- 4 gloo processes ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dist_data")
+    prepare_data(DATA, out, seed=0)
+    return out
+
+
+def _worker(rank: int, port: int, cfg_json: str, folder: str) -> None:
+    """One rank: train, then save its bias (the run files are rank 0's)."""
+    os.environ.update(rank_env(rank, port))
+    torch.set_num_threads(1)
+    cfg = RunConfig.model_validate_json(cfg_json)
+    folder_path = Path(folder)
+    with process_group(cfg, Launch.from_env(), torch.device("cpu")) as par:
+        trainer = Trainer(prepare(cfg, folder_path / "run", folder_path / "ckpt", par))
+        trainer.run()
+        assert trainer.bias is not None
+        torch.save(trainer.bias.bias_LE, folder_path / f"bias{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def dist_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny run on 4 gloo ranks (torch.multiprocessing, torchrun's environment)."""
+    folder = tmp_path_factory.mktemp("dist_run")
+    cfg = tiny_cfg(data_dir)
+    mp.spawn(_worker, args=(free_port(), cfg.model_dump_json(), str(folder)), nprocs=WORLD)
+    return folder
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_four_ranks_match_one_process_on_the_same_global_batch(
+    data_dir: Path, dist_run: Path, tmp_path: Path
+) -> None:
+    single = tmp_path / "single"
+    train(tiny_cfg(data_dir), single, tmp_path / "ckpt")
+    dist = dist_run / "run"
+    a, b = lines(single / "metrics.jsonl"), lines(dist / "metrics.jsonl")
+    assert [(r["kind"], r["step"]) for r in a] == [(r["kind"], r["step"]) for r in b]
+    close = {"loss", "ce_loss", "grad_norm", "aux", "val_loss", "val_ppl", "val_bpb"}
+    for one, four in zip(a, b, strict=True):
+        assert one.keys() == four.keys()
+        for key, value in one.items():
+            # routing decisions: identical per-expert loads every step (so MaxVio, drops)
+            expect = pytest.approx(four[key], rel=1e-5) if key in close else four[key]
+            assert value == expect, (one["kind"], one["step"], key)
+    assert sorted(a[0]["aux"]) == ["global", "seq", "switch"]
+    trace_1, trace_4 = (pq.read_table(d / "routing_trace.parquet") for d in (single, dist))
+    assert trace_1.schema.metadata == trace_4.schema.metadata
+    for column in ("layer", "token", "slot", "expert"):
+        assert trace_1[column].equals(trace_4[column])
+    weights_1, weights_4 = (torch.from_numpy(t["weight"].to_numpy()) for t in (trace_1, trace_4))
+    torch.testing.assert_close(weights_1, weights_4, rtol=1e-5, atol=1e-6)
+    # one bias update per step from the global loads: the same on every rank and as in one
+    # process (the single run's last checkpoint holds its bias)
+    bias_1 = torch.load(tmp_path / "ckpt" / CKPT_NAME, weights_only=True)["bias"]["bias_LE"]
+    assert bias_1.abs().sum() > 0
+    for rank in range(WORLD):
+        assert torch.equal(torch.load(dist_run / f"bias{rank}.pt"), bias_1)
+    s1, s4 = summary_without_timing(single), summary_without_timing(dist)
+    assert (s1.pop("world_size"), s4.pop("world_size")) == (1, 4)
+    assert s1.keys() == s4.keys()
+    for key, value in s1.items():
+        close = isinstance(value, float) or key == "maxvio_global_layers"
+        assert value == (pytest.approx(s4[key], rel=1e-5) if close else s4[key]), key
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_measured_all_to_all_equals_the_accounting(dist_run: Path) -> None:
+    timing = lines(dist_run / "run" / "timing.jsonl")
+    assert [r["step"] for r in timing] == list(range(1, 9))
+    for record in timing:
+        a2a = record["a2a"]
+        measured, predicted = a2a["measured"], a2a["predicted"]
+        assert measured["bytes"] == predicted["bytes"]
+        assert measured["copies"] == predicted["copies"]
+        assert min(measured["bytes"]["dispatch"].values()) > 0  # NVLink and IB both used
+        assert a2a["elem_bytes"] == {"dispatch": 4, "combine": 4}  # float32 on CPU
+        assert set(measured["seconds"]) == {"counts", "dispatch", "combine"}
+        assert predicted["modeled_us"]["dispatch"] > 0
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_killed_distributed_run_resumes_under_torchrun_to_the_same_files(
+    data_dir: Path, dist_run: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(tiny_cfg(data_dir).model_dump_json())  # JSON is YAML
+    out, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    args = ["train", "--config", str(config), "--out", str(out), "--ckpt-dir", str(ckpt)]
+    port = free_port()
+    procs = [subprocess.Popen([str(BIN / "moebench"), *args], env=os.environ | rank_env(r, port),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for r in range(WORLD)]
+    try:
+        deadline = time.monotonic() + 300
+        while (not (ckpt / CKPT_NAME).exists() and time.monotonic() < deadline
+               and all(p.poll() is None for p in procs)):
+            time.sleep(0.005)
+        for p in procs:
+            p.send_signal(signal.SIGKILL)
+    finally:
+        _stop(procs)
+    assert [p.returncode for p in procs] == [-signal.SIGKILL] * WORLD, "ended before the kill"
+    assert not (out / "summary.json").exists()
+    killed_at = torch.load(ckpt / CKPT_NAME, weights_only=True)["step"]
+    assert 2 <= killed_at < 8
+
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={WORLD}",
+         "--master-addr=127.0.0.1", f"--master-port={free_port()}", "--no-python",
+         str(BIN / "moebench"), *args],
+        capture_output=True, text=True, timeout=400, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resuming from step {killed_at}" in res.stderr
+    straight = dist_run / "run"
+    for name in ("metrics.jsonl", "routing_trace.parquet"):
+        assert (out / name).read_bytes() == (straight / name).read_bytes(), name
+    assert summary_without_timing(out) == summary_without_timing(straight)
+    assert [r["step"] for r in lines(out / "timing.jsonl")] == list(range(1, 9))
+
+
+# ---- srun on the one-node SLURM cluster ----------------------------------------------------
+@pytest.fixture(scope="module")
+def slurm_cluster() -> Iterator[None]:
+    """tests/slurm/local-cluster.sh's cluster (root); stopped afterwards if started here."""
+    if os.geteuid() != 0:
+        pytest.skip("the one-node SLURM cluster needs root (apt-get, /etc/slurm, daemons)")
+    res = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
+                         check=False) if shutil.which("sinfo") else None
+    started = res is None or res.returncode != 0 or not res.stdout.split()
+    if started:
+        up = subprocess.run(["bash", str(REPO / "tests/slurm/local-cluster.sh"), "start"],
+                            capture_output=True, text=True, timeout=600, check=False)
+        assert up.returncode == 0, up.stdout + up.stderr
+    yield
+    if started:
+        subprocess.run(["bash", str(REPO / "tests/slurm/local-cluster.sh"), "stop"],
+                       check=False, timeout=60)
+
+
+@pytest.mark.slurm
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_srun_with_four_tasks_gives_the_same_summary(
+    slurm_cluster: None, data_dir: Path, dist_run: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(tiny_cfg(data_dir).model_dump_json())
+    out = tmp_path / "run"
+    # --overcommit: 4 tasks on the test node's 2 CPUs
+    res = subprocess.run(
+        ["srun", f"--ntasks={WORLD}", "--overcommit", "--kill-on-bad-exit=1", "--time=10",
+         str(BIN / "moebench"), "train", "--config", str(config), "--out", str(out),
+         "--ckpt-dir", str(tmp_path / "ckpt")],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.count("done: val_loss") == 1  # rank 0 alone reports
+    straight = dist_run / "run"
+    assert summary_without_timing(out) == summary_without_timing(straight)
+    assert (out / "metrics.jsonl").read_bytes() == (straight / "metrics.jsonl").read_bytes()
