@@ -2,11 +2,16 @@
 
     PYTHONPATH=src python benchmarks/moe_layer.py --out results/benchmarks
 
-Providers: `moebench` (`moebench.kernels.grouped_experts`: sorted dispatch, `_grouped_mm`,
-Triton SwiGLU, batched combine, custom backward without atomics), `grouped_mm_plain` (gather,
-three `_grouped_mm`, eager SwiGLU, `index_add` scatter, autograd everywhere), `expert_loop`
-(one expert at a time), `dense_ceiling` (the same nine matrix products, fwd+bwd, as one dense
-FFN over all T*K rows: the rate the routed layer could reach with free routing).
+Providers: `moebench` (`moebench.kernels.grouped_experts_gate_up`: sorted dispatch, gate and
+up in one [E, H, 2F] weight, `_grouped_mm`, Triton scatter / gather-sum / SwiGLU kernels,
+no atomics), `moebench_split` (`grouped_experts`: the same with separate gate and up
+weights), `moebench_prev` (with `--baseline FILE`: an earlier experts module, e.g.
+`git show REV:src/moebench/kernels/experts.py`, timed in the same run), `grouped_mm_plain`
+(gather, three `_grouped_mm`, eager SwiGLU, `index_add` scatter, autograd everywhere),
+`expert_loop` (one expert at a time), `dense_ceiling` (the same nine matrix products,
+fwd+bwd, as one dense FFN over all T*K rows: the rate the routed layer could reach with free
+routing). The gate+up weight of `moebench` is packed once before timing (as a model would
+store it); its gradient is compared split back into the two halves.
 
 FLOPs: forward 3 products of 2*A*H*F (A = T*K), forward+backward 9 of them. Writes
 `moe_layer.parquet` (gpu, provider, tokens, hidden, ffn_hidden, experts, top_k, pass,
@@ -25,8 +30,13 @@ import torch
 from torch.nn import functional as F
 
 from moebench.io import write_text
-from moebench.kernels.bench import env_columns, write_results
-from moebench.kernels.experts import expert_loop, grouped_experts, plan_dispatch
+from moebench.kernels.bench import env_columns, load_baseline, write_results
+from moebench.kernels.experts import (
+    expert_loop,
+    grouped_experts,
+    grouped_experts_gate_up,
+    plan_dispatch,
+)
 
 SHAPES = [  # tokens, hidden, ffn_hidden, experts, top_k
     (16384, 2048, 1024, 64, 6),
@@ -72,7 +82,17 @@ def time_events(fn, reps: int, warmup: int = 3) -> dict[str, float]:
     return {"median_ms": q[0], "p20_ms": q[1], "p80_ms": q[2]}
 
 
-def run_shape(T: int, H: int, Fh: int, E: int, K: int, reps: int, env: dict):
+def gate_up_provider(wgu: torch.Tensor):
+    """`grouped_experts_gate_up` on the packed weight `wgu` (a leaf), called with the
+    separate weights' signature (their gate and up arguments are ignored)."""
+
+    def layer(x, experts, weights, _wg, _wu, wd):
+        return grouped_experts_gate_up(x, experts, weights, wgu, wd)
+
+    return layer
+
+
+def run_shape(T: int, H: int, Fh: int, E: int, K: int, reps: int, env: dict, baseline=None):
     """Check and time every provider at one shape; return (rows, checks)."""
     rows, checks = [], []
     dev, bf = "cuda", torch.bfloat16
@@ -91,17 +111,27 @@ def run_shape(T: int, H: int, Fh: int, E: int, K: int, reps: int, env: dict):
     xa = torch.randn(A, H, device=dev, dtype=bf, generator=gen)
     do = torch.randn(A, H, device=dev, dtype=bf, generator=gen)
     dense_w = (wg[0].detach(), wu[0].detach(), wd[0].detach())
+    wgu = torch.cat([wg, wu], dim=2).detach().requires_grad_()
     layer = {
-        "moebench": grouped_experts,
+        "moebench": gate_up_provider(wgu),
+        "moebench_split": grouped_experts,
         "grouped_mm_plain": grouped_mm_plain,
         "expert_loop": expert_loop,
     }
+    if baseline is not None:
+        layer["moebench_prev"] = baseline.grouped_experts
+    grad_params = {name: params for name in layer}
+    grad_params["moebench"] = [x, weights, wgu, wd]
     # correctness on the GPU: the grouped providers against the per-expert loop
     ref = expert_loop(x, experts, weights, wg, wu, wd)
     ref_g = torch.autograd.grad(ref, params, dy)
-    for name in ("moebench", "grouped_mm_plain"):
+    for name in layer:
+        if name == "expert_loop":
+            continue
         y = layer[name](x, experts, weights, wg, wu, wd)
-        gs = torch.autograd.grad(y, params, dy)
+        gs = list(torch.autograd.grad(y, grad_params[name], dy))
+        if name == "moebench":
+            gs[2:3] = gs[2].chunk(2, dim=2)  # dw_gate_up -> dw_gate, dw_up
         errs = [
             float((a.float() - b.float()).norm() / b.float().norm())
             for a, b in zip((y, *gs), (ref, *ref_g), strict=True)
@@ -113,7 +143,7 @@ def run_shape(T: int, H: int, Fh: int, E: int, K: int, reps: int, env: dict):
         )
         print(json.dumps(checks[-1]), flush=True)
     flops_fwd = 3 * 2 * A * H * Fh
-    for name in ("moebench", "grouped_mm_plain", "expert_loop", "dense_ceiling"):
+    for name in [*layer, "dense_ceiling"]:
         for pass_ in ("forward", "forward+backward"):
             backward = pass_ == "forward+backward"
             if name == "dense_ceiling":
@@ -122,12 +152,12 @@ def run_shape(T: int, H: int, Fh: int, E: int, K: int, reps: int, env: dict):
                     return dense_products(xa, *dense_w, do, backward)
             else:
 
-                def fn(f=layer[name], backward=backward):
+                def fn(f=layer[name], backward=backward, ps=grad_params[name]):
                     if not backward:
                         with torch.no_grad():
                             return f(x, experts, weights, wg, wu, wd)
                     y = f(x, experts, weights, wg, wu, wd)
-                    return torch.autograd.grad(y, params, dy)
+                    return torch.autograd.grad(y, ps, dy)
 
             t = time_events(fn, 5 if name == "expert_loop" else reps)
             flops = flops_fwd * (3 if backward else 1)
@@ -154,20 +184,21 @@ def run_shape(T: int, H: int, Fh: int, E: int, K: int, reps: int, env: dict):
 
 
 def profile_shape(T: int, H: int, Fh: int, E: int, K: int, out: str) -> None:
-    """Per-kernel GPU time of one `grouped_experts` forward+backward (torch.profiler), to
-    show what bounds the layer: the grouped GEMMs vs the data movement around them."""
+    """Per-kernel GPU time of one `grouped_experts_gate_up` forward+backward
+    (torch.profiler), to show what bounds the layer: the grouped GEMMs vs the data movement
+    around them."""
     dev, bf = "cuda", torch.bfloat16
     x = torch.randn(T, H, device=dev, dtype=bf).requires_grad_()
     experts = torch.rand(T, E, device=dev).topk(K, dim=1).indices
     weights = torch.rand(T, K, device=dev).requires_grad_()
     ws = [
         (torch.randn(*shape, device=dev) * 0.02).to(bf).requires_grad_()
-        for shape in ((E, H, Fh), (E, H, Fh), (E, Fh, H))
+        for shape in ((E, H, 2 * Fh), (E, Fh, H))
     ]
     dy = torch.randn(T, H, device=dev, dtype=bf)
 
     def step():
-        y = grouped_experts(x, experts, weights, *ws)
+        y = grouped_experts_gate_up(x, experts, weights, *ws)
         return torch.autograd.grad(y, [x, weights, *ws], dy)
 
     for _ in range(3):
@@ -187,15 +218,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", required=True)
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--profile", action="store_true", help="only the per-kernel profile")
+    ap.add_argument("--profile", action="store_true", help="also the per-kernel profile")
+    ap.add_argument("--baseline", help="earlier experts module to time as moebench_prev")
     args = ap.parse_args()
-    if args.profile:
-        profile_shape(*SHAPES[0], out=args.out)
-        return
+    baseline = load_baseline(args.baseline, "experts_prev") if args.baseline else None
     env = env_columns()
     rows, checks = [], []
     for shape in SHAPES:
-        r, c = run_shape(*shape, reps=args.reps, env=env)
+        r, c = run_shape(*shape, reps=args.reps, env=env, baseline=baseline)
         rows += r
         checks += c
         write_results(
@@ -212,6 +242,8 @@ def main() -> None:
             ["provider", "tokens", "hidden", "experts", "y", "dx", "dweights", "dw_gate",
              "dw_up", "dw_down"],
         )  # fmt: skip
+    if args.profile:
+        profile_shape(*SHAPES[0], out=args.out)
 
 
 if __name__ == "__main__":

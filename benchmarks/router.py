@@ -5,7 +5,9 @@ torch.compile), forward and forward+backward, against the HBM floor.
 
 Writes `router.parquet` (long format: gpu, provider, case, tokens, pass, median_us, p20_us,
 p80_us, floor_us, versions) and `router.md`; first checks the kernel against the reference
-on CUDA (ids as sets, gates, logit gradients, load) and sweeps the launch shape.
+on CUDA (ids in the reference's order and as sets, gates, logit gradients, load) and sweeps
+the launch shape. `--baseline FILE` also times an earlier router module (provider
+`moebench_prev`, e.g. `git show REV:src/moebench/kernels/router.py`) in the same run.
 
 Floors (bytes / measured copy rate): forward = read logits once + write ids (int64) and gates
 (float32); backward = read ids and gate gradients + write the logit gradient (+ read the
@@ -23,7 +25,13 @@ from dataclasses import asdict
 
 import torch
 
-from moebench.kernels.bench import copy_bandwidth, env_columns, time_graph, write_results
+from moebench.kernels.bench import (
+    copy_bandwidth,
+    env_columns,
+    load_baseline,
+    time_graph,
+    write_results,
+)
 from moebench.kernels.router import (
     Launch,
     default_launch,
@@ -31,7 +39,7 @@ from moebench.kernels.router import (
     router_backward,
     router_forward,
 )
-from moebench.routing import RouterConfig, gate_weights, preset, route, scores, select_experts
+from moebench.routing import RouterConfig, gate_weights, preset, scores, select_experts
 
 CASES: dict[str, RouterConfig] = {
     "v3": preset("v3"),
@@ -64,20 +72,23 @@ def make_inputs(cfg: RouterConfig, T: int, case: str, grad: bool):
 
 
 def check(case: str, cfg: RouterConfig, T: int, launch: Launch) -> dict:
-    """Kernel vs `route` on CUDA: ids as sets, max gate and gradient errors, load equality."""
+    """Kernel vs the PyTorch reference on CUDA (`route` itself would dispatch to the kernel):
+    ids as sets and in order, max gate and gradient errors, load equality."""
     xs, bias, g = make_inputs(cfg, T, case, grad=True)
     z = xs[0]
     fused = route_fused(z, cfg, bias, launch)
-    ref = route(z, cfg, bias)
-    o_f, o_r = fused.experts.argsort(1), ref.experts.argsort(1)
-    w_f, w_r = fused.weights.gather(1, o_f), ref.weights.gather(1, o_r)
+    ref = reference(z, cfg, bias)
+    ref_experts = ref[0]
+    o_f, o_r = fused.experts.argsort(1), ref_experts.argsort(1)
+    w_f, w_r = fused.weights.gather(1, o_f), ref[1].gather(1, o_r)
     (gf,) = torch.autograd.grad((w_f * g).sum(), z)
     (gr,) = torch.autograd.grad((w_r * g).sum(), z)
-    load = torch.bincount(ref.experts.flatten(), minlength=cfg.num_experts)
+    load = torch.bincount(ref_experts.flatten(), minlength=cfg.num_experts)
     return {
         "case": case,
         "tokens": T,
-        "ids_equal": bool((fused.experts.sort(1).values == ref.experts.sort(1).values).all()),
+        "ids_equal": bool((fused.experts.sort(1).values == ref_experts.sort(1).values).all()),
+        "order_equal_frac": float((fused.experts == ref_experts).all(1).float().mean()),
         "max_weight_err": float((w_f - w_r).abs().max()),
         "max_grad_err": float((gf - gr).abs().max()),
         "load_equal": bool((fused.load == load).all()),
@@ -93,8 +104,9 @@ def bwd_bytes(cfg: RouterConfig, T: int) -> int:
     return dense + T * cfg.top_k * (8 + 4)
 
 
-def providers(cfg: RouterConfig, fwd_launch: Launch, bwd_launch: Launch):
-    """name -> (forward fn, forward+backward fn), each taking (logits, bias, gate grad)."""
+def providers(cfg: RouterConfig, fwd_launch: Launch, bwd_launch: Launch, baseline=None):
+    """name -> (forward fn, forward+backward fn), each taking (logits, bias, gate grad);
+    `baseline`: an earlier router module, timed with its own default launch shapes."""
 
     def mb_fwd(z, b, _g):
         return router_forward(z, cfg, b, fwd_launch)
@@ -119,16 +131,36 @@ def providers(cfg: RouterConfig, fwd_launch: Launch, bwd_launch: Launch):
         _, w = compiled(z, cfg, b)
         return torch.autograd.grad(w, z, g)
 
-    return {
+    provs = {
         "moebench": (mb_fwd, mb_fb),
         "torch_eager": (ref_fwd, ref_fb),
         "torch_compile": (comp_fwd, comp_fb),
     }
+    if baseline is not None:
+
+        def prev_fwd(z, b, _g):
+            return baseline.router_forward(z, cfg, b)
+
+        def prev_fb(z, b, g):
+            return torch.autograd.grad(baseline.route_fused(z, cfg, b).weights, z, g)
+
+        provs["moebench_prev"] = (prev_fwd, prev_fb)
+    return provs
 
 
-LAUNCHES = [  # (rows per program, warps): the front-runners of a wider first sweep
+FWD_LAUNCHES = [  # (warps, lanes per row (0 = auto), atomic load count, programs per SM)
+    Launch(num_warps=w, lanes_per_row=lanes, atomic_load=atomic, programs_per_sm=pps)
+    for w, lanes, atomic, pps in (
+        (1, 0, True, 32),
+        (1, 0, False, 32),
+        (1, 0, True, 16),
+        (2, 0, True, 16),
+        (1, 16, True, 32),
+    )
+]
+BWD_LAUNCHES = [  # (rows per program, warps): the front-runners of the first sweep
     Launch(block_t, warps, max(1, 64 // warps))
-    for block_t, warps in ((1, 1), (2, 1), (4, 1), (4, 2), (8, 2), (8, 4), (16, 2), (16, 4))
+    for block_t, warps in ((1, 1), (2, 1), (4, 2), (8, 4))
 ]
 
 
@@ -137,8 +169,8 @@ def sweep(case: str, cfg: RouterConfig, T: int) -> tuple[Launch, Launch, list[di
     xs, bias, g = make_inputs(cfg, T, case, grad=False)
     ids = router_forward(xs[0], cfg, bias)[0]
     results = []
-    for launch in LAUNCHES:
-        for backward in (False, True):
+    for backward, launches in ((False, FWD_LAUNCHES), (True, BWD_LAUNCHES)):
+        for launch in launches:
             if backward:
 
                 def fn(i, launch=launch):
@@ -154,7 +186,8 @@ def sweep(case: str, cfg: RouterConfig, T: int) -> tuple[Launch, Launch, list[di
         min((r for r in results if r["backward"] == b), key=lambda r: r["median_us"])
         for b in (False, True)
     ]
-    fwd, bwd = (Launch(r["block_t"], r["num_warps"], r["programs_per_sm"]) for r in best)
+    fields = ("block_t", "num_warps", "programs_per_sm", "lanes_per_row", "atomic_load")
+    fwd, bwd = (Launch(**{f: r[f] for f in fields}) for r in best)
     return fwd, bwd, results
 
 
@@ -165,7 +198,11 @@ def main() -> None:
     ap.add_argument("--cases", default="v3,v2,e64")
     ap.add_argument("--providers", default="moebench,torch_eager,torch_compile")
     ap.add_argument("--no-sweep", action="store_true", help="use the default launch shapes")
+    ap.add_argument("--sweep-cases", default="v3", help="cases whose launch shape is swept")
+    ap.add_argument("--compile-cases", default="v3,v2,e64", help="cases timed with torch_compile")
+    ap.add_argument("--baseline", help="earlier router module to time as moebench_prev")
     args = ap.parse_args()
+    baseline = load_baseline(args.baseline, "router_prev") if args.baseline else None
     token_list = [int(t) for t in args.tokens.split(",")]
     wanted = args.providers.split(",")
     env = env_columns()
@@ -174,7 +211,7 @@ def main() -> None:
     rows, checks, sweeps = [], [], []
     for case in args.cases.split(","):
         cfg = CASES[case]
-        if args.no_sweep:
+        if args.no_sweep or case not in args.sweep_cases.split(","):
             fwd_launch = default_launch(cfg, torch.device("cuda"))
             bwd_launch = default_launch(cfg, torch.device("cuda"), backward=True)
         else:
@@ -184,7 +221,7 @@ def main() -> None:
         for T in (1, 1000, 65536):
             checks.append(check(case, cfg, T, fwd_launch))
             print(json.dumps(checks[-1]), flush=True)
-        provs = providers(cfg, fwd_launch, bwd_launch)
+        provs = providers(cfg, fwd_launch, bwd_launch, baseline)
         for T in token_list:
             xs, bias, g = make_inputs(cfg, T, case, grad=True)
             xs_nograd = [x.detach() for x in xs]
@@ -193,8 +230,10 @@ def main() -> None:
                 "forward+backward": (fwd_bytes(cfg, T) + bwd_bytes(cfg, T)) / bw * 1e6,
             }
             for name in wanted:
+                if name == "torch_compile" and case not in args.compile_cases.split(","):
+                    continue
                 fwd, fb = provs[name]
-                fast = name == "moebench"
+                fast = name.startswith("moebench")
                 for pass_, fn, inputs in (
                     ("forward", fwd, xs_nograd),
                     ("forward+backward", fb, xs),
@@ -224,7 +263,7 @@ def main() -> None:
                             "launch": json.dumps(
                                 {"fwd": asdict(fwd_launch), "bwd": asdict(bwd_launch)}
                             )
-                            if fast
+                            if name == "moebench"
                             else "",
                         }
                     )
@@ -252,15 +291,17 @@ def save(out: str, rows: list[dict], checks: list[dict], sweeps: list[dict]) -> 
         [{**env, **c} for c in checks],
         out,
         "router_check",
-        ["case", "tokens", "ids_equal", "max_weight_err", "max_grad_err", "load_equal"],
-    )
+        ["case", "tokens", "ids_equal", "order_equal_frac", "max_weight_err", "max_grad_err",
+         "load_equal"],
+    )  # fmt: skip
     if sweeps:
         write_results(
             [{**env, **s} for s in sweeps],
             out,
             "router_sweep",
-            ["case", "backward", "block_t", "num_warps", "programs_per_sm", "median_us"],
-        )
+            ["case", "backward", "block_t", "num_warps", "lanes_per_row", "atomic_load",
+             "programs_per_sm", "median_us"],
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

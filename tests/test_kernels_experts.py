@@ -1,6 +1,7 @@
 """Grouped expert path (moebench.kernels.experts) against the per-expert loop reference on
-CPU: outputs and the gradients of x, gates and all three weight stacks; dispatch plan
-invariants; the Triton SwiGLU kernels (interpreter) and the grouped-GEMM fallback.
+CPU: outputs and the gradients of x, gates and all three weight stacks, with the torch row
+movement and with the Triton kernels (interpreter), separate and packed gate/up weights;
+dispatch plan invariants; the Triton SwiGLU kernels and the grouped-GEMM fallback.
 
 Legend: T tokens, K experts per token, A = T*K assignments, E experts, H hidden, F expert
 hidden.
@@ -8,11 +9,20 @@ hidden.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from moebench.kernels import experts as ex
-from moebench.kernels.experts import expert_loop, grouped_experts, plan_dispatch, swiglu
+from moebench.kernels.experts import (
+    expert_loop,
+    grouped_experts,
+    grouped_experts_gate_up,
+    plan_dispatch,
+    swiglu,
+    swiglu_packed,
+)
 
 # relative L2 error bound of outputs and gradients, by dtype
 REL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -38,12 +48,22 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def _gate_up(x, experts, weights, w_gate, w_up, w_down, triton_kernels=None):
+    """`grouped_experts_gate_up` on a packed copy of the gate and up weights; differentiable
+    w.r.t. the separate weights (the test compares their gradients)."""
+    packed = torch.cat([w_gate, w_up], dim=2)
+    return grouped_experts_gate_up(x, experts, weights, packed, w_down, triton_kernels)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("T", "H", "Fh", "E", "K"), [(1, 8, 16, 4, 1), (61, 32, 16, 8, 3)])
-def test_grouped_experts_match_loop(T, H, Fh, E, K, dtype):
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("triton_kernels", [False, True])
+def test_grouped_experts_match_loop(T, H, Fh, E, K, dtype, packed, triton_kernels):
     x, experts, weights, ws, dy = _problem(T, H, Fh, E, K, dtype)
     outs = []
-    for fn in (grouped_experts, expert_loop):
+    grouped = _gate_up if packed else grouped_experts
+    for fn in (functools.partial(grouped, triton_kernels=triton_kernels), expert_loop):
         leaves = [t.clone().requires_grad_() for t in (x, weights, *ws)]
         y = fn(leaves[0], experts, *leaves[1:])
         outs.append((y, *torch.autograd.grad(y, leaves, dy)))
@@ -78,6 +98,17 @@ def test_swiglu_kernel_matches_eager():
         torch.testing.assert_close(a, b)
 
 
+def test_packed_swiglu_kernel_matches_eager():
+    gen = torch.Generator().manual_seed(4)
+    hu = torch.randn(37, 2 * 24, generator=gen).requires_grad_()
+    da = torch.randn(37, 24, generator=gen)
+    fused, eager = swiglu_packed(hu, fused=True), swiglu_packed(hu, fused=False)
+    torch.testing.assert_close(fused, eager)
+    (g_fused,) = torch.autograd.grad(fused, hu, da)
+    (g_eager,) = torch.autograd.grad(eager, hu, da)
+    torch.testing.assert_close(g_fused, g_eager)
+
+
 def test_grouped_mm_fallback_equals_native(monkeypatch):
     gen = torch.Generator().manual_seed(2)
     a = torch.randn(10, 8, generator=gen)
@@ -97,3 +128,5 @@ def test_shape_errors_name_the_argument():
         grouped_experts(x, experts, weights, ws[0], ws[1], ws[2].transpose(1, 2))
     with pytest.raises(ValueError, match=r"weights_TK shape=\(5, 3\)"):
         grouped_experts(x, experts, torch.rand(5, 3), *ws)
+    with pytest.raises(ValueError, match=r"w_gate_up_EH2F shape=\(4, 8, 31\)"):
+        grouped_experts_gate_up(x, experts, weights, torch.zeros(4, 8, 31), ws[2])

@@ -279,6 +279,7 @@ def test_kill_during_comm_then_rerun_gives_identical_outputs(
 
     assert CliRunner().invoke(app, argv).exit_code == 0
     same_files(run, ref_run(reference))
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # temporaries cleaned
 
 
 def test_kill_during_aggregation_then_rerun_gives_identical_outputs(

@@ -1,13 +1,13 @@
-"""The pipeline under failure: the tiny study (configs/test.yaml, the default study's shape)
-run by Snakemake while its jobs are killed, next to a clean run from scratch.
+"""The pipeline under failure: the tiny study (configs/test.yaml, the default study's shape;
+MLflow off to save time) run by Snakemake while its jobs are killed, next to a clean run.
 
 - A training job killed by SIGKILL fails the job: Snakemake reports it and deletes the job's
   outputs (none of them stays visible); the other runs finish (--keep-going).
-- Snakemake itself killed (SIGKILL) during a training job leaves incomplete outputs; the next
-  run refuses to start, naming them, until `--rerun-incomplete`, which reruns the job; it
-  resumes from its last checkpoint.
+- Snakemake itself killed (SIGKILL) during a training job leaves incomplete outputs and its
+  lock: the next run refuses, naming the incomplete files (`--rerun-incomplete`), then the
+  lock (`--unlock`); after both the job reruns and resumes from its last checkpoint.
 - The recovered study's tables, summary and run files equal the clean run's byte for byte
-  (wall-clock fields aside): same seeds, same bytes, whatever happened on the way.
+  (wall-clock fields and the git commit aside): same seeds, same bytes, whatever happened.
 - SLURM (marked `slurm`): a training job cancelled with `scancel` is reported and rerun by
   `--retries 1`, resuming from its checkpoint.
 """
@@ -43,12 +43,22 @@ TRAIN_FILES = ("config.resolved.yaml", "metrics.jsonl", "timing.jsonl", "summary
 VICTIM = ("test", "shakespeare", "aux_free", 1)
 """The run whose training job gets killed (12 steps, checkpoints at 6 and 12)."""
 KILL_AT = "step:8"
+VARYING = (*TIMING_KEYS, "git_sha")
+"""Summary fields that may differ between two runs: wall clock, and the commit."""
 
 
-def snakemake(workdir: Path, env: dict[str, str], *args: str,
-              study: Path = TEST_STUDY) -> subprocess.CompletedProcess[str]:
+def study_file(folder: Path, **over: object) -> Path:
+    """configs/test.yaml without MLflow (plus `over`), written into `folder`."""
+    study = yaml.safe_load(TEST_STUDY.read_text()) | {"tracking": {"uri": None}} | over
+    path = folder / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def snakemake(workdir: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """Snakemake on the study file of `workdir` (see `study_file`)."""
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-           "--configfile", str(study), *args]
+           "--configfile", str(workdir / "study.yaml"), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
 
 
@@ -68,6 +78,7 @@ def victim_ckpt_step(workdir: Path) -> int:
 def clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The study run from scratch, undisturbed."""
     workdir = tmp_path_factory.mktemp("clean")
+    study_file(workdir)
     ok(snakemake(workdir, kill_hook_env(workdir / ".hook"), "--cores", "2"), workdir)
     return workdir
 
@@ -83,6 +94,8 @@ class Recovery:
     killed: subprocess.CompletedProcess[str]
     visible_after_kill: set[str]
     refused: subprocess.CompletedProcess[str]
+    locked: subprocess.CompletedProcess[str]
+    unlocked: subprocess.CompletedProcess[str]
     resumed: subprocess.CompletedProcess[str]
     victim_log: str
 
@@ -91,8 +104,10 @@ class Recovery:
 def recovered(tmp_path_factory: pytest.TempPathFactory) -> Recovery:
     """1. The victim's training job SIGKILLs itself at step 8 (--keep-going);
     2. on the rerun, it kills Snakemake and itself at step 8;
-    3. a plain rerun is refused (incomplete files); 4. `--rerun-incomplete` finishes."""
+    3. a plain rerun is refused (incomplete files); 4. so is one with `--rerun-incomplete`
+    (the killed Snakemake's lock); 5. `--unlock`; 6. `--rerun-incomplete` finishes."""
     workdir = tmp_path_factory.mktemp("recovered")
+    study_file(workdir)
     victim = paths.run_dir(*VICTIM)
     only = "/".join(victim.parts[-2:])  # aux_free/seed~1: the victim's train command
     hook = workdir / ".hook"
@@ -109,10 +124,12 @@ def recovered(tmp_path_factory: pytest.TempPathFactory) -> Recovery:
 
     plain = kill_hook_env(hook)
     refused = snakemake(workdir, plain, "--cores", "2")
+    locked = snakemake(workdir, plain, "--cores", "2", "--rerun-incomplete")
+    unlocked = snakemake(workdir, plain, "--unlock")
     resumed = snakemake(workdir, plain, "--cores", "2", "--rerun-incomplete")
     log = workdir / "work/logs/test/train/shakespeare/aux_free/seed~1.log"
     return Recovery(workdir, failed, victim_files, ckpt_after_failure, killed, visible,
-                    refused, resumed, log.read_text())
+                    refused, locked, unlocked, resumed, log.read_text())
 
 
 def test_failed_job_is_reported_and_leaves_no_outputs(recovered: Recovery) -> None:
@@ -136,6 +153,9 @@ def test_killed_snakemake_is_recovered_by_rerun_incomplete(recovered: Recovery) 
     assert "seem to be incomplete" in r.refused.stderr
     assert "--rerun-incomplete" in r.refused.stderr
     assert f"{paths.run_dir(*VICTIM)}/metrics.jsonl" in r.refused.stderr
+    assert r.locked.returncode != 0
+    assert "Directory cannot be locked" in r.locked.stderr and "--unlock" in r.locked.stderr
+    assert r.unlocked.returncode == 0
     ok(r.resumed, r.workdir)
     assert "resuming from step 6" in r.victim_log
     assert set(TRAIN_FILES) <= {p.name for p in (r.workdir / paths.run_dir(*VICTIM)).iterdir()}
@@ -160,24 +180,22 @@ def test_recovered_study_equals_clean_study_byte_for_byte(
     recovered: Recovery, clean: Path
 ) -> None:
     """Same seeds, same bytes: every run file, summary.parquet and the tables; only the
-    wall-clock measurements (tokens/s, MFU, elapsed time) and MLflow run ids differ."""
+    wall-clock measurements (tokens/s, MFU, elapsed time) may differ, and the git commit
+    when the repository changed between the two runs."""
     a, b = recovered.workdir / "results", clean / "results"
     runs = sorted(p.relative_to(b) for p in (b / "runs").glob("*/*/*/seed~*"))
     assert len(runs) == 4
     for run in runs:
-        for name in ("metrics.jsonl", "routing_trace.parquet", "comm.parquet", "comm.json"):
+        for name in ("config.resolved.yaml", "metrics.jsonl", "routing_trace.parquet",
+                     "comm.parquet", "comm.json"):
             assert (a / run / name).read_bytes() == (b / run / name).read_bytes(), run / name
         one, two = (json.loads((d / run / "summary.json").read_text()) for d in (a, b))
-        assert {k: v for k, v in one.items() if k not in TIMING_KEYS} == {
-            k: v for k, v in two.items() if k not in TIMING_KEYS}
-        cfg_a, cfg_b = (yaml.safe_load((d / run / "config.resolved.yaml").read_text())
-                        for d in (a, b))
-        assert cfg_a.pop("tracking")["parent_run_id"] != cfg_b.pop("tracking")["parent_run_id"]
-        assert cfg_a == cfg_b
+        assert {k: v for k, v in one.items() if k not in VARYING} == {
+            k: v for k, v in two.items() if k not in VARYING}
     df_a, df_b = (pd.read_parquet(paths.summary_file(d)) for d in (a, b))
     SUMMARY_SCHEMA.validate(df_a)
-    pd.testing.assert_frame_equal(df_a.drop(columns=list(TIMING_KEYS)),
-                                  df_b.drop(columns=list(TIMING_KEYS)))
+    pd.testing.assert_frame_equal(df_a.drop(columns=list(VARYING)),
+                                  df_b.drop(columns=list(VARYING)))
     csv_a, csv_b = (pd.read_csv(paths.table_file("test", "csv", d)) for d in (a, b))
     wall = [c for c in csv_a.columns if c.startswith("tokens_per_s")]
     pd.testing.assert_frame_equal(csv_a.drop(columns=wall), csv_b.drop(columns=wall))
@@ -211,17 +229,14 @@ def slurm_cluster() -> Iterator[None]:
 @pytest.mark.slurm
 def test_scancelled_slurm_job_is_reported_and_rerun(slurm_cluster: None,
                                                     tmp_path: Path) -> None:
-    study = yaml.safe_load(TEST_STUDY.read_text())
-    study |= {"study": "cancel", "seeds": [0], "tracking": {"uri": None},
-              "strategies": {"aux_free": study["strategies"]["aux_free"]}}
-    study_file = tmp_path / "cancel.yaml"
-    study_file.write_text(yaml.safe_dump(study))
     workdir = tmp_path / "wd"
+    workdir.mkdir()
+    aux_free = yaml.safe_load(TEST_STUDY.read_text())["strategies"]["aux_free"]
+    study_file(workdir, study="cancel", seeds=[0], strategies={"aux_free": aux_free})
     env = kill_hook_env(tmp_path / "hook", spec=KILL_AT, only="train --config",
                         once=str(tmp_path / "hook" / "cancelled"), action="scancel")
     res = snakemake(workdir, env, "--workflow-profile",
-                    str(REPO / "workflow/profiles/slurm-test"), "--retries", "1",
-                    study=study_file)
+                    str(REPO / "workflow/profiles/slurm-test"), "--retries", "1")
     ok(res, workdir)
     assert (tmp_path / "hook" / "cancelled").exists()  # the first attempt did cancel itself
     out = res.stdout + res.stderr

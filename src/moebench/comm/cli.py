@@ -17,7 +17,13 @@ from moebench.comm.replay import (
     replay_synthetic,
 )
 from moebench.comm.topology import Topology
-from moebench.io import check_writable_dir, write_json, write_parquet, write_text
+from moebench.io import (
+    check_writable_dir,
+    remove_temporaries,
+    write_json,
+    write_parquet,
+    write_text,
+)
 
 Nodes = Annotated[int | None, typer.Option(help="nodes (default: the trace's num_nodes)")]
 Gpus = Annotated[int | None, typer.Option(help="GPUs per node (default: the trace's)")]
@@ -74,6 +80,7 @@ def comm(
             ib_gbps=ib_gbps,
         )
         rows = replay_layers(tr.experts, topo, threads)
+        remove_temporaries(out, ("comm.parquet", "comm.json"))  # left by a killed attempt
         write_parquet(out / "comm.parquet", pa.Table.from_pylist(rows))
         summary = comm_summary(rows, topo)
         write_json(out / "comm.json", summary)

@@ -1,6 +1,7 @@
 """GPU speed paths: the fused Triton router (`route_fused`, dispatched to by
 `moebench.routing.route` on CUDA when `supports` holds) and the grouped expert FFN
-(`grouped_experts`: permute by expert, `torch._grouped_mm`, unpermute with the gates).
+(`grouped_experts`, `grouped_experts_gate_up`: permute by expert, `torch._grouped_mm`,
+unpermute with the gates; Triton row movement and SwiGLU on CUDA).
 
 On a machine without CUDA, importing this package sets `TRITON_INTERPRET=1` (unless set) before
 the kernels are defined, so they run on CPU tensors in Triton's interpreter (tests,
@@ -17,6 +18,7 @@ if not torch.cuda.is_available():
 from moebench.kernels.experts import (
     expert_loop,
     grouped_experts,
+    grouped_experts_gate_up,
     grouped_mm,
     plan_dispatch,
 )
@@ -27,6 +29,7 @@ __all__ = [
     "Launch",
     "expert_loop",
     "grouped_experts",
+    "grouped_experts_gate_up",
     "grouped_mm",
     "plan_dispatch",
     "route_fused",

@@ -11,7 +11,9 @@ then replay the graph `reps` times between CUDA events; per-call time = replay /
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import os
+import sys
 import platform
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -66,6 +68,18 @@ def time_graph(
     q = torch.tensor(times).quantile(torch.tensor([0.5, 0.2, 0.8])).tolist()
     del graph
     return {"median_us": q[0], "p20_us": q[1], "p80_us": q[2]}
+
+
+def load_baseline(path: str | Path, name: str) -> Any:
+    """Import a saved earlier version of a kernels module (e.g. `git show REV:FILE`) under
+    `name`, to time it beside the current one in the same run ("before/after")."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"baseline path={str(path)!r} is invalid; allowed: a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:

@@ -4,21 +4,28 @@
 
 ([DeepSeekMoE] eq. 3-5 routed part; SwiGLU [Shazeer 2020] eq. 6.) The T*K (token, expert)
 assignments are sorted by expert (stable, so tokens keep their order inside an expert), the
-rows of x are gathered once into that order, the three matrix products of every expert run
-as one `torch._grouped_mm` each (row offsets = cumulative expert counts), and the outputs
-are gathered back to [T, K, H] and reduced with the gates by a batched product.
+rows of x are copied once into that order, the matrix products of every expert run as one
+`torch._grouped_mm` each (row offsets = cumulative expert counts), and the expert outputs
+are reduced per token with the gates.
 
-What is fused and why (each step deterministic, no atomics):
-- dispatch (`_Dispatch`): forward gathers x by the sort order; its backward is the inverse
-  gather plus a sum over the K copies of each token, instead of autograd's
-  `index_add` (atomic scatter of bf16 rows).
-- SwiGLU (`swiglu`): one Triton kernel forward (read h, u; write a) and one backward (read h,
-  u, da; write dh, du) on CUDA, instead of five to seven eager element-wise kernels.
-- combine (`_Combine`): y = bmm(w [T,1,K], o[pos] [T,K,H]); backward gives the gate
-  gradient <dy_t, o_tk> and the expert-output gradient gathered back into expert order.
+What is fused and why (each step deterministic, no atomics; measured in
+results/benchmarks/NOTES.md). With `triton_kernels` (default: on CUDA) the row movement is
+two Triton kernels, one program per token, that touch each row once:
+- scatter (`_scatter_rows`): reads x_t once and writes its K copies into expert order
+  (dispatch forward); with gates, writes w_tk * dy_t into expert order and, in the same
+  pass, the gate gradient <dy_t, o_tk> (combine backward).
+- gather-sum (`_gather_sum`): y_t = sum_k w_tk * o[pos(t, k)] in float32 (combine forward);
+  without gates, the sum of the K gradient copies of a token (dispatch backward).
+  (Without the kernels: index_select, a batched product and a sum over K.)
+- SwiGLU (`swiglu`): one Triton kernel forward (read h, u; write a) and one backward (read
+  h, u, da; write dh, du), instead of five to seven eager element-wise kernels.
+- gate and up in one weight (`grouped_experts_gate_up`, w_gate_up_EH2F = [W_gate | W_up]):
+  one grouped GEMM gives [h | u], SwiGLU reads both halves in place and writes [dh | du],
+  so the input gradient is one grouped GEMM instead of two plus an addition of [A, H].
 
 Weight shapes (one tensor per projection, experts stacked first):
-`w_gate_EHF` [E, H, F], `w_up_EHF` [E, H, F], `w_down_EFH` [E, F, H]; x W means x @ W.
+`w_gate_EHF` [E, H, F], `w_up_EHF` [E, H, F] (or `w_gate_up_EH2F` [E, H, 2F], gate first),
+`w_down_EFH` [E, F, H]; x W means x @ W.
 
 Legend: T tokens, K experts per token, A = T*K assignments, E experts, H hidden, F expert
 hidden.
@@ -62,104 +69,274 @@ def plan_dispatch(experts_TK: torch.Tensor, num_experts: int) -> DispatchPlan:
     return DispatchPlan(order_A, order_A // K, pos_A, offsets_E, counts_E)
 
 
+@triton.jit
+def _scatter_rows_kernel(
+    src_ptr,
+    pos_ptr,
+    scale_ptr,
+    other_ptr,
+    dst_ptr,
+    dot_ptr,
+    H,
+    K: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    SCALE: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """Token t: dst[pos[t, k]] = src[t] (* scale[t, k]); DOT: dot[t, k] = <src[t], other[pos]>."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_H)
+    cmask = cols < H
+    x = tl.load(src_ptr + t * H + cols, mask=cmask, other=0.0)
+    for k in tl.static_range(K):
+        p = tl.load(pos_ptr + t * K + k)
+        row = x
+        if SCALE:
+            row = (x.to(tl.float32) * tl.load(scale_ptr + t * K + k)).to(x.dtype)
+        tl.store(dst_ptr + p * H + cols, row, mask=cmask)
+        if DOT:
+            o = tl.load(other_ptr + p * H + cols, mask=cmask, other=0.0).to(tl.float32)
+            tl.store(dot_ptr + t * K + k, tl.sum(x.to(tl.float32) * o, axis=0))
+
+
+@triton.jit
+def _gather_sum_kernel(
+    src_ptr, w_ptr, pos_ptr, dst_ptr, H, K: tl.constexpr, BLOCK_H: tl.constexpr,
+    WEIGHTED: tl.constexpr,
+):  # fmt: skip
+    """Token t: dst[t] = sum_k (w[t, k] *) src[pos[t, k]], accumulated in float32."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_H)
+    cmask = cols < H
+    acc = tl.zeros([BLOCK_H], tl.float32)
+    for k in tl.static_range(K):
+        p = tl.load(pos_ptr + t * K + k)
+        row = tl.load(src_ptr + p * H + cols, mask=cmask, other=0.0).to(tl.float32)
+        acc += row * tl.load(w_ptr + t * K + k) if WEIGHTED else row
+    tl.store(dst_ptr + t * H + cols, acc.to(dst_ptr.dtype.element_ty), mask=cmask)
+
+
+def _row_launch(H: int) -> dict[str, int]:
+    """One program per token row: the whole row in registers, 8-16 elements per thread."""
+    block = triton.next_power_of_2(H)
+    return {"BLOCK_H": block, "num_warps": max(1, min(16, block // 512))}
+
+
+def _scatter_rows(
+    src_TH: torch.Tensor,
+    pos_A: torch.Tensor,
+    scale_TK: torch.Tensor | None = None,
+    other_AH: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """dst [A, H] with dst[pos[t*K + k]] = src[t] (* scale[t, k]), and with `other` the
+    gate gradient dot [T, K] = <src[t], other[pos[t*K + k]]> (float32)."""
+    T, H = src_TH.shape
+    K = pos_A.numel() // max(T, 1)
+    src_TH = src_TH.contiguous()
+    dst_AH = src_TH.new_empty(pos_A.numel(), H)
+    dot_TK = None if other_AH is None else src_TH.new_empty(T, K, dtype=torch.float32)
+    if T:
+        _scatter_rows_kernel[(T,)](
+            src_TH,
+            pos_A,
+            scale_TK if scale_TK is None else scale_TK.float().contiguous(),
+            other_AH if other_AH is None else other_AH.contiguous(),
+            dst_AH,
+            dot_TK,
+            H,
+            K=K,
+            SCALE=scale_TK is not None,
+            DOT=other_AH is not None,
+            **_row_launch(H),
+        )
+    return dst_AH, dot_TK
+
+
+def _gather_sum(
+    src_AH: torch.Tensor, pos_A: torch.Tensor, T: int, w_TK: torch.Tensor | None = None
+) -> torch.Tensor:
+    """dst [T, H] (dtype of src) with dst[t] = sum_k (w[t, k] *) src[pos[t*K + k]]."""
+    H = src_AH.shape[1]
+    dst_TH = src_AH.new_empty(T, H)
+    if T:
+        _gather_sum_kernel[(T,)](
+            src_AH.contiguous(),
+            w_TK if w_TK is None else w_TK.float().contiguous(),
+            pos_A,
+            dst_TH,
+            H,
+            K=pos_A.numel() // T,
+            WEIGHTED=w_TK is not None,
+            **_row_launch(H),
+        )
+    return dst_TH
+
+
 class _Dispatch(torch.autograd.Function):
     """xs[i] = x[token_A[i]]; backward sums the K copies of each token (no atomics)."""
 
     @staticmethod
-    def forward(ctx, x_TH, token_A, pos_A, K):  # type: ignore[override]
+    def forward(ctx, x_TH, token_A, pos_A, K, triton_kernels):  # type: ignore[override]
         ctx.save_for_backward(pos_A)
-        ctx.K = K
+        ctx.K, ctx.triton_kernels = K, triton_kernels
+        if triton_kernels:
+            return _scatter_rows(x_TH, pos_A)[0]
         return x_TH.index_select(0, token_A)
 
     @staticmethod
     def backward(ctx, g_AH):  # type: ignore[override]
         (pos_A,) = ctx.saved_tensors
         T = pos_A.numel() // ctx.K
+        if ctx.triton_kernels:
+            return _gather_sum(g_AH, pos_A, T), None, None, None, None
         g_TKH = g_AH.index_select(0, pos_A).view(T, ctx.K, -1)
-        return g_TKH.sum(1, dtype=torch.float32).to(g_AH.dtype), None, None, None
+        return g_TKH.sum(1, dtype=torch.float32).to(g_AH.dtype), None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
-    """y_t = sum_k w_tk * o[pos(t, k)] as one batched product; exact inverse gathers back."""
+    """y_t = sum_k w_tk * o[pos(t, k)]; backward: w_tk * dy_t back into expert order and the
+    gate gradient <dy_t, o[pos(t, k)]>."""
 
     @staticmethod
-    def forward(ctx, o_AH, weights_TK, pos_A, order_A):  # type: ignore[override]
+    def forward(ctx, o_AH, weights_TK, pos_A, order_A, triton_kernels):  # type: ignore[override]
         T, K = weights_TK.shape
-        o_TKH = o_AH.index_select(0, pos_A).view(T, K, -1)
         ctx.save_for_backward(o_AH, weights_TK, pos_A, order_A)
+        ctx.triton_kernels = triton_kernels
+        if triton_kernels:
+            return _gather_sum(o_AH, pos_A, T, weights_TK)
+        o_TKH = o_AH.index_select(0, pos_A).view(T, K, -1)
         return torch.bmm(weights_TK.to(o_AH.dtype).unsqueeze(1), o_TKH).squeeze(1)
 
     @staticmethod
     def backward(ctx, g_TH):  # type: ignore[override]
         o_AH, weights_TK, pos_A, order_A = ctx.saved_tensors
         T, K = weights_TK.shape
+        need_o, need_w = ctx.needs_input_grad[:2]
+        if ctx.triton_kernels:
+            g_o, g_w = _scatter_rows(g_TH, pos_A, weights_TK, o_AH if need_w else None)
+            g_w = g_w.to(weights_TK.dtype) if need_w else None
+            return g_o, g_w, None, None, None
         g_o = g_w = None
-        if ctx.needs_input_grad[0]:
+        if need_o:
             g_TKH = weights_TK.to(g_TH.dtype).unsqueeze(2) * g_TH.unsqueeze(1)
             g_o = g_TKH.view(T * K, -1).index_select(0, order_A)
-        if ctx.needs_input_grad[1]:
+        if need_w:
             o_TKH = o_AH.index_select(0, pos_A).view(T, K, -1)
             g_w = torch.bmm(o_TKH, g_TH.unsqueeze(2)).squeeze(2).to(weights_TK.dtype)
-        return g_o, g_w, None, None
+        return g_o, g_w, None, None, None
 
 
 @triton.jit
-def _swiglu_fwd_kernel(h_ptr, u_ptr, a_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+def _swiglu_fwd_kernel(
+    h_ptr, u_ptr, a_ptr, rows, F, stride, BR: tl.constexpr, BC: tl.constexpr
+):  # fmt: skip
+    """a[r, c] = silu(h[r, c]) * u[r, c]; h and u rows `stride` apart, a contiguous [rows, F]."""
+    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)[:, None]
+    c = tl.program_id(1) * BC + tl.arange(0, BC)[None, :]
+    mask = (r < rows) & (c < F)
+    h = tl.load(h_ptr + r * stride + c, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + r * stride + c, mask=mask, other=0.0).to(tl.float32)
     a = h / (1.0 + tl.exp(-h)) * u
-    tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=mask)
+    tl.store(a_ptr + r * F + c, a.to(a_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _swiglu_bwd_kernel(h_ptr, u_ptr, da_ptr, dh_ptr, du_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    da = tl.load(da_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+def _swiglu_bwd_kernel(
+    h_ptr, u_ptr, da_ptr, dh_ptr, du_ptr, rows, F, stride, BR: tl.constexpr, BC: tl.constexpr
+):  # fmt: skip
+    """dh, du of a = silu(h) * u; h, u, dh, du rows `stride` apart, da contiguous [rows, F]."""
+    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)[:, None]
+    c = tl.program_id(1) * BC + tl.arange(0, BC)[None, :]
+    mask = (r < rows) & (c < F)
+    h = tl.load(h_ptr + r * stride + c, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + r * stride + c, mask=mask, other=0.0).to(tl.float32)
+    da = tl.load(da_ptr + r * F + c, mask=mask, other=0.0).to(tl.float32)
     sig = 1.0 / (1.0 + tl.exp(-h))
-    silu = h * sig
     dh = da * u * sig * (1.0 + h * (1.0 - sig))
-    tl.store(dh_ptr + offs, dh.to(dh_ptr.dtype.element_ty), mask=mask)
-    tl.store(du_ptr + offs, (da * silu).to(du_ptr.dtype.element_ty), mask=mask)
+    tl.store(dh_ptr + r * stride + c, dh.to(dh_ptr.dtype.element_ty), mask=mask)
+    tl.store(du_ptr + r * stride + c, (da * h * sig).to(du_ptr.dtype.element_ty), mask=mask)
 
 
-_SWIGLU_BLOCK = 2048
+def _swiglu_grid(rows: int, F: int) -> tuple[tuple[int, int], dict[str, int]]:
+    """2048 elements per program: BC columns (at most 1024) by BR rows."""
+    BC = min(1024, triton.next_power_of_2(F))
+    BR = 2048 // BC
+    return (triton.cdiv(rows, BR), triton.cdiv(F, BC)), {"BR": BR, "BC": BC}
+
+
+def _swiglu_fwd(h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """silu(h) * u of two [rows, F] views with a common row stride (contiguous columns)."""
+    rows, F = h.shape
+    a = h.new_empty(rows, F)
+    if a.numel():
+        grid, blocks = _swiglu_grid(rows, F)
+        _swiglu_fwd_kernel[grid](h, u, a, rows, F, h.stride(0), **blocks)
+    return a
+
+
+def _swiglu_bwd(h, u, da, dh, du) -> None:
+    """Writes dh, du (views with h's row stride) from h, u and the contiguous da."""
+    rows, F = h.shape
+    if rows and F:
+        grid, blocks = _swiglu_grid(rows, F)
+        _swiglu_bwd_kernel[grid](h, u, da.contiguous(), dh, du, rows, F, h.stride(0), **blocks)
 
 
 class _SwiGLU(torch.autograd.Function):
-    """silu(h) * u with one Triton kernel each way (float32 math, storage in h's dtype)."""
+    """silu(h) * u (equal shapes, run as [rows, last dim]) with one Triton kernel each way
+    (float32 math, storage in h's dtype)."""
 
     @staticmethod
     def forward(ctx, h, u):  # type: ignore[override]
-        h, u = h.contiguous(), u.contiguous()
-        a = torch.empty_like(h)
-        n = h.numel()
-        if n:
-            _swiglu_fwd_kernel[(triton.cdiv(n, _SWIGLU_BLOCK),)](h, u, a, n, BLOCK=_SWIGLU_BLOCK)
+        shape = h.shape
+        h, u = (t.contiguous().view(-1, shape[-1]) for t in (h, u))
         ctx.save_for_backward(h, u)
-        return a
+        return _swiglu_fwd(h, u).view(shape)
 
     @staticmethod
     def backward(ctx, da):  # type: ignore[override]
         h, u = ctx.saved_tensors
-        da = da.contiguous()
         dh, du = torch.empty_like(h), torch.empty_like(u)
-        n = h.numel()
-        if n:
-            grid = (triton.cdiv(n, _SWIGLU_BLOCK),)
-            _swiglu_bwd_kernel[grid](h, u, da, dh, du, n, BLOCK=_SWIGLU_BLOCK)
-        return dh, du
+        _swiglu_bwd(h, u, da.reshape(h.shape), dh, du)
+        return dh.view(da.shape), du.view(da.shape)
+
+
+class _SwiGLUPacked(torch.autograd.Function):
+    """silu(h) * u of hu = [h | u] ([rows, 2F]) read in place; the gradient is [dh | du]."""
+
+    @staticmethod
+    def forward(ctx, hu):  # type: ignore[override]
+        hu = hu.contiguous()
+        ctx.save_for_backward(hu)
+        F = hu.shape[1] // 2
+        return _swiglu_fwd(hu[:, :F], hu[:, F:])
+
+    @staticmethod
+    def backward(ctx, da):  # type: ignore[override]
+        (hu,) = ctx.saved_tensors
+        F = hu.shape[1] // 2
+        dhu = torch.empty_like(hu)
+        _swiglu_bwd(hu[:, :F], hu[:, F:], da, dhu[:, :F], dhu[:, F:])
+        return dhu
 
 
 def swiglu(h: torch.Tensor, u: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
-    """silu(h) * u; the Triton kernels run when `fused` (default: on CUDA tensors)."""
+    """silu(h) * u of [rows, F] tensors; the Triton kernels run when `fused` (default: on
+    CUDA tensors)."""
     if fused is None:
         fused = h.is_cuda
     return _SwiGLU.apply(h, u) if fused else F.silu(h) * u
+
+
+def swiglu_packed(hu: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
+    """silu(h) * u of hu = [h | u] ([rows, 2F]); the Triton kernels when `fused` (default: on
+    CUDA tensors)."""
+    if fused is None:
+        fused = hu.is_cuda
+    if fused:
+        return _SwiGLUPacked.apply(hu)
+    h, u = hu.chunk(2, dim=1)
+    return F.silu(h) * u
 
 
 def _grouped_mm_native(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -186,19 +363,38 @@ def grouped_mm(a_AX: torch.Tensor, b_EXY: torch.Tensor, offsets_E: torch.Tensor)
     return torch.cat(parts, 0)
 
 
-def _check_shapes(x_TH, experts_TK, weights_TK, w_gate_EHF, w_up_EHF, w_down_EFH) -> None:
+def _check_shapes(x_TH, experts_TK, weights_TK, weights: dict[str, torch.Tensor]) -> None:
+    """ValueError naming the first argument whose shape disagrees with x [T, H], the
+    experts [T, K] and the first weight stack's expert count E and width F."""
     T, H = x_TH.shape
-    E, _, Fh = w_gate_EHF.shape
-    expected = {
-        "experts_TK": (experts_TK, (T, experts_TK.shape[-1])),
-        "weights_TK": (weights_TK, (T, experts_TK.shape[-1])),
-        "w_gate_EHF": (w_gate_EHF, (E, H, Fh)),
-        "w_up_EHF": (w_up_EHF, (E, H, Fh)),
-        "w_down_EFH": (w_down_EFH, (E, Fh, H)),
+    first = next(iter(weights.values()))
+    E, Fh = first.shape[0], first.shape[2] // (2 if "w_gate_up_EH2F" in weights else 1)
+    K = experts_TK.shape[-1]
+    allowed = {
+        "experts_TK": (T, K),
+        "weights_TK": (T, K),
+        "w_gate_EHF": (E, H, Fh),
+        "w_up_EHF": (E, H, Fh),
+        "w_gate_up_EH2F": (E, H, 2 * Fh),
+        "w_down_EFH": (E, Fh, H),
     }
-    for name, (tensor, shape) in expected.items():
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"{name} shape={tuple(tensor.shape)} is invalid; allowed: {shape}")
+    tensors = {"experts_TK": experts_TK, "weights_TK": weights_TK, **weights}
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != allowed[name]:
+            raise ValueError(
+                f"{name} shape={tuple(tensor.shape)} is invalid; allowed: {allowed[name]}"
+            )
+
+
+def _routed(x_TH, experts_TK, weights_TK, num_experts, ffn, triton_kernels) -> torch.Tensor:
+    """Dispatch by expert, `ffn(xs_AH, offsets_E) -> o_AH`, combine with the gates."""
+    if triton_kernels is None:
+        triton_kernels = x_TH.is_cuda
+    K = experts_TK.shape[1]
+    plan = plan_dispatch(experts_TK, num_experts)
+    xs_AH = _Dispatch.apply(x_TH, plan.token, plan.pos, K, triton_kernels)
+    o_AH = ffn(xs_AH, plan.offsets, triton_kernels)
+    return _Combine.apply(o_AH, weights_TK, plan.pos, plan.order, triton_kernels)
 
 
 def grouped_experts(
@@ -208,21 +404,52 @@ def grouped_experts(
     w_gate_EHF: torch.Tensor,
     w_up_EHF: torch.Tensor,
     w_down_EFH: torch.Tensor,
+    triton_kernels: bool | None = None,
 ) -> torch.Tensor:
     """Routed-expert output y [T, H] (dtype of x): sum_k w_tk SwiGLU-FFN_{e_tk}(x_t).
 
     Differentiable w.r.t. x, the gates and the three weight stacks. `experts_TK` int64 in
-    [0, E); gates are cast to x's dtype for the combine product (its accumulation is in
-    float32).
+    [0, E); gates enter in float32 (the combine accumulates in float32). `triton_kernels`:
+    Triton row movement and SwiGLU (default: on CUDA; the interpreter runs them on CPU).
     """
-    _check_shapes(x_TH, experts_TK, weights_TK, w_gate_EHF, w_up_EHF, w_down_EFH)
-    K = experts_TK.shape[1]
-    plan = plan_dispatch(experts_TK, w_gate_EHF.shape[0])
-    xs_AH = _Dispatch.apply(x_TH, plan.token, plan.pos, K)
-    h_AF = grouped_mm(xs_AH, w_gate_EHF, plan.offsets)
-    u_AF = grouped_mm(xs_AH, w_up_EHF, plan.offsets)
-    o_AH = grouped_mm(swiglu(h_AF, u_AF), w_down_EFH, plan.offsets)
-    return _Combine.apply(o_AH, weights_TK, plan.pos, plan.order)
+    _check_shapes(
+        x_TH,
+        experts_TK,
+        weights_TK,
+        {"w_gate_EHF": w_gate_EHF, "w_up_EHF": w_up_EHF, "w_down_EFH": w_down_EFH},
+    )
+
+    def ffn(xs_AH, offsets_E, fused):
+        h_AF = grouped_mm(xs_AH, w_gate_EHF, offsets_E)
+        u_AF = grouped_mm(xs_AH, w_up_EHF, offsets_E)
+        return grouped_mm(swiglu(h_AF, u_AF, fused), w_down_EFH, offsets_E)
+
+    return _routed(x_TH, experts_TK, weights_TK, w_gate_EHF.shape[0], ffn, triton_kernels)
+
+
+def grouped_experts_gate_up(
+    x_TH: torch.Tensor,
+    experts_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    w_gate_up_EH2F: torch.Tensor,
+    w_down_EFH: torch.Tensor,
+    triton_kernels: bool | None = None,
+) -> torch.Tensor:
+    """`grouped_experts` with the gate and up projections stored as one weight
+    w_gate_up_EH2F = [W_gate | W_up] ([E, H, 2F], gate in the first F columns): one grouped
+    GEMM each way for both (see the module docstring). Same result and arguments otherwise."""
+    _check_shapes(
+        x_TH,
+        experts_TK,
+        weights_TK,
+        {"w_gate_up_EH2F": w_gate_up_EH2F, "w_down_EFH": w_down_EFH},
+    )
+
+    def ffn(xs_AH, offsets_E, fused):
+        hu_A2F = grouped_mm(xs_AH, w_gate_up_EH2F, offsets_E)
+        return grouped_mm(swiglu_packed(hu_A2F, fused), w_down_EFH, offsets_E)
+
+    return _routed(x_TH, experts_TK, weights_TK, w_gate_up_EH2F.shape[0], ffn, triton_kernels)
 
 
 def expert_loop(
@@ -234,7 +461,12 @@ def expert_loop(
     w_down_EFH: torch.Tensor,
 ) -> torch.Tensor:
     """Per-expert loop reference of `grouped_experts` (same math, one expert at a time)."""
-    _check_shapes(x_TH, experts_TK, weights_TK, w_gate_EHF, w_up_EHF, w_down_EFH)
+    _check_shapes(
+        x_TH,
+        experts_TK,
+        weights_TK,
+        {"w_gate_EHF": w_gate_EHF, "w_up_EHF": w_up_EHF, "w_down_EFH": w_down_EFH},
+    )
     y_TH = torch.zeros_like(x_TH, dtype=torch.float32)
     for e in range(w_gate_EHF.shape[0]):
         tok, slot = torch.nonzero(experts_TK == e, as_tuple=True)

@@ -131,7 +131,12 @@ def where(
         f"{paths.table_file(name, 'csv', results)}",
         f"  figures: {results / 'figures'}/{name}-*.png",
         f"  report:  {paths.report_file(results)}"
-        f"  (snakemake --report {paths.report_file(results)} --configfile {study})",
+        + (
+            ""
+            if paths.report_file(results).is_file()
+            else f"  (not built: snakemake --report {paths.report_file(results)} "
+            f"--configfile {study})"
+        ),
     ]
     uri = cfg.tracking.uri
     if uri is None:

@@ -105,6 +105,13 @@ DIRECTIONS: tuple[Direction, ...] = (
         "[V3] §4.5.3",
     ),
     Direction(
+        "the device limit lowers the devices a token reaches",
+        "devices_per_token",
+        "device_limited",
+        "aux_loss_v2",
+        "[V2] §2.2.2",
+    ),
+    Direction(
         "the node limit lowers inter-node (IB) traffic per token",
         "ib_bytes_per_token",
         "node_limited",

@@ -6,9 +6,8 @@ Launch (`Launch.from_env`): under torchrun, RANK / WORLD_SIZE / LOCAL_RANK and i
 SLURM_STEP_NUM_TASKS / SLURM_LOCALID, MASTER_ADDR = the first host of SLURM_STEP_NODELIST
 and MASTER_PORT = 10000 + (job id + step id) mod 50000, unless MASTER_ADDR / MASTER_PORT are
 set; anything else (a plain process, a batch script, `srun -n 1`) is one process, the
-single-process path. Run it as `torchrun --nproc-per-node N moebench-train-cmd` (e.g.
-`torchrun --no-python --nproc-per-node 4 moebench train ...`) or
-`srun -n N --kill-on-bad-exit=1 moebench train ...`; a rank that fails makes torchrun
+single-process path. Run it as `torchrun --no-python --nproc-per-node N moebench train ...`
+or `srun -n N --kill-on-bad-exit=1 moebench train ...`; a rank that fails makes torchrun
 (or srun with --kill-on-bad-exit) end the others, which otherwise wait in a collective.
 
 Layout: the world size W must be 1 or topology.num_nodes x topology.gpus_per_node: rank r is
@@ -31,6 +30,16 @@ the all-to-all's backward, is divided by W. Both are then the gradient of the me
 ranks of the rank losses, which is the single-process loss (equal shares). The clipping
 norm is the norm over all parameters (replicated once, experts over their shards), so every
 rank clips by the same factor.
+
+Balancing over the global batch: the bias controller's loads are all-reduced before its one
+update per optimizer step (identical on every rank); switch and global losses take f from
+the micro-batch's counts all-reduced over ranks; the per-sequence losses (expert, device,
+comm, seq) average over each rank's whole sequences, and averaging over ranks makes their
+mean over all B. Capacity is per rank and micro-batch (`moebench.model.moe`): T in the
+capacity formula counts the rank's B/W sequences, so with a capacity factor a distributed
+run drops differently from one process (the protected sequences of device-level dropping
+are still drawn for the global batch). Without capacity dropping a distributed run equals
+the single-process run up to float rounding (summation order of the gates, all-reduces).
 
 Checkpoints are gathered: rank 0 writes the single-process format (full expert tensors
 and their AdamW moments, gathered with all_gather) to `last.pt`, atomically, and every rank
