@@ -7,6 +7,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(1)

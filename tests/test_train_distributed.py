@@ -163,7 +163,7 @@ def test_four_ranks_match_one_process_on_the_same_global_batch(
     assert trace_1.schema.metadata == trace_4.schema.metadata
     for column in ("layer", "token", "slot", "expert"):
         assert trace_1[column].equals(trace_4[column])
-    weights_1, weights_4 = (torch.from_numpy(t["weight"].to_numpy()) for t in (trace_1, trace_4))
+    weights_1, weights_4 = (torch.tensor(t["weight"].to_numpy()) for t in (trace_1, trace_4))
     torch.testing.assert_close(weights_1, weights_4, rtol=1e-5, atol=1e-6)
     # one bias update per step from the global loads: the same on every rank and as in one
     # process (the single run's last checkpoint holds its bias)

@@ -52,10 +52,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        with open(tmp_path, "rb+") as f:
+        with tmp_path.open("rb+") as f:
             os.fsync(f.fileno())
         tmp_path.chmod(0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp_path, path)
+        tmp_path.replace(path)
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -63,7 +63,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     """Open a temporary file for writing; it replaces `path` when the block exits cleanly."""
-    with atomic_path(path) as tmp, open(tmp, mode) as f:
+    with atomic_path(path) as tmp, tmp.open(mode) as f:
         yield f
 
 

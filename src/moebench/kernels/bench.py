@@ -13,8 +13,8 @@ from __future__ import annotations
 import datetime as dt
 import importlib.util
 import os
-import sys
 import platform
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
