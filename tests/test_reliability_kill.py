@@ -55,7 +55,9 @@ from pathlib import Path
 def _snakemake_ancestor():
     pid = os.getppid()
     while pid > 1:
-        if b"snakemake" in Path(f"/proc/{pid}/cmdline").read_bytes():
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\\0")
+        if any(a == b"snakemake" or a.endswith((b"/snakemake", b"snakemake/__main__.py"))
+               for a in args):
             return pid
         pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
     raise SystemExit("MOEBENCH_KILL_ACTION=snakemake outside Snakemake")
