@@ -201,6 +201,7 @@ def main() -> None:
     ap.add_argument("--sweep-cases", default="v3", help="cases whose launch shape is swept")
     ap.add_argument("--compile-cases", default="v3,v2,e64", help="cases timed with torch_compile")
     ap.add_argument("--baseline", help="earlier router module to time as moebench_prev")
+    ap.add_argument("--baseline-cases", default="v3,v2,e64", help="cases timed as moebench_prev")
     args = ap.parse_args()
     baseline = load_baseline(args.baseline, "router_prev") if args.baseline else None
     token_list = [int(t) for t in args.tokens.split(",")]
@@ -231,6 +232,8 @@ def main() -> None:
             }
             for name in wanted:
                 if name == "torch_compile" and case not in args.compile_cases.split(","):
+                    continue
+                if name == "moebench_prev" and case not in args.baseline_cases.split(","):
                     continue
                 fwd, fb = provs[name]
                 fast = name.startswith("moebench")

@@ -26,7 +26,8 @@ first version: results/benchmarks/NOTES.md):
 - Exactness. Truncating IB bits can only misorder keys that agree in their top 32 - IB bits.
   If any two consecutive of the K + 1 packed maxima agree there, the tile recomputes its
   keys from the logits and takes the exact path: K rounds of a float max, the lowest id
-  among the equal keys, and that expert removed. Measured on V3-like logits, 0.4 % of rows.
+  among the equal keys, and that expert removed (0.4 % of rows of V3-like random logits,
+  in a CPU simulation; results/benchmarks/NOTES.md).
 - Gates: each of the first K lanes of a row owns one slot: it loads the logit of its expert
   again (an L1 hit), recomputes s, normalizes over the K lanes and stores id and gate.
 
@@ -482,8 +483,10 @@ def fwd_layout(cfg: RouterConfig, launch: Launch) -> dict[str, int]:
 
 
 def default_launch(cfg: RouterConfig, device: torch.device, backward: bool = False) -> Launch:
-    """Launch used when none is given: the fastest of the H100 sweep at T = 65536
-    (results/benchmarks/router_sweep.md); many rows per program for the CPU interpreter."""
+    """Launch used when none is given. Backward: the fastest of the H100 sweep at T = 65536
+    (results/benchmarks/router_sweep.md). Forward: one warp per program (no reduction
+    crosses warps), chosen from the compiled code's counts, not yet timed (NOTES.md). Many
+    rows per program for the CPU interpreter."""
     if device.type != "cuda":
         return Launch(block_t=64, num_warps=16)
     if not backward:

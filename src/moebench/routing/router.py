@@ -145,7 +145,7 @@ def route(
         raise ValueError("logits_TE contains NaN or inf; allowed: finite values only")
     scores_TE = scores(logits_TE, cfg.score_fn)
     # Fused Triton path on CUDA (moebench.kernels, kernels helper): same selection (ties to
-    # the lower index), gates equal to rounding, experts in ascending id order per token.
+    # the lower index), gates equal to rounding, experts in the same (descending key) order.
     if logits_TE.is_cuda:
         from moebench.kernels.router import route_fused, supports
 
