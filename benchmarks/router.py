@@ -151,11 +151,12 @@ def providers(cfg: RouterConfig, fwd_launch: Launch, bwd_launch: Launch, baselin
 FWD_LAUNCHES = [  # (warps, lanes per row (0 = auto), atomic load count, programs per SM)
     Launch(num_warps=w, lanes_per_row=lanes, atomic_load=atomic, programs_per_sm=pps)
     for w, lanes, atomic, pps in (
-        (1, 0, True, 32),
         (1, 0, False, 32),
-        (1, 0, True, 16),
-        (2, 0, True, 16),
-        (1, 16, True, 32),
+        (1, 0, False, 16),
+        (1, 0, False, 8),
+        (2, 0, False, 16),
+        (2, 0, False, 8),
+        (1, 0, True, 32),
     )
 ]
 BWD_LAUNCHES = [  # (rows per program, warps): the front-runners of the first sweep

@@ -1,10 +1,11 @@
 """A tiny study through `--executor slurm` on a real one-node SLURM cluster, started here by
 tests/slurm/local-cluster.sh (root: it installs slurm-wlm + munge with apt-get and writes
 /etc/slurm/slurm.conf), with the test profile workflow/profiles/slurm-test (squeue status,
-no account, partition debug)."""
+no account, partition debug); its training is a 2-task job launched through srun."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -55,6 +56,11 @@ def cluster() -> Iterator[None]:
 
 def test_tiny_dag_runs_through_slurm(cluster: None, tmp_path: Path) -> None:
     study = yaml.safe_load((REPO / "configs/test.yaml").read_text())
+    # Training runs distributed: 2 processes (data + expert parallel), one per device of a
+    # 1 node x 2 GPU topology, launched by `srun -n 2` inside a 2-task SLURM job.
+    study["base"]["topology"] = {"num_nodes": 1, "gpus_per_node": 2}
+    study["base"]["router"] = {"num_experts": 8, "top_k": 2, "group_limit": 1}
+    study["resources"]["train"] |= {"tasks": 2}
     study |= {
         "study": "slurm",
         "seeds": [0],
@@ -82,3 +88,5 @@ def test_tiny_dag_runs_through_slurm(cluster: None, tmp_path: Path) -> None:
     ran = {p.name for p in slurm_logs.iterdir()}
     assert {"rule_data", "rule_kernels", "rule_train", "rule_comm"} <= ran
     assert not {"rule_resolve", "rule_aggregate", "rule_data_config"} & ran
+    run = paths.run_dir("slurm", "shakespeare", "aux_free", 0, workdir / "results")
+    assert json.loads((run / "summary.json").read_text())["world_size"] == 2

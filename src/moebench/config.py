@@ -446,12 +446,24 @@ class JobResources(Strict):
     gpu: int = Field(0, ge=0, description="GPUs per job (SLURM `gpu` resource)")
 
 
+class TrainResources(JobResources):
+    """Resources of a training job; `threads` also sets torch's CPU threads (per process)."""
+
+    tasks: int = Field(
+        1,
+        ge=1,
+        description="processes per run: > 1 trains data + expert parallel, one process per "
+        "device of the topology (srun under SLURM, torchrun locally)",
+    )
+    nodes: int = Field(1, ge=1, description="SLURM nodes per run")
+
+
 class StudyResources(Strict):
-    """Per-stage job resources; `train.threads` also sets torch's CPU threads of each run."""
+    """Per-stage job resources (Snakemake `threads`/`resources`; SLURM reads them)."""
 
     data: JobResources = JobResources()
     kernels: JobResources = JobResources()
-    train: JobResources = JobResources()
+    train: TrainResources = TrainResources()
     comm: JobResources = JobResources()
 
 
@@ -484,9 +496,16 @@ class StudyConfig(Strict):
 
     @model_validator(mode="after")
     def _grid_valid(self) -> StudyConfig:
+        tasks = self.resources.train.tasks
         for dataset in self.datasets:
             for strategy in self.strategies:
-                self.run_config(dataset, strategy, self.seeds[0])
+                cfg = self.run_config(dataset, strategy, self.seeds[0])
+                devices, batch = cfg.topology.num_devices, cfg.train.batch_size
+                if tasks > 1 and (tasks != devices or batch % tasks):
+                    raise ValueError(
+                        f"resources.train.tasks={tasks} must be 1 or the {devices} devices of "
+                        f"strategy {strategy!r}'s topology, and divide train.batch_size={batch}"
+                    )
         return self
 
     def to_dict(self) -> dict[str, Any]:

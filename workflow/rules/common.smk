@@ -116,15 +116,30 @@ def comm_args() -> str:
     return " ".join(args)
 
 
-def resources_of(stage: str) -> dict[str, int]:
-    """Snakemake resources of a stage from the study's `resources:` section."""
+def resources_of(stage: str) -> dict[str, int | str]:
+    """Snakemake resources of a stage from the study's `resources:` section; a distributed
+    training declares its tasks and nodes and launches through `mpi` (srun)."""
     spec = getattr(STUDY.resources, stage)
-    return {
+    out: dict[str, int | str] = {
         "mem_mb": spec.mem_mb,
         "runtime": spec.runtime,
         "gpu": spec.gpu,
         "cpus_per_task": spec.threads,
     }
+    if getattr(spec, "tasks", 1) > 1:
+        out |= {"tasks": spec.tasks, "nodes": spec.nodes, "mpi": "srun"}
+    return out
+
+
+def train_launcher(wildcards, resources) -> str:
+    """Command prefix of a training run: none for one process; for several, `srun -n N`
+    inside a SLURM job (the `mpi` resource) and `torchrun` elsewhere (chosen at run time)."""
+    tasks = STUDY.resources.train.tasks
+    if tasks == 1:
+        return ""
+    srun = f"{resources.mpi} -n {tasks} --kill-on-bad-exit=1"
+    torchrun = f"torchrun --no-python --standalone --nproc-per-node {tasks}"
+    return f'$(if [ -n "${{SLURM_JOB_ID:-}}" ]; then echo "{srun}"; else echo "{torchrun}"; fi)'
 
 
 def run_files(names) -> list[str]:

@@ -47,15 +47,16 @@ rule train:
         out=parent_dir,
         ckpt=str(paths.ckpt_dir(*W)),
         parent=parent_run_arg,
+        launch=train_launcher,
     log:
         "work/logs/{study}/train/{dataset}/{strategy}/seed~{seed}.log",
     benchmark:
         "work/benchmarks/{study}/train/{dataset}/{strategy}/seed~{seed}.tsv"
-    threads: STUDY.resources.train.threads
+    threads: STUDY.resources.train.threads * STUDY.resources.train.tasks
     resources:
         **resources_of("train"),
     conda:
         ENV
     shell:
-        "moebench train --config {input.config} --out {params.out} --ckpt-dir {params.ckpt}"
+        "{params.launch} moebench train --config {input.config} --out {params.out} --ckpt-dir {params.ckpt}"
         " {params.parent} > {log} 2>&1"

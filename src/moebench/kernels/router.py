@@ -38,6 +38,13 @@ Conventions (identical to the reference):
 - Normalization has no epsilon; the sum is clamped to the smallest normal float32.
 - The load histogram counts every selected (token, expert) pair (int64 [E]).
 
+Load histogram without contended atomics. Each program accumulates its rows' selections in
+registers and stores its E counts with plain stores into its own row of a [P, E] buffer;
+one reduction over P gives the load. Global atomics on the E hot counters were what bounded
+the second version: the H100 retires only ~3.3 G of them per second, so one atomic per
+selected pair (T * K = 524 K at T = 65536) took ~160 us whatever the selection cost
+(results/benchmarks/NOTES.md). `Launch.atomic_load` keeps that variant for comparison.
+
 Legend: T tokens, E routed experts, K experts per token, G groups, EG experts per group,
 GP / EGP: G, EG padded to powers of two; tile axes CI (vectors per thread), W (warps),
 L (lanes per group), R (rows per warp), V (vector width); LPR = GP * L lanes per row.
@@ -211,7 +218,7 @@ def _router_fwd_kernel(
     bias_ptr,
     experts_ptr,
     weights_ptr,
-    load_ptr,
+    load_ptr,  # int32 [P, E] per-program counts, or [E] with ATOMIC_LOAD
     T,
     num_tiles,
     route_scale,
@@ -341,7 +348,7 @@ def _router_fwd_kernel(
             hist += (sel & rmask).to(tl.int32)
     if not ATOMIC_LOAD:
         counts = tl.sum(tl.sum(hist, axis=4, keep_dims=True), axis=1, keep_dims=True)
-        tl.atomic_add(load_ptr + col, counts, mask=valid & (counts > 0))
+        tl.store(load_ptr + pid * E + col, counts, mask=valid)
 
 
 @triton.jit
@@ -434,7 +441,8 @@ class Launch:
     """Launch shape. Forward: `num_warps` warps per program, `lanes_per_row` lanes per token
     row (0 = the smallest that gives every slot a lane and each thread at most 32 experts),
     so W x 32 / lanes_per_row rows per program; `atomic_load` counts the load histogram with
-    one atomic per selected pair instead of a per-program register histogram. Backward:
+    one global atomic per selected pair instead of a per-program register histogram stored
+    without atomics (measured slower: the module docstring). Backward:
     `block_t` rows and `num_warps` warps per program. Both: `programs_per_sm` programs per
     multiprocessor in the persistent grid."""
 
@@ -557,46 +565,52 @@ def router_forward(
     dev = logits_TE.device
     experts_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
     weights_TK = torch.empty(T, K, dtype=torch.float32, device=dev)
-    load_E = torch.zeros(E, dtype=torch.int32, device=dev)
-    if T > 0:
-        bias = (
-            bias_E.to(device=dev, dtype=torch.float32).contiguous()
-            if bias_E is not None
-            else load_E  # unused (HAS_BIAS=False); any tensor keeps the signature
-        )
-        lay = fwd_layout(cfg, launch)
-        num_tiles = triton.cdiv(T, lay["W"] * lay["R"])
-        grid = (_num_programs(num_tiles, dev, launch),)
-        _router_fwd_kernel[grid](
-            logits_TE,
-            bias,
-            experts_TK,
-            weights_TK,
-            load_E,
-            T,
-            num_tiles,
-            float(cfg.route_scale),
-            E=E,
-            K=K,
-            G=G,
-            EG=EG,
-            **lay,
-            IB=max(1, (E - 1).bit_length()),
-            M=cfg.group_limit if G > 1 else 1,
-            Q=cfg.group_topk if G > 1 else 1,
-            SOFTMAX=cfg.score_fn == "softmax",
-            HAS_BIAS=bias_E is not None,
-            BIAS_MUL=cfg.bias_mode == "mul",
-            GROUP_LIMITED=G > 1,
-            NORMALIZE=cfg.normalize,
-            FULL=lay["GP"] == G and lay["CI"] * lay["L"] * lay["V"] == EG,
-            NEXT=int(K < E),
-            ATOMIC_LOAD=launch.atomic_load,
-            TUPLE_TOP2=TUPLE_TOP2 or dev.type == "cuda",
-            FAST=dev.type == "cuda",
-            num_warps=lay["W"],
-        )
-    return experts_TK, weights_TK, load_E.to(torch.int64)
+    if T == 0:
+        return experts_TK, weights_TK, torch.zeros(E, dtype=torch.int64, device=dev)
+    lay = fwd_layout(cfg, launch)
+    num_tiles = triton.cdiv(T, lay["W"] * lay["R"])
+    grid = (_num_programs(num_tiles, dev, launch),)
+    # counts: [E] for one atomic per pair, else one row per program (every entry stored)
+    if launch.atomic_load:
+        counts = torch.zeros(E, dtype=torch.int32, device=dev)
+    else:
+        counts = torch.empty(grid[0], E, dtype=torch.int32, device=dev)
+    bias = (
+        bias_E.to(device=dev, dtype=torch.float32).contiguous()
+        if bias_E is not None
+        else counts  # unused (HAS_BIAS=False); any tensor keeps the signature
+    )
+    _router_fwd_kernel[grid](
+        logits_TE,
+        bias,
+        experts_TK,
+        weights_TK,
+        counts,
+        T,
+        num_tiles,
+        float(cfg.route_scale),
+        E=E,
+        K=K,
+        G=G,
+        EG=EG,
+        **lay,
+        IB=max(1, (E - 1).bit_length()),
+        M=cfg.group_limit if G > 1 else 1,
+        Q=cfg.group_topk if G > 1 else 1,
+        SOFTMAX=cfg.score_fn == "softmax",
+        HAS_BIAS=bias_E is not None,
+        BIAS_MUL=cfg.bias_mode == "mul",
+        GROUP_LIMITED=G > 1,
+        NORMALIZE=cfg.normalize,
+        FULL=lay["GP"] == G and lay["CI"] * lay["L"] * lay["V"] == EG,
+        NEXT=int(K < E),
+        ATOMIC_LOAD=launch.atomic_load,
+        TUPLE_TOP2=TUPLE_TOP2 or dev.type == "cuda",
+        FAST=dev.type == "cuda",
+        num_warps=lay["W"],
+    )
+    load_E = counts.to(torch.int64) if launch.atomic_load else counts.sum(0)
+    return experts_TK, weights_TK, load_E
 
 
 def router_backward(

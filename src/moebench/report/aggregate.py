@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import yaml
@@ -24,7 +23,7 @@ FIGURE_TITLES = dict(
         FIGURES,
         (
             "MaxVio_batch over training steps",
-            "Relative expert load per MoE layer (validation)",
+            "Relative expert load per MoE layer (validation, lowest seed)",
             "Validation perplexity vs MaxVio_global",
             "Nodes and devices per token",
         ),
@@ -59,9 +58,8 @@ def _draw(
     for dataset in sorted(set(df["dataset"])):
         d_df, d_st = df[df["dataset"] == dataset], st[st["dataset"] == dataset]
         loads = {
-            strategy: np.mean(
-                [m for key, m in matrices.items() if key[1] == dataset and key[2] == strategy],
-                axis=0,
+            strategy: min(
+                (key[3], m) for key, m in matrices.items() if key[1:3] == (dataset, strategy)
             )
             for strategy in d_st["strategy"]
         }
