@@ -41,7 +41,7 @@ Conventions (identical to the reference):
 Load histogram without contended atomics. Each program accumulates its rows' selections in
 registers and stores its E counts with plain stores into its own row of a [P, E] buffer;
 one reduction over P gives the load. Global atomics on the E hot counters were what bounded
-the second version: the H100 retires only ~3.3 G of them per second, so one atomic per
+the second version: the H100 retired only ~3-4 G of them per second in run 3, so one atomic per
 selected pair (T * K = 524 K at T = 65536) took ~160 us whatever the selection cost
 (results/benchmarks/NOTES.md). `Launch.atomic_load` keeps that variant for comparison.
 
@@ -491,14 +491,14 @@ def fwd_layout(cfg: RouterConfig, launch: Launch) -> dict[str, int]:
 
 
 def default_launch(cfg: RouterConfig, device: torch.device, backward: bool = False) -> Launch:
-    """Launch used when none is given. Backward: the fastest of the H100 sweep at T = 65536
-    (results/benchmarks/router_sweep.md). Forward: one warp per program (no reduction
-    crosses warps), chosen from the compiled code's counts, not yet timed (NOTES.md). Many
-    rows per program for the CPU interpreter."""
+    """Launch used when none is given: the fastest of the H100 sweeps at T = 65536
+    (forward: 2 warps, 16 programs per SM for both the V3 and the E 64 case,
+    results/benchmarks/router_run3_sweep.md; backward: router_sweep.md). Many rows per
+    program for the CPU interpreter."""
     if device.type != "cuda":
         return Launch(block_t=64, num_warps=16)
     if not backward:
-        return Launch(num_warps=1, programs_per_sm=32)
+        return Launch(num_warps=2, programs_per_sm=16)
     if cfg.num_experts >= 128:
         return Launch(block_t=2, num_warps=1, programs_per_sm=64)
     return Launch(block_t=8, num_warps=4, programs_per_sm=16)
