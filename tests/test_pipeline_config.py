@@ -193,3 +193,10 @@ def test_snakemake_refuses_bad_config_before_any_job(
     assert res.returncode != 0
     assert expected in res.stdout + res.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_distributed_tasks_must_match_the_topology() -> None:
+    over = {"resources": {"train": {"tasks": 3}}}
+    with pytest.raises(ValueError, match=r"resources\.train\.tasks=3 must be 1 or the 8 devices"):
+        study_from_dict(minimal(**over))
+    assert study_from_dict(minimal(resources={"train": {"tasks": 8}})).resources.train.tasks == 8

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from snakemake.api import SnakemakeApi
 from snakemake.settings.types import (
     ConfigSettings,
@@ -129,3 +130,19 @@ def test_users_slurm_profile_dry_run(tmp_path: Path) -> None:
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "train              4" in res.stdout + res.stderr
+
+
+def test_distributed_training_declares_tasks_and_launches_through_srun(tmp_path: Path) -> None:
+    """resources.train.tasks > 1: a multi-task job (SLURM `tasks`, `nodes`, `mpi`) whose shell
+    starts the ranks with `srun -n N` inside SLURM and with torchrun elsewhere."""
+    study = yaml.safe_load((REPO / "configs/test.yaml").read_text())
+    study["base"]["topology"] = {"num_nodes": 1, "gpus_per_node": 2}
+    study["base"]["router"] = {"num_experts": 8, "top_k": 2, "group_limit": 1}
+    study["resources"]["train"] |= {"tasks": 2, "threads": 1}
+    config = tmp_path / "dist.yaml"
+    config.write_text(yaml.safe_dump(study))
+    train = next(j for j in dry_run(tmp_path, config) if j.rule.name == "train")
+    assert (train.resources["tasks"], train.resources["nodes"]) == (2, 1)
+    assert train.resources["mpi"] == "srun" and train.threads == 2
+    assert "srun -n 2 --kill-on-bad-exit=1" in train.shellcmd
+    assert "torchrun --no-python --standalone --nproc-per-node 2" in train.shellcmd

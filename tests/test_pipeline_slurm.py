@@ -28,10 +28,11 @@ BIN = Path(sys.executable).parent
 
 
 def cluster_up() -> bool:
+    """The controller answers and the node is in service (idle, or busy with other jobs)."""
     if shutil.which("sinfo") is None:
         return False
     res = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, check=False)
-    return res.returncode == 0 and "idle" in res.stdout.split()
+    return res.returncode == 0 and bool({"idle", "mix", "alloc"} & set(res.stdout.split()))
 
 
 @pytest.fixture(scope="module")

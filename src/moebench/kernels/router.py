@@ -40,10 +40,10 @@ Conventions (identical to the reference):
 
 Load histogram without contended atomics. Each program accumulates its rows' selections in
 registers and stores its E counts with plain stores into its own row of a [P, E] buffer;
-one reduction over P gives the load. Global atomics on the E hot counters were what bounded
-the second version: the H100 retired only ~3-4 G of them per second in run 3, so one atomic per
-selected pair (T * K = 524 K at T = 65536) took ~160 us whatever the selection cost
-(results/benchmarks/NOTES.md). `Launch.atomic_load` keeps that variant for comparison.
+one reduction over P gives the load. Global atomics on the E hot counters bounded the second
+version: the H100 retired only ~3-4 G of them per second (E 64: 132 us with one atomic per
+selected pair vs 36 us without; V3: a ~165 us ceiling at T = 65536; results/benchmarks/
+NOTES.md, run 3). `Launch.atomic_load` keeps the per-pair variant for comparison.
 
 Legend: T tokens, E routed experts, K experts per token, G groups, EG experts per group,
 GP / EGP: G, EG padded to powers of two; tile axes CI (vectors per thread), W (warps),
