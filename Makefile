@@ -19,7 +19,8 @@ venv: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --configfile configs/default.yaml
-	$(BIN)/moebench where
+	$(BIN)/snakemake --configfile configs/default.yaml --report results/report.html
+	$(BIN)/moebench where --study configs/default.yaml
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests workflow benchmarks
