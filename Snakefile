@@ -26,6 +26,16 @@ include: "workflow/rules/comm.smk"
 include: "workflow/rules/aggregate.smk"
 
 
+onstart:
+    problem = slurm_partition_problem()
+    if problem:
+        raise WorkflowError(
+            f"{problem}; allowed: a partition name, set in the profile "
+            "(default-resources: slurm_partition: <name>) or by "
+            "--default-resources slurm_partition=<name>"
+        )
+
+
 # The run files are listed too: Snakemake regenerates a missing intermediate file only when
 # a target needs it, so this makes a deleted run (and what depends on it) rerun.
 rule all:

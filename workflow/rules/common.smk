@@ -2,6 +2,8 @@
 import hashlib
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -151,3 +153,22 @@ def run_files(names) -> list[str]:
         for n in SEEDS
         for f in names
     ]
+
+
+def slurm_partition_problem() -> str | None:
+    """Why SLURM jobs would have no partition, or None: the executor is slurm, neither the
+    default resources nor any rule set `slurm_partition`, and `sinfo` shows no default
+    partition (marked `*`). Checked at start, before any job is submitted."""
+    plugin = workflow.executor_plugin
+    if plugin is None or plugin.name != "slurm":
+        return None
+    defaults = workflow.resource_settings.default_resources or {}
+    if "slurm_partition" in defaults or any(
+        "slurm_partition" in rule.resources for rule in workflow.rules
+    ):
+        return None
+    if shutil.which("sinfo"):
+        res = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True)
+        if any(p.endswith("*") for p in res.stdout.split()):
+            return None
+    return "slurm_partition is not set (default-resources) and the cluster has no default partition"
