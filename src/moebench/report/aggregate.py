@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow as pa
 import yaml
 
-from moebench.io import write_parquet, write_text
+from moebench.io import remove_temporaries, write_parquet, write_text
 from moebench.report import figures
 from moebench.report.paths import FIGURES, RESULTS, figure_file, summary_file, table_file
 from moebench.report.summary import collect, find_runs, load_curves, load_matrices
@@ -104,6 +104,8 @@ def aggregate(
             for d in sorted(set(s_df["dataset"]))
             for n in FIGURE_TITLES
         ]
+    for folder in {p.parent for p in written}:  # left by a killed earlier aggregation
+        remove_temporaries(folder, [p.name for p in written if p.parent == folder])
     return df, written
 
 
