@@ -1,12 +1,51 @@
-"""Test-wide settings: one torch thread (bitwise reproducible CPU math), Triton in interpreter
-mode (kernels run on CPU tensors), no network for Hugging Face libraries."""
+"""Test-wide settings and fixtures: one torch thread (bitwise reproducible CPU math), Triton
+in interpreter mode (kernels run on CPU tensors), no network for Hugging Face libraries, and
+the real one-node SLURM cluster shared by every `slurm` test."""
 
 import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
-import torch
+import torch  # imported after TRITON_INTERPRET is set
 
 torch.set_num_threads(1)
+
+
+CLUSTER = Path(__file__).parent / "slurm" / "local-cluster.sh"
+
+
+def slurm_cluster_up() -> bool:
+    """The controller answers and the node is in service (idle, or busy with other jobs)."""
+    if shutil.which("sinfo") is None:
+        return False
+    res = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, check=False)
+    return res.returncode == 0 and bool({"idle", "mix", "alloc"} & set(res.stdout.split()))
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[None]:
+    """The real one-node cluster of tests/slurm/local-cluster.sh (root: apt-get, /etc/slurm,
+    daemons), started once per session if it is not up, and stopped only if started here."""
+    if os.geteuid() != 0:
+        pytest.skip("the one-node SLURM cluster needs root (apt-get, /etc/slurm, daemons)")
+    started = not slurm_cluster_up()
+    if started:
+        res = subprocess.run(
+            ["bash", str(CLUSTER), "start"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        assert res.returncode == 0, res.stdout + res.stderr
+    yield
+    if started:
+        subprocess.run(["bash", str(CLUSTER), "stop"], check=False, timeout=60)

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -23,39 +21,10 @@ from moebench.report.summary import SUMMARY_SCHEMA
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-CLUSTER = REPO / "tests/slurm/local-cluster.sh"
 BIN = Path(sys.executable).parent
 
 
-def cluster_up() -> bool:
-    """The controller answers and the node is in service (idle, or busy with other jobs)."""
-    if shutil.which("sinfo") is None:
-        return False
-    res = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, check=False)
-    return res.returncode == 0 and bool({"idle", "mix", "alloc"} & set(res.stdout.split()))
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[None]:
-    """The one-node cluster; stopped afterwards only if this fixture started it."""
-    if os.geteuid() != 0:
-        pytest.skip("the one-node SLURM cluster needs root (apt-get, /etc/slurm, daemons)")
-    started = not cluster_up()
-    if started:
-        res = subprocess.run(
-            ["bash", str(CLUSTER), "start"],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        assert res.returncode == 0, res.stdout + res.stderr
-    yield
-    if started:
-        subprocess.run(["bash", str(CLUSTER), "stop"], check=False, timeout=60)
-
-
-def test_tiny_dag_runs_through_slurm(cluster: None, tmp_path: Path) -> None:
+def test_tiny_dag_runs_through_slurm(slurm_cluster: None, tmp_path: Path) -> None:
     study = yaml.safe_load((REPO / "configs/test.yaml").read_text())
     # Training runs distributed: 2 processes (data + expert parallel), one per device of a
     # 1 node x 2 GPU topology, launched by `srun -n 2` inside a 2-task SLURM job.

@@ -15,11 +15,8 @@ MLflow off to save time) run by Snakemake while its jobs are killed, next to a c
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,24 +203,6 @@ def test_recovered_study_equals_clean_study_byte_for_byte(
 
 
 # --- SLURM ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def slurm_cluster() -> Iterator[None]:
-    """The one-node cluster of tests/slurm/local-cluster.sh (started if it is not up)."""
-    if os.geteuid() != 0:
-        pytest.skip("the one-node SLURM cluster needs root (apt-get, /etc/slurm, daemons)")
-    up = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
-                        check=False) if shutil.which("sinfo") else None
-    started = up is None or up.returncode != 0 or "idle" not in up.stdout.split()
-    if started:
-        res = subprocess.run(["bash", str(REPO / "tests/slurm/local-cluster.sh"), "start"],
-                             capture_output=True, text=True, timeout=600, check=False)
-        assert res.returncode == 0, res.stdout + res.stderr
-    yield
-    if started:
-        subprocess.run(["bash", str(REPO / "tests/slurm/local-cluster.sh"), "stop"],
-                       check=False, timeout=60)
 
 
 @pytest.mark.slurm

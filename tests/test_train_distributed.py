@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -244,24 +242,6 @@ def test_killed_distributed_run_resumes_under_torchrun_to_the_same_files(
 
 
 # ---- srun on the one-node SLURM cluster ----------------------------------------------------
-@pytest.fixture(scope="module")
-def slurm_cluster() -> Iterator[None]:
-    """tests/slurm/local-cluster.sh's cluster (root); stopped afterwards if started here."""
-    if os.geteuid() != 0:
-        pytest.skip("the one-node SLURM cluster needs root (apt-get, /etc/slurm, daemons)")
-    res = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
-                         check=False) if shutil.which("sinfo") else None
-    started = res is None or res.returncode != 0 or not res.stdout.split()
-    if started:
-        up = subprocess.run(["bash", str(REPO / "tests/slurm/local-cluster.sh"), "start"],
-                            capture_output=True, text=True, timeout=600, check=False)
-        assert up.returncode == 0, up.stdout + up.stderr
-    yield
-    if started:
-        subprocess.run(["bash", str(REPO / "tests/slurm/local-cluster.sh"), "stop"],
-                       check=False, timeout=60)
-
-
 @pytest.mark.slurm
 @pytest.mark.distributed
 @pytest.mark.slow
