@@ -272,7 +272,7 @@ class MoELayer(nn.Module):
         # Comm loss M ([V2] eq. 30): the device limit when routing is device-limited, else
         # the most devices a token can reach (min(K, D)); our convention for other limits.
         D = cfg.topology.num_devices
-        self.comm_limit = r.group_limit if r.limit == "device" else min(r.top_k, D)
+        self.comm_limit = self.router_cfg.group_limit if r.limit == "device" else min(r.top_k, D)
         self.router = nn.Linear(m.d_model, r.num_experts, bias=False)
         hidden_shared = m.n_shared_experts * m.expert_hidden
         self.shared = SwiGLU(m.d_model, hidden_shared) if hidden_shared else None
