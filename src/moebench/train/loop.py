@@ -43,10 +43,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import platform
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -77,6 +77,8 @@ from moebench.train.checkpoint import (
 from moebench.train.distributed import A2AMeter, Launch, Parallel, check_world, process_group
 from moebench.train.trace import write_trace
 
+logger = logging.getLogger(__name__)
+
 TIMING_KEYS = ("elapsed_s", "mfu", "tokens_per_s")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12}
 MLFLOW_ARTIFACTS = ("config.resolved.yaml", "summary.json", "metrics.jsonl", "timing.jsonl")
@@ -95,11 +97,6 @@ class TrainingDivergedError(RuntimeError):
                          f"last good checkpoint: {checkpoint}")
         self.step = step
         self.layer = layer
-
-
-def log(msg: str) -> None:
-    """Progress on stderr (stdout stays free for results)."""
-    print(f"[moebench train] {msg}", file=sys.stderr, flush=True)
 
 
 def resolve_device(cfg: RunConfig) -> torch.device:
@@ -203,8 +200,8 @@ def prepare(cfg: RunConfig, out: Path, ckpt_dir: Path | None = None,
     if state is not None and not matches(state, cfg):
         theirs, ours = state.get("identity", {}), identity(cfg)
         differ = sorted(k for k in ours if theirs.get(k) != ours[k])
-        log(f"ignoring checkpoint {ckpt_dir / CKPT_NAME}: written by another config "
-            f"(sections differ: {', '.join(differ)}); starting from step 0")
+        logger.info(f"ignoring checkpoint {ckpt_dir / CKPT_NAME}: written by another config "
+                    f"(sections differ: {', '.join(differ)}); starting from step 0")
         state = None
     return Run(cfg, out, ckpt_dir, device, streams[0], streams[1], state, parallel)
 
@@ -280,7 +277,7 @@ class Trainer:
 
     def _log(self, msg: str) -> None:
         if self.lead:
-            log(msg)
+            logger.info(msg)
 
     # ---- state -------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
