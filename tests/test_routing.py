@@ -28,7 +28,7 @@ from moebench.routing import (
     selection_key,
 )
 
-# routing.md §8, Examples 1-2: softmax logits and their scores.
+# docs/routing.md §8, Examples 1-2: softmax logits and their scores.
 EX1_LOGITS = [2.0, 0.0, 1.5, 1.4, 0.5, 1.8, 0.2, 0.1]
 EX1_SCORES = [
     0.27416745, 0.03710453, 0.16629096, 0.15046629,

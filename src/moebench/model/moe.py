@@ -4,12 +4,12 @@
 
 The residual u_t is added by the transformer block, not here ([V3-code] `MoE`/`Block`).
 The N_s shared experts are one SwiGLU of width N_s * expert_hidden, the same function as
-N_s experts with concatenated weights ([V3-code]; routing.md §1). The router is a bias-free
+N_s experts with concatenated weights ([V3-code]; docs/routing.md §1). The router is a bias-free
 linear layer computed in float32 (hidden state and weight cast to float32, autocast off:
 [HF-V2], [Switch] §2.4); selection and gates come from `moebench.routing.route`, the
 aux-loss-free bias only selects ([V3] eq. 16). Capacity dropping (training only, [Switch]
 eq. 3, [V2] §2.2.4) zeroes the gate of a dropped assignment without renormalising the rest
-(balancing.md §7.3). Each layer returns its alpha-weighted balance losses (balancing.md §1:
+(docs/balancing.md §7.3). Each layer returns its weighted balance losses (docs/balancing.md §1:
 the model's aux loss is their sum over MoE layers).
 
 Two expert paths compute the same function:
@@ -304,7 +304,7 @@ class MoELayer(nn.Module):
         """alpha-weighted balance losses of this layer, only those with alpha > 0.
 
         f counts `experts_TK` (the routing performed) for aux_counts="actual", or the plain
-        unbiased top-K ([V3] eq. 18 read literally) for "literal"; balancing.md §5.
+        unbiased top-K ([V3] eq. 18 read literally) for "literal"; docs/balancing.md §5.
         Sequence-level scopes ([V2] eq. 23-31 and [V3] eq. 17 with T = one sequence) use
         `seq_len`; switch and global use the whole micro-batch (of all ranks: f from the
         counts all-reduced over them under expert parallelism)."""

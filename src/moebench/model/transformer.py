@@ -106,7 +106,7 @@ class MoETransformer(nn.Module):
         self.max_seq_len = cfg.train.seq_len
         self.capacity = cfg.balance.capacity
         # Draws the sequences protected from device-level dropping ([V2] §2.2.4: ~10%,
-        # a seeded Bernoulli per sequence, balancing.md §7.3); part of a checkpoint.
+        # a seeded Bernoulli per sequence, docs/balancing.md §7.3); part of a checkpoint.
         self.drop_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.embed = nn.Embedding(vocab_size, m.d_model)
         self.blocks = nn.ModuleList()

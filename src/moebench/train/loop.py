@@ -7,7 +7,7 @@ decay to `min_lr_frac * lr`, gradient clipping by global norm, gradient accumula
 updated exactly once per optimizer step from the loads of all its micro-batches ([V3]
 §2.1.2), with rate 0 from step floor(freeze_frac * steps) on, and is frozen in evaluation.
 
-Outputs (run directory contract in contracts.md), every file through `moebench.io`:
+Outputs (run directory contract: docs/run-directory.md), every file through `moebench.io`:
 - config.resolved.yaml; summary.json; routing_trace.parquet (written at the end).
 - metrics.jsonl: deterministic records only ({"kind": "train", ...} every log_every steps
   and at the last step, {"kind": "eval", ...} every eval_every steps and at the end). The
