@@ -61,7 +61,7 @@ R = TypeVar("R")
 
 def expected_groups_uniform(num_experts: int, num_groups: int, top_k: int) -> float:
     """Expected distinct groups per token when k of E experts are drawn uniformly without
-    replacement, E/G experts per group: G * (1 - C(E - E/G, k) / C(E, k)) (docs/peers.md, DeepEP;
+    replacement, E/G experts per group: G * (1 - C(E - E/G, k) / C(E, k)) (docs/metrics.md §3;
     5.29 nodes for E=256, G=8, k=8)."""
     if num_groups < 1 or num_experts % num_groups or not 1 <= top_k <= num_experts:
         raise ValueError(
