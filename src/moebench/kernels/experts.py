@@ -193,7 +193,8 @@ class _Dispatch(torch.autograd.Function):
         if ctx.triton_kernels:
             return _gather_sum(g_AH, pos_A, T), None, None, None, None
         g_TKH = g_AH.index_select(0, pos_A).view(T, ctx.K, -1)
-        return g_TKH.sum(1, dtype=torch.float32).to(g_AH.dtype), None, None, None, None
+        acc = torch.promote_types(g_AH.dtype, torch.float32)  # float32 at least
+        return g_TKH.sum(1, dtype=acc).to(g_AH.dtype), None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
