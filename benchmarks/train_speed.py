@@ -18,6 +18,7 @@ study's: d_model 512, 8 layers, 64 experts top-6 of width 256 + 1 shared; 35M ac
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -44,7 +45,7 @@ MODELS: dict[str, dict[str, Any]] = {
 def run_config(model: str, data: Path, steps: int, batch: int) -> dict[str, Any]:
     """A V3-style run (sigmoid gates normalised, aux-loss-free bias, 64 experts top-6 on a
     modelled 8 nodes x 4 GPUs) of `model`, sized for a speed measurement."""
-    m = MODELS[model]
+    m = copy.deepcopy(MODELS[model])
     return {
         "study": "speed", "dataset": "shakespeare", "strategy": model, "seed": 0,
         "data_dir": str(data), "data": {"source": "shakespeare", "vocab_size": 8192},
