@@ -16,10 +16,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_speed import run_config  # noqa: E402
+from train_speed import run_config
 
-from moebench.config import RunConfig  # noqa: E402
-from moebench.train.loop import Trainer, prepare  # noqa: E402
+from moebench.config import RunConfig
+from moebench.train.loop import Trainer, prepare
 
 
 def main() -> None:
