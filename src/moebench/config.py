@@ -144,7 +144,11 @@ class BalanceConfig(Strict):
     device_alpha: float = Field(0.0, ge=0.0, description="[V2] eq. 26")
     comm_alpha: float = Field(0.0, ge=0.0, description="[V2] eq. 29")
     seq_alpha: float = Field(0.0, ge=0.0, description="[V3] eq. 17, per sequence")
-    global_alpha: float = Field(0.0, ge=0.0, description="[V3] §4.5.3 batch-wise form")
+    global_alpha: float = Field(
+        0.0, ge=0.0, description="[V3] §4.5.3 batch-wise form; f from the optimizer step's "
+        "running count over micro-batches and ranks (docs/global_loss.md)"
+    )
+    z_alpha: float = Field(0.0, ge=0.0, description="[ST-MoE] eq. 5 router z-loss")
     aux_counts: Literal["literal", "actual"] = Field(
         "literal", description="f_i from the plain unbiased top-K or the routing performed"
     )
@@ -152,7 +156,8 @@ class BalanceConfig(Strict):
     capacity: CapacityConfig = CapacityConfig()
 
     @field_validator(
-        "switch_alpha", "expert_alpha", "device_alpha", "comm_alpha", "seq_alpha", "global_alpha"
+        "switch_alpha", "expert_alpha", "device_alpha", "comm_alpha", "seq_alpha", "global_alpha",
+        "z_alpha",
     )
     @classmethod
     def _alpha_finite(cls, v: float, info: Any) -> float:

@@ -26,8 +26,9 @@ all_to_all_single with autograd), whatever `impl` says; each received expert bat
 as one SwiGLU. Capacity is then per rank and micro-batch: T in [Switch] eq. 3 (and the V2
 device budget) counts this rank's tokens, as every rank drops before it dispatches. The
 batch-wide losses (switch, global) take f from the selection counts all-reduced over the
-ranks, P from the rank's own tokens, so the mean over ranks of the rank losses is the loss
-of the whole batch; the per-sequence losses need nothing (ranks hold whole sequences).
+ranks (global: also summed over the step's micro-batches so far), P from the rank's own
+tokens, so the mean over ranks of the rank losses is the loss of the whole batch; the
+per-sequence losses need nothing (ranks hold whole sequences).
 
 Legend: T tokens, H d_model, F expert hidden width, E routed experts, K experts per token,
 B sequences, S sequence length, A kept (token, slot) assignments.
@@ -54,13 +55,14 @@ from moebench.balancing import (
     literal_topk,
     seq_loss,
     switch_loss,
+    z_loss,
 )
 from moebench.comm.alltoall import DispatchPlan, ep_moe
 from moebench.config import RunConfig
 from moebench.kernels.experts import grouped_experts
 from moebench.routing import Layout, RouterConfig, route
 
-AUX_NAMES = ("switch", "expert", "device", "comm", "seq", "global")
+AUX_NAMES = ("switch", "expert", "device", "comm", "seq", "global", "z")
 
 
 class NonFiniteRouterError(FloatingPointError):
@@ -278,6 +280,15 @@ class MoELayer(nn.Module):
         self.shared = SwiGLU(m.d_model, hidden_shared) if hidden_shared else None
         self.experts = RoutedExperts(r.num_experts, m.d_model, m.expert_hidden)
         self.ep: ExpertParallel | None = None
+        # The global loss's running count: selections of the optimizer step's micro-batches
+        # so far, summed over ranks; `reset_global_counts` once per step (docs/global_loss.md).
+        self.global_counts_E: Tensor
+        self.register_buffer("global_counts_E", torch.zeros(r.num_experts, dtype=torch.int64),
+                             persistent=False)
+
+    def reset_global_counts(self) -> None:
+        """Start a new optimizer step's running count for the global-batch loss."""
+        self.global_counts_E.zero_()
 
     def router_logits(self, x_TH: Tensor) -> Tensor:
         """float32 [T, E] logits u_t^T e_i with hidden and weight in float32, autocast off."""
@@ -300,14 +311,17 @@ class MoELayer(nn.Module):
         return device_drop(experts_TK, scores_TE, self.device_of_expert_E, cap.factor,
                            protected_T)
 
-    def aux_losses(self, scores_TE: Tensor, experts_TK: Tensor, seq_len: int) -> dict[str, Tensor]:
-        """alpha-weighted balance losses of this layer, only those with alpha > 0.
+    def aux_losses(self, scores_TE: Tensor, experts_TK: Tensor, seq_len: int,
+                   logits_TE: Tensor) -> dict[str, Tensor]:
+        """alpha-weighted auxiliary losses of this layer, only those with alpha > 0.
 
         f counts `experts_TK` (the routing performed) for aux_counts="actual", or the plain
         unbiased top-K ([V3] eq. 18 read literally) for "literal"; balancing.md §5.
         Sequence-level scopes ([V2] eq. 23-31 and [V3] eq. 17 with T = one sequence) use
-        `seq_len`; switch and global use the whole micro-batch (of all ranks: f from the
-        counts all-reduced over them under expert parallelism)."""
+        `seq_len`; switch uses the whole micro-batch (of all ranks: f from the counts
+        all-reduced over them under expert parallelism); global takes f from the running
+        count of the optimizer step (this micro-batch added, all ranks; docs/global_loss.md);
+        z (the router z-loss) the raw `logits_TE`."""
         b = self.balance
         alphas = {name: getattr(b, f"{name}_alpha") for name in AUX_NAMES}
         if not any(alphas.values()):
@@ -316,16 +330,21 @@ class MoELayer(nn.Module):
             experts_TK = literal_topk(scores_TE, self.router_cfg.top_k)
         dev_E = self.device_of_expert_E
         counts_E = None
-        if self.ep is not None and (alphas["switch"] or alphas["global"]):
-            E = self.router_cfg.num_experts
-            counts_E = self.ep.all_reduce_sum(torch.bincount(experts_TK.reshape(-1), minlength=E))
+        if (self.ep is not None and alphas["switch"]) or alphas["global"]:
+            counts_E = torch.bincount(experts_TK.reshape(-1), minlength=self.router_cfg.num_experts)
+            if self.ep is not None:
+                counts_E = self.ep.all_reduce_sum(counts_E)
+        if alphas["global"]:
+            self.global_counts_E += counts_E
         terms = {
-            "switch": lambda: switch_loss(scores_TE, experts_TK, counts_E),
+            "switch": lambda: switch_loss(scores_TE, experts_TK,
+                                          counts_E if self.ep is not None else None),
             "expert": lambda: expert_loss(scores_TE, experts_TK, seq_len),
             "device": lambda: device_loss(scores_TE, experts_TK, dev_E, seq_len),
             "comm": lambda: comm_loss(scores_TE, experts_TK, dev_E, self.comm_limit, seq_len),
             "seq": lambda: seq_loss(scores_TE, experts_TK, seq_len),
-            "global": lambda: global_loss(scores_TE, experts_TK, counts_E),
+            "global": lambda: global_loss(scores_TE, experts_TK, self.global_counts_E),
+            "z": lambda: z_loss(logits_TE),
         }
         return {name: alpha * terms[name]() for name, alpha in alphas.items() if alpha > 0}
 
@@ -357,6 +376,7 @@ class MoELayer(nn.Module):
             y_TH = forward(x_TH, routing.experts, gates_TK, keep_TK)
         if self.shared is not None:
             y_TH = y_TH + self.shared(x_TH)
-        aux = self.aux_losses(routing.scores, routing.experts, S) if self.training else {}
+        aux = (self.aux_losses(routing.scores, routing.experts, S, logits_TE)
+               if self.training else {})
         layer = LayerRouting(routing.experts, gates_TK.detach(), keep_TK, routing.scores, comm)
         return y_TH.reshape(B, S, H), layer, aux

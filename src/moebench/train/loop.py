@@ -29,8 +29,11 @@ measured all-to-all beside the `moebench.comm` accounting's prediction; summary.
 Metrics: `load` is the per-layer, per-expert count of the routing performed (before
 capacity dropping) summed over the step's micro-batches; `maxvio_batch` the mean over
 layers of its MaxVio ([LF] eq. 4); `drop_frac` the fraction of assignments dropped by
-capacity; `aux` the alpha-weighted balance losses summed over layers (mean over
-micro-batches); `loss` = ce_loss + sum(aux). MFU = (6 * active params + 12 * layers *
+capacity; `aux` the alpha-weighted auxiliary losses summed over layers (mean over
+micro-batches); `loss` = ce_loss + sum(aux). A dense model (no MoE layer: the dense
+baseline) trains the same way; its MaxVio and drop fractions are null, its loads and
+routing trace empty. The global loss's running count is reset at the start of every
+optimizer step (docs/global_loss.md). MFU = (6 * active params + 12 * layers *
 d_model * seq_len) * tokens/s / peak bf16 FLOP/s (nanoGPT/PaLM accounting: embedding lookup
 excluded, attention counted non-causally; active params count top_k of E routed experts);
 peak is the dense bf16 tensor-core rate of the GPU (H100/H200/H800 SXM 989e12, A100
@@ -392,6 +395,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         L, E = self.model.num_moe_layers, cfg.router.num_experts
+        for layer in self.model.moe_layers:  # the global loss counts this step's batch only
+            layer.reset_global_counts()
         load_LE = torch.zeros(L, E, dtype=torch.int64, device=self.device)
         dropped = torch.zeros((), dtype=torch.int64, device=self.device)
         ce = torch.zeros((), device=self.device)
@@ -439,12 +444,13 @@ class Trainer:
         record = {
             "kind": "train", "step": step, "lr": lr, "ce_loss": ce_f,
             "loss": ce_f + sum(aux_f.values()), "aux": aux_f,
-            "maxvio_batch": sum(layers) / L, "maxvio_batch_layers": layers,
-            "load": load.tolist(), "drop_frac": int(dropped) / assignments,
+            "maxvio_batch": sum(layers) / L if L else None, "maxvio_batch_layers": layers,
+            "load": load.tolist(), "drop_frac": int(dropped) / assignments if L else None,
             "grad_norm": float(grad_norm),
         }
-        self.sums["maxvio_batch"] += record["maxvio_batch"]
-        self.sums["drop_frac"] += record["drop_frac"]
+        if L:  # a dense model (no MoE layer) has no load: its MaxVio and drops are null
+            self.sums["maxvio_batch"] += record["maxvio_batch"]
+            self.sums["drop_frac"] += record["drop_frac"]
         self.sums["tokens"] += t.grad_accum * t.batch_size * t.seq_len
         return record
 
@@ -475,7 +481,8 @@ class Trainer:
         record = {
             "kind": "eval", "step": self.step, "val_loss": val_loss,
             "val_ppl": math.exp(val_loss) if val_loss < 700 else math.inf,
-            "val_bpb": val.bits_per_byte(val_loss), "maxvio_global": max_vio_layers(load),
+            "val_bpb": val.bits_per_byte(val_loss),
+            "maxvio_global": max_vio_layers(load) if L else None,
         }
         return record, load
 
@@ -502,6 +509,9 @@ class Trainer:
                                   for b in range(len(experts[i]))]
                                  for i in range(len(experts))] for k in (0, 1))
         n_tokens = min(t.trace_tokens, n_windows * t.seq_len)
+        if not experts:  # a dense model: an empty trace (no MoE layer)
+            empty_LTK = torch.zeros(0, n_tokens, self.cfg.router.top_k)
+            return empty_LTK.long(), empty_LTK
         return (torch.stack([torch.cat(e)[:n_tokens] for e in experts]),
                 torch.stack([torch.cat(w)[:n_tokens] for w in weights]))
 
@@ -524,10 +534,10 @@ class Trainer:
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in record.items() if k not in ("kind", "step")},
                                 self.step)
-        bpb = record["val_bpb"]
+        bpb, vio = record["val_bpb"], record["maxvio_global"]
         self._log(f"eval step {self.step}: val_loss {record['val_loss']:.4f} "
             f"ppl {record['val_ppl']:.2f}" + (f" bpb {bpb:.4f}" if bpb is not None else "")
-            + f" maxvio_global {record['maxvio_global']:.3f}")
+            + (f" maxvio_global {vio:.3f}" if vio is not None else ""))
         return record, load
 
     def run(self) -> dict[str, Any]:
@@ -578,9 +588,9 @@ class Trainer:
                 if tracker is not None:
                     tracker.log_metrics({k: v for k, v in {**record, **timing}.items()
                                          if k not in ("kind", "load", "step")}, step)
-                tps = timing["tokens_per_s"]
+                tps, vio = timing["tokens_per_s"], record["maxvio_batch"]
                 self._log(f"step {step}/{t.steps} loss {record['loss']:.4f} "
-                    f"maxvio {record['maxvio_batch']:.3f} tok/s {tps or 0:.0f}"
+                    + (f"maxvio {vio:.3f} " if vio is not None else "") + f"tok/s {tps or 0:.0f}"
                     + (f" mfu {timing['mfu']:.3f}" if timing["mfu"] is not None else ""))
             if step % t.eval_every == 0 and step < t.steps:
                 self._log_eval(tracker)
@@ -596,6 +606,7 @@ class Trainer:
                         t.seq_len)
         train_s = self.sums["train_s"]
         tps = self.sums["tokens"] / train_s if train_s > 0 else None
+        moe = self.model.num_moe_layers > 0
         summary = {
             "study": cfg.study, "dataset": cfg.dataset, "strategy": cfg.strategy,
             "seed": cfg.seed, "steps": t.steps,
@@ -603,8 +614,8 @@ class Trainer:
             "val_bpb": eval_record["val_bpb"],
             "maxvio_global": eval_record["maxvio_global"],
             "maxvio_global_layers": [max_vio(load_E) for load_E in load_global],
-            "maxvio_batch_mean": self.sums["maxvio_batch"] / t.steps,
-            "drop_frac": self.sums["drop_frac"] / t.steps,
+            "maxvio_batch_mean": self.sums["maxvio_batch"] / t.steps if moe else None,
+            "drop_frac": self.sums["drop_frac"] / t.steps if moe else None,
             "load_global": load_global.tolist(),
             "tokens_per_s": tps,
             "mfu": (self.flops_per_token * tps / self.peak
@@ -618,8 +629,9 @@ class Trainer:
         }
         if self.lead:
             write_json(self.out / "summary.json", summary)
-        self._log(f"done: val_loss {summary['val_loss']:.4f} maxvio_global "
-            f"{summary['maxvio_global']:.3f} -> {self.out}")
+        vio = summary["maxvio_global"]
+        self._log(f"done: val_loss {summary['val_loss']:.4f}"
+            + (f" maxvio_global {vio:.3f}" if vio is not None else "") + f" -> {self.out}")
         return summary
 
 
