@@ -44,12 +44,17 @@ def _finite(v: float, name: str) -> float:
 class DataConfig(Strict):
     """Where the token streams come from (see `moebench.data`)."""
 
-    source: Literal["shakespeare", "cpython", "synthetic", "file", "hf"] = "shakespeare"
+    source: Literal["shakespeare", "cpython", "synthetic", "file", "hf", "mixed"] = Field(
+        "shakespeare", description="mixed: Shakespeare + CPython + synthetic topics, each "
+        "window from one domain (moebench.data.sources)"
+    )
     path: str | None = Field(None, description="text file for source=file")
     hf_name: str | None = Field(None, description="Hugging Face dataset name for source=hf")
     vocab_size: int = Field(1024, ge=260, le=262144, description="byte-level BPE vocabulary")
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="documents held out")
-    max_bytes: int | None = Field(None, gt=0, description="cap on corpus bytes (fast tests)")
+    max_bytes: int | None = Field(
+        None, gt=0, description="cap on corpus bytes (fast tests); per domain for mixed"
+    )
     # synthetic source: topics drawn from Zipf(skew); each topic is a Markov source
     synthetic_topics: int = Field(16, ge=1)
     synthetic_skew: float = Field(1.2, ge=0.0, description="Zipf exponent over topics")

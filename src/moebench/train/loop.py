@@ -8,7 +8,10 @@ updated exactly once per optimizer step from the loads of all its micro-batches 
 §2.1.2), with rate 0 from step floor(freeze_frac * steps) on, and is frozen in evaluation.
 
 Outputs (run directory contract in contracts.md), every file through `moebench.io`:
-- config.resolved.yaml; summary.json; routing_trace.parquet (written at the end).
+- config.resolved.yaml; summary.json; routing_trace.parquet (written at the end). On a
+  corpus with domains (data.source = mixed) summary.json adds `load_by_domain`: for each
+  domain, the final evaluation's per-layer, per-expert loads [L][E] of its windows (they
+  sum to `load_global`), for domain-specialisation analyses ([V3] Fig. 9).
 - metrics.jsonl: deterministic records only ({"kind": "train", ...} every log_every steps
   and at the last step, {"kind": "eval", ...} every eval_every steps and at the end). The
   wall-clock fields (tokens_per_s, mfu, elapsed_s) go to timing.jsonl instead, so the same
@@ -457,34 +460,42 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> tuple[dict[str, Any], torch.Tensor]:
         """Validation loss/perplexity/bits per byte on the first eval_batches x batch_size
-        windows of the val split, and their per-layer loads (for MaxVio_global)."""
+        windows of the val split, and their per-layer loads split by the windows' domain
+        range, int64 [D, L, E] (D = 1 without domains; summed over D: MaxVio_global)."""
         t = self.cfg.train
         self.model.eval()
-        L, E = self.model.num_moe_layers, self.cfg.router.num_experts
-        load_LE = torch.zeros(L, E, dtype=torch.int64, device=self.device)
-        nll, n = 0.0, 0
+        L, E, K = self.model.num_moe_layers, self.cfg.router.num_experts, self.cfg.router.top_k
         val = self.run_spec.val_data
-        for batch in val.iter_eval(t.batch_size, t.seq_len, t.eval_batches):
-            tokens_BS, targets_BS = self._rows(*batch)
+        domain_W = torch.from_numpy(val.eval_domains(t.seq_len))
+        D = max(len(val.domains), 1)
+        load_DLE = torch.zeros(D, L, E, dtype=torch.int64, device=self.device)
+        nll, n = 0.0, 0
+        for b, batch in enumerate(val.iter_eval(t.batch_size, t.seq_len, t.eval_batches)):
+            domain_B = domain_W[b * t.batch_size : (b + 1) * t.batch_size]
+            tokens_BS, targets_BS, domain_B = self._rows(*batch, domain_B)
             out = self._forward(tokens_BS, targets_BS, self.step)
             if targets_BS.numel():
                 nll += float(out.ce_loss) * targets_BS.numel()
                 n += targets_BS.numel()
+            slot_B = domain_B.to(self.device)[:, None, None] * E  # domain-major bincount slots
             for i, routing in enumerate(out.layers):
-                load_LE[i] += torch.bincount(routing.experts_TK.reshape(-1), minlength=E)
+                experts_BSK = routing.experts_TK.view(*tokens_BS.shape, K)
+                ids = (slot_B + experts_BSK).reshape(-1)
+                load_DLE[:, i] += torch.bincount(ids, minlength=D * E).view(D, E)
         self.model.train()
         if self.par is not None:
             nll, n = self.par.sum_floats([nll, n])
-            self.par.sum(load_LE)
+            self.par.sum(load_DLE)
         val_loss = nll / n
-        load = load_LE.cpu()
+        load_DLE = load_DLE.cpu()
+        load = load_DLE.sum(dim=0)
         record = {
             "kind": "eval", "step": self.step, "val_loss": val_loss,
             "val_ppl": math.exp(val_loss) if val_loss < 700 else math.inf,
             "val_bpb": val.bits_per_byte(val_loss),
             "maxvio_global": max_vio_layers(load) if L else None,
         }
-        return record, load
+        return record, load_DLE
 
     @torch.no_grad()
     def routing_trace(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -596,7 +607,8 @@ class Trainer:
                 self._log_eval(tracker)
             if step % t.ckpt_every == 0 or step == t.steps:
                 self.save()
-        eval_record, load_global = self._log_eval(tracker)
+        eval_record, load_DLE = self._log_eval(tracker)
+        load_global = load_DLE.sum(dim=0)
         self._close_logs()
         self._rewrite_logs()
         self._close_logs()
@@ -627,6 +639,8 @@ class Trainer:
             "git_sha": git_sha(), "torch_version": torch.__version__,
             "world_size": self.world_size,
         }
+        if domains := self.run_spec.val_data.domains:  # a mixed corpus: loads per domain
+            summary["load_by_domain"] = dict(zip(domains, load_DLE.tolist(), strict=True))
         if self.lead:
             write_json(self.out / "summary.json", summary)
         vio = summary["maxvio_global"]
