@@ -187,6 +187,10 @@ class TrainConfig(Strict):
     eval_batches: int = Field(8, ge=1)
     log_every: int = Field(10, ge=1)
     ckpt_every: int = Field(50, ge=1)
+    keep_ckpt: bool = Field(
+        True, description="keep the last checkpoint once the run is complete; false deletes "
+        "it after summary.json is written (saves disk in large studies)"
+    )
     trace_tokens: int = Field(4096, ge=1, description="validation tokens in routing_trace")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(1, ge=1, description="torch CPU threads (1 = bitwise reproducible)")
@@ -466,6 +470,12 @@ class TrainResources(JobResources):
         "device of the topology (srun under SLURM, torchrun locally)",
     )
     nodes: int = Field(1, ge=1, description="SLURM nodes per run")
+    runs_per_gpu: int = Field(
+        1,
+        ge=1,
+        description="training runs sharing one GPU under the local executor: `--resources "
+        "gpu=G` admits G x runs_per_gpu concurrent runs (SLURM jobs still request `gpu` each)",
+    )
 
 
 class StudyResources(Strict):

@@ -643,6 +643,8 @@ class Trainer:
             summary["load_by_domain"] = dict(zip(domains, load_DLE.tolist(), strict=True))
         if self.lead:
             write_json(self.out / "summary.json", summary)
+            if not t.keep_ckpt:  # complete: the run directory is all that is needed now
+                (self.run_spec.ckpt_dir / CKPT_NAME).unlink(missing_ok=True)
         vio = summary["maxvio_global"]
         self._log(f"done: val_loss {summary['val_loss']:.4f}"
             + (f" maxvio_global {vio:.3f}" if vio is not None else "") + f" -> {self.out}")
