@@ -20,13 +20,18 @@ from hypothesis import strategies as st
 
 from moebench.balancing import z_loss
 from moebench.config import RunConfig
-from moebench.model import ExpertParallel, MoELayer, run_layout
+from moebench.model import ExpertParallel, MoELayer
 
 F64 = torch.float64
 
 
+def make_layer(**balance: Any) -> MoELayer:
+    """A MoE layer of 4 experts top-1 on 1 node x 2 GPUs, sigmoid router; f counts the
+    routing passed in."""
+    return MoELayer(layer_cfg(**balance).transformer_config(300).moe, index=0)
+
+
 def layer_cfg(**balance: Any) -> RunConfig:
-    """4 experts top-1 on 1 node x 2 GPUs, sigmoid router; f counts the routing passed in."""
     return RunConfig.model_validate({
         "model": {"d_model": 8, "n_layers": 2, "n_heads": 2, "n_dense_layers": 1,
                   "expert_hidden": 4, "n_shared_experts": 0},
@@ -49,7 +54,7 @@ def test_running_count_over_two_micro_batches_by_hand() -> None:
     P = [9/16,3/16,1/8,1/8]: 27/16 + 3/16 = 15/8 (its own counts alone give f = [4,0,0,0]
     and 9/4). The step's loss is the mean over micro-batches, 27/16. After the reset the
     first micro-batch gives 3/2 again."""
-    layer = MoELayer(layer_cfg(global_alpha=1.0), index=0)
+    layer = make_layer(global_alpha=1.0)
     logits = torch.zeros(2, 4)
     first = layer.aux_losses(MB1_S, MB1_E, 2, logits)["global"]
     second = layer.aux_losses(MB2_S, MB2_E, 2, logits)["global"]
@@ -63,10 +68,10 @@ def test_running_count_over_two_micro_batches_by_hand() -> None:
 
 
 def test_alpha_scales_and_other_losses_leave_the_count_alone() -> None:
-    layer = MoELayer(layer_cfg(global_alpha=0.5, seq_alpha=1.0), index=0)
+    layer = make_layer(global_alpha=0.5, seq_alpha=1.0)
     aux = layer.aux_losses(MB1_S, MB1_E, 2, torch.zeros(2, 4))
     assert Fraction(float(aux["global"])) == Fraction(3, 4)
-    off = MoELayer(layer_cfg(seq_alpha=1.0), index=0)
+    off = make_layer(seq_alpha=1.0)
     off.aux_losses(MB1_S, MB1_E, 2, torch.zeros(2, 4))
     assert off.global_counts_E.tolist() == [0, 0, 0, 0]  # no global loss: nothing counted
 
@@ -114,7 +119,7 @@ def test_z_loss_by_hand() -> None:
 
 
 def test_z_loss_in_the_layer_uses_the_raw_logits() -> None:
-    layer = MoELayer(layer_cfg(z_alpha=1e-3), index=0)
+    layer = make_layer(z_alpha=1e-3)
     logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [math.log(4.0), 0.0, 0.0, 0.0]])
     aux = layer.aux_losses(torch.sigmoid(logits), torch.tensor([[0], [0]]), 2, logits)
     lse = torch.tensor([math.log(4.0), math.log(7.0)])
@@ -153,18 +158,16 @@ def _run_layer(rank: int | None) -> dict[str, Any]:
     running count and the router gradient of the summed loss. `rank`: this rank's half of
     each batch under expert parallelism (None: one process, the whole batch)."""
     torch.manual_seed(0)
-    cfg = layer_cfg(global_alpha=1.0)
-    layer = MoELayer(cfg, index=0)
+    layer = make_layer(global_alpha=1.0)
     if rank is not None:
-        layer.ep = ExpertParallel(run_layout(cfg), rank)
-        layer.experts.shard(layer.ep.local_experts)
+        layer.experts.shard(ExpertParallel(layer.cfg.layout, rank, world_size=2))
     layer.train()
     losses = []
     for x_BSH in _batches():
         rows = slice(None) if rank is None else slice(rank * B // 2, (rank + 1) * B // 2)
         _, _, aux = layer(x_BSH[rows])
         aux["global"].backward()
-        losses.append(float(aux["global"]))
+        losses.append(float(aux["global"].detach()))
     grad = layer.router.weight.grad.clone()
     if rank is not None:  # data parallel: the mean of the ranks' gradients
         dist.all_reduce(grad)

@@ -65,8 +65,11 @@ def test_model_size_budget_and_checkpoints(study: StudyConfig) -> None:
     """~35M active parameters with 96 fine-grained experts + 1 shared; the dense baseline has
     the same active parameters but for the routers; >= 25M tokens per run."""
     cfgs = configs(study)
-    _, moe_active = MoETransformer(cfgs["none"], 8192).param_counts()  # ~1.2 GB briefly
-    dense_total, dense_active = MoETransformer(cfgs["dense"], 8192).param_counts()
+    moe = MoETransformer(cfgs["none"].transformer_config(8192))  # ~1.2 GB, briefly
+    _, moe_active = moe.param_counts()
+    del moe
+    dense_total, dense_active = MoETransformer(cfgs["dense"].transformer_config(8192)
+                                               ).param_counts()
     m, r = cfgs["none"].model, cfgs["none"].router
     assert 20e6 <= moe_active <= 50e6 and r.num_experts >= 64 and m.n_shared_experts == 1
     routers = (m.n_layers - m.n_dense_layers) * m.d_model * r.num_experts
@@ -103,7 +106,7 @@ def test_initial_weights_and_batches_do_not_depend_on_the_strategy(
     tiny = {"data_dir": str(tmp_path / "data"), "data": data.model_dump(),
             "tracking": {"uri": None},
             "model": {"d_model": 16, "n_heads": 2, "n_layers": 2, "n_dense_layers": 1,
-                      "dense_hidden": 32, "expert_hidden": 4, "expert_impl": "grouped"},
+                      "dense_hidden": 32, "expert_hidden": 4},
             "train": {"batch_size": 2, "seq_len": 16, "device": "cpu"}}
 
     def start(strategy: str, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

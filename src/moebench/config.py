@@ -12,7 +12,7 @@ import difflib
 import math
 import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -24,6 +24,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+if TYPE_CHECKING:
+    from moebench.model import TransformerConfig
+    from moebench.routing import Layout, RouterConfig
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 """Study, dataset and strategy names become path parts and Snakemake wildcards."""
@@ -81,7 +85,6 @@ class ModelConfig(Strict):
     n_shared_experts: int = Field(1, ge=0)
     expert_hidden: int = Field(64, ge=1)
     init_std: float = Field(0.02, gt=0.0)
-    expert_impl: Literal["loop", "grouped"] = "grouped"
 
     @model_validator(mode="after")
     def _shape(self) -> ModelConfig:
@@ -258,6 +261,61 @@ class RunConfig(Strict):
             "device": self.topology.num_devices,
             "node": self.topology.num_nodes,
         }[self.router.limit]
+
+    def router_config(self) -> RouterConfig:
+        """The router of every MoE layer: groups are devices (limit=device, [V2] §2.2.2) or
+        nodes (limit=node, [V3] §2.1.2) of the topology; "mul" bias for the multiplicative
+        rule."""
+        from moebench.routing import RouterConfig
+
+        r = self.router
+        return RouterConfig(
+            num_experts=r.num_experts,
+            top_k=r.top_k,
+            score_fn=r.score_fn,
+            num_groups=self.num_groups,
+            group_limit=r.group_limit if self.num_groups > 1 else 1,
+            group_score=r.group_score,
+            normalize=r.normalize,
+            route_scale=r.route_scale,
+            bias_mode="mul" if self.balance.bias.rule == "multiplicative" else "add",
+        )
+
+    def layout(self) -> Layout:
+        """The modelled expert placement: contiguous blocks of experts per GPU."""
+        from moebench.routing import Layout
+
+        t = self.topology
+        return Layout.contiguous(self.router.num_experts, t.num_nodes, t.gpus_per_node)
+
+    def transformer_config(self, vocab_size: int) -> TransformerConfig:
+        """The decoder this run trains, for a vocabulary of `vocab_size`: the config composes
+        the model's own config, the model never reads the run config."""
+        from moebench.model import MoEConfig, TransformerConfig
+
+        m, r = self.model, self.router
+        moe = MoEConfig(
+            d_model=m.d_model,
+            expert_hidden=m.expert_hidden,
+            n_shared_experts=m.n_shared_experts,
+            router=self.router_config(),
+            layout=self.layout(),
+            balance=self.balance,
+            comm_limit=r.group_limit if r.limit == "device" else min(r.top_k,
+                                                                     self.topology.num_devices),
+        )
+        return TransformerConfig(
+            vocab_size=vocab_size,
+            max_seq_len=self.train.seq_len,
+            d_model=m.d_model,
+            n_layers=m.n_layers,
+            n_heads=m.n_heads,
+            n_dense_layers=m.n_dense_layers,
+            dense_hidden=m.dense_hidden,
+            init_std=m.init_std,
+            moe=moe,
+            drop_seed=self.seed + 1,
+        )
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

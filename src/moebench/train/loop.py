@@ -62,6 +62,7 @@ from typing import IO, Any
 import torch
 
 from moebench.balancing import BiasController, all_reduce_sum
+from moebench.comm.alltoall import PhaseTimer
 from moebench.config import RunConfig
 from moebench.data import TokenStream
 from moebench.io import (
@@ -71,8 +72,8 @@ from moebench.io import (
     write_text,
     write_yaml,
 )
-from moebench.metrics import max_vio, max_vio_layers
-from moebench.model import MoETransformer, NonFiniteRouterError
+from moebench.metrics import expert_load, max_vio, max_vio_layers
+from moebench.model import MoETransformer
 from moebench.train.checkpoint import (
     CKPT_NAME,
     identity,
@@ -244,7 +245,8 @@ class Trainer:
         self.lead = self.par is None or self.par.lead
         self.world_size = 1 if self.par is None else self.par.world_size
         torch.manual_seed(cfg.seed)
-        self.model = MoETransformer(cfg, run.train_data.vocab_size).to(self.device)
+        model_cfg = cfg.transformer_config(run.train_data.vocab_size)
+        self.model = MoETransformer(model_cfg).to(self.device)
         total, active = self.model.param_counts()  # the whole model, before any sharding
         if self.par is not None:
             self.model.shard_experts(self.par.ep)
@@ -370,17 +372,34 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor, step: int) -> Any:
+    def _forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor,
+                 timer: PhaseTimer | None = None) -> Any:
         bias_LE = self.bias.bias_LE if self.bias is not None else None
-        try:
-            with self._autocast():
-                out = self.model(tokens_BS.to(self.device), targets_BS.to(self.device), bias_LE)
-        except NonFiniteRouterError as err:
-            raise TrainingDivergedError(step, err.layer, self.last_ckpt) from None
-        finite = targets_BS.numel() == 0 or bool(torch.isfinite(out.loss))
-        if not (finite if self.par is None else self.par.all_true(finite)):
-            raise TrainingDivergedError(step, None, self.last_ckpt)
-        return out
+        with self._autocast():
+            return self.model(tokens_BS.to(self.device, non_blocking=True),
+                              targets_BS.to(self.device, non_blocking=True), bias_LE, timer)
+
+    @staticmethod
+    def _bad(out: Any) -> torch.Tensor:
+        """int [L + 1] on the device: 1 where a MoE layer's router logits or (last) the loss
+        were not finite; read later, so the forward needs no host sync."""
+        flags = [~r.finite for r in out.layers]
+        if out.ce_loss is not None:
+            flags.append(~torch.isfinite(out.loss))
+        else:
+            flags.append(torch.zeros((), dtype=torch.bool, device=out.logits.device))
+        return torch.stack(flags).int()
+
+    def _check_finite(self, bad_L: torch.Tensor, step: int) -> None:
+        """TrainingDivergedError naming the first non-finite router (or the loss) of any
+        rank (one host sync; collective under expert parallelism)."""
+        if self.par is not None:
+            self.par.sum(bad_L)
+        bad = bad_L.tolist()
+        if any(bad):
+            first = bad.index(next(b for b in bad if b))
+            raise TrainingDivergedError(step, first if first < len(bad) - 1 else None,
+                                        self.last_ckpt)
 
     def _rows(self, *batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """This rank's sequences of a batch (all of them in a single process)."""
@@ -404,24 +423,28 @@ class Trainer:
         dropped = torch.zeros((), dtype=torch.int64, device=self.device)
         ce = torch.zeros((), device=self.device)
         aux: dict[str, torch.Tensor] = {}
+        bad_L = torch.zeros(L + 1, dtype=torch.int32, device=self.device)
         meter = self.a2a if step % t.log_every == 0 or step == t.steps else None
         for _ in range(t.grad_accum):
             tokens_BS, targets_BS = self._rows(*self.run_spec.train_data.batch(
                 self.batch_generator, t.batch_size, t.seq_len))
-            out = self._forward(tokens_BS, targets_BS, step)
+            timer = PhaseTimer(self.device) if meter is not None else None
+            out = self._forward(tokens_BS, targets_BS, timer)
+            bad_L += self._bad(out)
             if meter is not None and self.par is not None:
                 meter.add((r.experts_TK for r in out.layers), (r.keep_TK for r in out.layers),
-                          (r.comm for r in out.layers), self.par.rank,
+                          (r.comm for r in out.layers), timer, self.par.rank,
                           self.par.ep.local_experts[0])
             (out.loss / t.grad_accum).backward()
             ce += out.ce_loss.detach() / t.grad_accum
             for name, value in out.aux.items():
                 aux[name] = aux.get(name, 0.0) + value.detach() / t.grad_accum
             for i, routing in enumerate(out.layers):
-                load_LE[i] += torch.bincount(routing.experts_TK.reshape(-1), minlength=E)
+                load_LE[i] += expert_load(routing.experts_TK, E)
                 dropped += (~routing.keep_TK).sum()
                 if self.bias is not None:
                     self.bias.observe(i, routing.experts_TK, routing.keep_TK, training=True)
+        self._check_finite(bad_L, step)
         if self.par is None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         else:
@@ -473,15 +496,16 @@ class Trainer:
         for b, batch in enumerate(val.iter_eval(t.batch_size, t.seq_len, t.eval_batches)):
             domain_B = domain_W[b * t.batch_size : (b + 1) * t.batch_size]
             tokens_BS, targets_BS, domain_B = self._rows(*batch, domain_B)
-            out = self._forward(tokens_BS, targets_BS, self.step)
+            out = self._forward(tokens_BS, targets_BS)
+            self._check_finite(self._bad(out), self.step)
             if targets_BS.numel():
                 nll += float(out.ce_loss) * targets_BS.numel()
                 n += targets_BS.numel()
             slot_B = domain_B.to(self.device)[:, None, None] * E  # domain-major bincount slots
             for i, routing in enumerate(out.layers):
                 experts_BSK = routing.experts_TK.view(*tokens_BS.shape, K)
-                ids = (slot_B + experts_BSK).reshape(-1)
-                load_DLE[:, i] += torch.bincount(ids, minlength=D * E).view(D, E)
+                slots_TK = (slot_B + experts_BSK).reshape(-1, K)  # domain d, expert e: d E + e
+                load_DLE[:, i] += expert_load(slots_TK, D * E).view(D, E)
         self.model.train()
         if self.par is not None:
             nll, n = self.par.sum_floats([nll, n])
@@ -509,7 +533,8 @@ class Trainer:
         batches = self.run_spec.val_data.iter_eval(
             t.batch_size, t.seq_len, math.ceil(n_windows / t.batch_size))
         for batch in batches:
-            out = self._forward(*self._rows(*batch), self.step)
+            out = self._forward(*self._rows(*batch))
+            self._check_finite(self._bad(out), self.step)
             for i, routing in enumerate(out.layers):
                 experts[i].append(routing.experts_TK.cpu())
                 weights[i].append(routing.weights_TK.float().cpu())
