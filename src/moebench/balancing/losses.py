@@ -233,11 +233,13 @@ def _counts_term(
     counts = torch.as_tensor(counts_E, device=scores.device).detach().to(scores.dtype)
     if counts.shape != (E,):
         raise ValueError(f"counts_E has shape {tuple(counts.shape)}; allowed: ({E},)")
-    total = float(counts.sum())
-    if not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()) or total <= 0:
-        raise ValueError(
-            f"counts_E={counts.tolist()} is invalid; allowed: finite, >= 0, positive sum"
-        )
+    total = counts.sum()
+    valid = torch.isfinite(counts).all() & (counts >= 0).all() & (total > 0)
+    allowed = "allowed: finite, >= 0, positive sum"
+    if counts.is_cuda:  # a device-side assert: the same check without a host sync
+        torch._assert_async(valid, f"counts_E is invalid; {allowed}")
+    elif not bool(valid):
+        raise ValueError(f"counts_E={counts.tolist()} is invalid; {allowed}")
     f_E = counts * (E / total)
     return (f_E * scores.mean(dim=0)).sum()
 
