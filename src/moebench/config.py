@@ -48,12 +48,17 @@ def _finite(v: float, name: str) -> float:
 class DataConfig(Strict):
     """Where the token streams come from (see `moebench.data`)."""
 
-    source: Literal["shakespeare", "cpython", "synthetic", "file", "hf"] = "shakespeare"
+    source: Literal["shakespeare", "cpython", "synthetic", "file", "hf", "mixed"] = Field(
+        "shakespeare", description="mixed: Shakespeare + CPython + synthetic topics, each "
+        "window from one domain (moebench.data.sources)"
+    )
     path: str | None = Field(None, description="text file for source=file")
     hf_name: str | None = Field(None, description="Hugging Face dataset name for source=hf")
     vocab_size: int = Field(1024, ge=260, le=262144, description="byte-level BPE vocabulary")
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="documents held out")
-    max_bytes: int | None = Field(None, gt=0, description="cap on corpus bytes (fast tests)")
+    max_bytes: int | None = Field(
+        None, gt=0, description="cap on corpus bytes (fast tests); per domain for mixed"
+    )
     # synthetic source: topics drawn from Zipf(skew); each topic is a Markov source
     synthetic_topics: int = Field(16, ge=1)
     synthetic_skew: float = Field(1.2, ge=0.0, description="Zipf exponent over topics")
@@ -147,7 +152,11 @@ class BalanceConfig(Strict):
     device_alpha: float = Field(0.0, ge=0.0, description="[V2] eq. 26")
     comm_alpha: float = Field(0.0, ge=0.0, description="[V2] eq. 29")
     seq_alpha: float = Field(0.0, ge=0.0, description="[V3] eq. 17, per sequence")
-    global_alpha: float = Field(0.0, ge=0.0, description="[V3] §4.5.3 batch-wise form")
+    global_alpha: float = Field(
+        0.0, ge=0.0, description="[V3] §4.5.3 batch-wise form; f from the optimizer step's "
+        "running count over micro-batches and ranks (docs/global_loss.md)"
+    )
+    z_alpha: float = Field(0.0, ge=0.0, description="[ST-MoE] eq. 5 router z-loss")
     aux_counts: Literal["literal", "actual"] = Field(
         "literal", description="f_i from the plain unbiased top-K or the routing performed"
     )
@@ -155,7 +164,8 @@ class BalanceConfig(Strict):
     capacity: CapacityConfig = CapacityConfig()
 
     @field_validator(
-        "switch_alpha", "expert_alpha", "device_alpha", "comm_alpha", "seq_alpha", "global_alpha"
+        "switch_alpha", "expert_alpha", "device_alpha", "comm_alpha", "seq_alpha", "global_alpha",
+        "z_alpha",
     )
     @classmethod
     def _alpha_finite(cls, v: float, info: Any) -> float:
@@ -180,6 +190,10 @@ class TrainConfig(Strict):
     eval_batches: int = Field(8, ge=1)
     log_every: int = Field(10, ge=1)
     ckpt_every: int = Field(50, ge=1)
+    keep_ckpt: bool = Field(
+        True, description="keep the last checkpoint once the run is complete; false deletes "
+        "it after summary.json is written (saves disk in large studies)"
+    )
     trace_tokens: int = Field(4096, ge=1, description="validation tokens in routing_trace")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(1, ge=1, description="torch CPU threads (1 = bitwise reproducible)")
@@ -514,6 +528,12 @@ class TrainResources(JobResources):
         "device of the topology (srun under SLURM, torchrun locally)",
     )
     nodes: int = Field(1, ge=1, description="SLURM nodes per run")
+    runs_per_gpu: int = Field(
+        1,
+        ge=1,
+        description="training runs sharing one GPU under the local executor: `--resources "
+        "gpu=G` admits G x runs_per_gpu concurrent runs (SLURM jobs still request `gpu` each)",
+    )
 
 
 class StudyResources(Strict):

@@ -86,6 +86,9 @@ def comm(
         write_json(out / "comm.json", summary)
     except (ValueError, OSError) as err:
         raise _fail("comm", err) from None
+    if not rows:
+        typer.echo(f"{out}: no MoE layer (dense model): empty comm.parquet, null comm.json")
+        return
     typer.echo(
         f"{out}: {summary['num_layers']} layers on {topo.name}: "
         f"{summary['nodes_per_token']:.3f} nodes/token, "

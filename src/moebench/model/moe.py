@@ -25,9 +25,10 @@ One routed-expert implementation (`RoutedExperts`), whatever the device:
   by local expert there, run as one grouped GEMM, and come back to be summed with the gates.
   Capacity is then per rank and micro-batch: T in [Switch] eq. 3 (and the V2 device budget)
   counts this rank's tokens, as every rank drops before it dispatches. The batch-wide
-  losses (switch, global) take f from the selection counts all-reduced over the ranks, P from
-  the rank's own tokens, so the mean over ranks of the rank losses is the loss of the whole
-  batch; the per-sequence losses need nothing (ranks hold whole sequences).
+  losses (switch, global) take f from the selection counts all-reduced over the ranks
+  (global: also summed over the optimizer step's micro-batches so far), P from the rank's
+  own tokens, so the mean over ranks of the rank losses is the loss of the whole batch; the
+  per-sequence losses need nothing (ranks hold whole sequences).
 
 No host synchronisation in the forward on one GPU: the finiteness of the router logits is
 returned as a device flag (`LayerRouting.finite`) that the trainer checks once per step.
@@ -57,6 +58,7 @@ from moebench.balancing import (
     literal_topk,
     seq_loss,
     switch_loss,
+    z_loss,
 )
 from moebench.comm.alltoall import A2AStats, AllToAll, PhaseTimer, exchange_counts
 from moebench.config import BalanceConfig
@@ -70,10 +72,11 @@ from moebench.kernels import (
     route_fused,
     supports,
 )
+from moebench.metrics import expert_load
 from moebench.routing import Layout, RouterConfig, Routing, route
 from moebench.routing.router import scores as affinities
 
-AUX_NAMES = ("switch", "expert", "device", "comm", "seq", "global")
+AUX_NAMES = ("switch", "expert", "device", "comm", "seq", "global", "z")
 
 
 @dataclass(frozen=True)
@@ -316,10 +319,20 @@ class MoELayer(nn.Module):
         # The fused router computes the reference selection exactly where `supports` holds.
         probe = torch.empty(0, cfg.router.num_experts)
         self.fused_router = supports(cfg.router, probe)
+        # The global loss's running count: selections of the optimizer step's micro-batches
+        # so far, summed over ranks; `reset_global_counts` once per step (docs/global_loss.md).
+        self.global_counts_E: Tensor
+        self.register_buffer("global_counts_E",
+                             torch.zeros(cfg.router.num_experts, dtype=torch.int64),
+                             persistent=False)
 
     @property
     def ep(self) -> ExpertParallel | None:
         return self.experts.ep
+
+    def reset_global_counts(self) -> None:
+        """Start a new optimizer step's running count for the global-batch loss."""
+        self.global_counts_E.zero_()
 
     def router_logits(self, x_TH: Tensor) -> Tensor:
         """float32 [T, E] logits u_t^T e_i with hidden and weight in float32, autocast off."""
@@ -351,14 +364,17 @@ class MoELayer(nn.Module):
         return device_drop(experts_TK, scores_TE, self.device_of_expert_E, cap.factor,
                            protected_T)
 
-    def aux_losses(self, scores_TE: Tensor, experts_TK: Tensor, seq_len: int) -> dict[str, Tensor]:
-        """alpha-weighted balance losses of this layer, only those with alpha > 0.
+    def aux_losses(self, scores_TE: Tensor, experts_TK: Tensor, seq_len: int,
+                   logits_TE: Tensor) -> dict[str, Tensor]:
+        """alpha-weighted auxiliary losses of this layer, only those with alpha > 0.
 
         f counts `experts_TK` (the routing performed) for aux_counts="actual", or the plain
         unbiased top-K ([V3] eq. 18 read literally) for "literal"; docs/balancing.md §5.
         Sequence-level scopes ([V2] eq. 23-31 and [V3] eq. 17 with T = one sequence) use
-        `seq_len`; switch and global use the whole micro-batch (of all ranks: f from the
-        counts all-reduced over them under expert parallelism)."""
+        `seq_len`; switch uses the whole micro-batch (of all ranks: f from the counts
+        all-reduced over them under expert parallelism); global takes f from the running
+        count of the optimizer step (this micro-batch added, all ranks; docs/global_loss.md);
+        z (the router z-loss) the raw `logits_TE`."""
         b = self.balance
         alphas = {name: getattr(b, f"{name}_alpha") for name in AUX_NAMES}
         if not any(alphas.values()):
@@ -367,16 +383,21 @@ class MoELayer(nn.Module):
             experts_TK = literal_topk(scores_TE, self.router_cfg.top_k)
         dev_E = self.device_of_expert_E
         counts_E = None
-        if self.ep is not None and (alphas["switch"] or alphas["global"]):
-            E = self.router_cfg.num_experts
-            counts_E = self.ep.all_reduce_sum(torch.bincount(experts_TK.reshape(-1), minlength=E))
+        if (self.ep is not None and alphas["switch"]) or alphas["global"]:
+            counts_E = expert_load(experts_TK, self.router_cfg.num_experts)  # no host sync
+            if self.ep is not None:
+                counts_E = self.ep.all_reduce_sum(counts_E)
+        if alphas["global"]:
+            self.global_counts_E += counts_E
         terms = {
-            "switch": lambda: switch_loss(scores_TE, experts_TK, counts_E),
+            "switch": lambda: switch_loss(scores_TE, experts_TK,
+                                          counts_E if self.ep is not None else None),
             "expert": lambda: expert_loss(scores_TE, experts_TK, seq_len),
             "device": lambda: device_loss(scores_TE, experts_TK, dev_E, seq_len),
             "comm": lambda: comm_loss(scores_TE, experts_TK, dev_E, self.comm_limit, seq_len),
             "seq": lambda: seq_loss(scores_TE, experts_TK, seq_len),
-            "global": lambda: global_loss(scores_TE, experts_TK, counts_E),
+            "global": lambda: global_loss(scores_TE, experts_TK, self.global_counts_E),
+            "z": lambda: z_loss(logits_TE),
         }
         return {name: alpha * terms[name]() for name, alpha in alphas.items() if alpha > 0}
 
@@ -398,7 +419,8 @@ class MoELayer(nn.Module):
         y_TH, comm = self.experts(x_TH, routing.experts, gates_TK, keep_TK, timer)
         if self.shared is not None:
             y_TH = y_TH + self.shared(x_TH)
-        aux = self.aux_losses(routing.scores, routing.experts, S) if self.training else {}
+        aux = (self.aux_losses(routing.scores, routing.experts, S, logits_TE)
+               if self.training else {})
         layer = LayerRouting(routing.experts, gates_TK.detach(), keep_TK, routing.scores,
                              finite, comm)
         return y_TH.reshape(B, S, H), layer, aux
