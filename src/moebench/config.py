@@ -110,6 +110,12 @@ class TopologyConfig(Strict):
         return self.num_nodes * self.gpus_per_node
 
 
+def default_normalize(score_fn: str, top_k: int) -> bool:
+    """Whether gates are divided by their sum when `normalize` is unset: yes for sigmoid with
+    K > 1 (DeepSeek-V3, Megatron-Core), no for softmax (Switch, V2); docs/routing.md §3."""
+    return score_fn == "sigmoid" and top_k != 1
+
+
 class RouterSettings(Strict):
     """Router options; `limit` picks what a group is (device for V2, node for V3)."""
 
@@ -117,9 +123,13 @@ class RouterSettings(Strict):
     top_k: int = Field(4, ge=1)
     score_fn: Literal["softmax", "sigmoid"] = "softmax"
     limit: Literal["none", "device", "node"] = "none"
-    group_limit: int = Field(2, ge=1, description="M: max devices/nodes per token")
+    group_limit: int | None = Field(
+        None, ge=1, description="M: max devices/nodes per token; null = all (no limit)"
+    )
     group_score: Literal["max", "top2_sum", "topk_sum"] = "max"
-    normalize: bool = False
+    normalize: bool | None = Field(
+        None, description="divide the K gates by their sum; null = yes for sigmoid with K > 1"
+    )
     route_scale: float = Field(1.0, gt=0.0)
 
 
@@ -223,6 +233,23 @@ class RunConfig(Strict):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_normalize(cls, data: Any) -> Any:
+        """An unset `router.normalize` takes `default_normalize` of the run's score function,
+        so config.resolved.yaml states the gate rule the run used."""
+        if not isinstance(data, dict):
+            return data
+        router = data.get("router", {})
+        if isinstance(router, BaseModel):
+            router = router.model_dump()
+        if not isinstance(router, dict) or router.get("normalize") is not None:
+            return data
+        fields = RouterSettings.model_fields
+        score_fn = router.get("score_fn", fields["score_fn"].default)
+        top_k = router.get("top_k", fields["top_k"].default)
+        return {**data, "router": {**router, "normalize": default_normalize(score_fn, top_k)}}
+
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         r, t = self.router, self.topology
@@ -238,16 +265,16 @@ class RunConfig(Strict):
                     f"(allowed: multiples of {n})"
                 )
         groups = self.num_groups
-        if r.limit != "none" and r.group_limit > groups:
+        if r.limit != "none" and r.group_limit is not None and r.group_limit > groups:
             raise ValueError(
                 f"router.group_limit={r.group_limit} exceeds the {groups} "
                 f"{r.limit}s of the topology (allowed: 1..{groups})"
             )
-        if r.limit != "none" and r.top_k > r.group_limit * (r.num_experts // groups):
+        reachable = (r.group_limit or groups) * (r.num_experts // groups)
+        if r.limit != "none" and r.top_k > reachable:
             raise ValueError(
                 f"router.top_k={r.top_k} exceeds group_limit x experts per {r.limit} "
-                f"= {r.group_limit * (r.num_experts // groups)} "
-                f"(allowed: 1..{r.group_limit * (r.num_experts // groups)})"
+                f"= {reachable} (allowed: 1..{reachable})"
             )
         if self.balance.bias.rule == "multiplicative" and r.score_fn != "sigmoid":
             raise ValueError("balance.bias.rule='multiplicative' needs router.score_fn='sigmoid'")

@@ -2,7 +2,7 @@
 
 MaxVio ([LF] eq. 4) = (max_i Load_i - Load_bar) / Load_bar, with Load_bar the load of a
 perfectly balanced router, i.e. the mean load over experts. Per-batch and global MaxVio
-differ only in which tokens are counted (balancing.md §8): compute it on the loads of
+differ only in which tokens are counted (docs/metrics.md §1): compute it on the loads of
 the batch, or on loads summed over the whole evaluation set, never by averaging ratios
 of one into the other. The model-level number averages over MoE layers ([LF] §4.1).
 

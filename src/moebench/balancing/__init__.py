@@ -1,5 +1,5 @@
 """Load balancing for MoE routers: auxiliary losses, the aux-loss-free bias, capacity and token
-dropping (shared/reference/balancing.md). Losses return the unweighted term (1 at perfect
+dropping (docs/balancing.md). Losses return the unweighted term (1 at perfect
 balance); the caller multiplies by alpha."""
 
 from moebench.balancing.bias import (

@@ -1,7 +1,7 @@
 """Aux-loss-free balancing: the per-expert selection bias and its update ([V3] §2.1.2, [LF] Alg. 1
 and App. C), plus a controller that does the bookkeeping a training loop needs.
 
-The bias only changes which experts are SELECTED (routing.md §4); it never enters a gate value
+The bias only changes which experts are SELECTED (docs/routing.md §4); it never enters a gate value
 and is never trained by gradient. After each optimizer step it moves toward balance using the
 loads of that step's whole (global) batch.
 
@@ -100,7 +100,7 @@ class BiasController:
     - `recenter` (torchtitan): after each update subtract the per-layer mean (additive rules)
       or divide by it (multiplicative; our analogue). Neither changes any selection.
     Loads are counts of the routing actually performed, dropped assignments excluded when
-    `keep_TK` is given (balancing.md §6.1: the load the bias must correct).
+    `keep_TK` is given (docs/balancing.md §6.1: the load the bias must correct).
     `bias_LE` is float32 and updated in place, so a reference to it stays current."""
 
     def __init__(

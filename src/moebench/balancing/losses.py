@@ -1,12 +1,11 @@
 """Auxiliary load-balancing losses: Switch/GShard, DeepSeek-V2 expert/device/communication level,
 DeepSeek-V3 sequence-wise and global-batch; plus the ST-MoE router z-loss (`z_loss`).
 
-Every balance loss is a dot product sum_i f_i * P_i (shared/reference/balancing.md §1): f
-counts the hard selection and is a constant (built from integer ids, so it carries no
-gradient), P is a mean routing score and carries the whole gradient. Each function returns
-the UNWEIGHTED term, scaled so that a perfectly uniform router gives exactly 1; the caller
-multiplies by its alpha. Scores are computed in float32, or float64 when given float64
-(exact-arithmetic tests).
+Every loss is a dot product sum_i f_i * P_i (docs/balancing.md §1): f counts the hard
+selection and is a constant (built from integer ids, so it carries no gradient), P is a mean
+routing score and carries the whole gradient. Each function returns the UNWEIGHTED term, scaled
+so that a perfectly uniform router gives exactly 1; the caller multiplies by its alpha. Scores
+are computed in float32, or float64 when given float64 (exact-arithmetic tests).
 
 Legend: T tokens, E routed experts, K experts per token, D devices, M max devices per token,
 B sequences in the batch, S tokens per sequence (T = B * S).
@@ -35,7 +34,7 @@ def literal_topk(scores_TE: Tensor, k: int) -> Tensor:
     the lower expert index (stable sort). Returns int64 [T, k].
 
     Pass its result as `experts_TK` for the literal f-counts, or the routing actually performed
-    (`Routing.experts`) for the "actual" reading; balancing.md §5 says which is which."""
+    (`Routing.experts`) for the "actual" reading; docs/balancing.md §5 says which is which."""
     if not isinstance(scores_TE, Tensor) or scores_TE.dim() != 2:
         desc = tuple(scores_TE.shape) if isinstance(scores_TE, Tensor) else type(scores_TE).__name__
         raise ValueError(f"scores_TE={desc} is invalid; allowed: a 2-D tensor [T, E]")
@@ -116,7 +115,7 @@ def switch_loss(scores_TE: Tensor, experts_TK: Tensor, counts_E: Tensor | None =
 
     E * sum_i f_i P_i over the whole batch, with f_i = count_i / (K T) (the usual top-k
     generalisation of eq. 5, which is the top-1 fraction for K = 1) and P_i = mean router
-    probability. Numerically this is `expert_loss` with seq_len=None (balancing.md §2). Equals 1
+    probability. Numerically `expert_loss` with seq_len=None (docs/balancing.md §2). Equals 1
     for a uniform router; GShard's paper form is 1/E^2 times smaller (see `gshard_loss`).
     `counts_E`: selection counts of the whole batch when these tokens are only part of it
     (all-reduced over data-parallel ranks), as in `global_loss`; P stays local."""
@@ -203,7 +202,7 @@ def seq_loss(scores_TE: Tensor, experts_TK: Tensor, seq_len: int | None = None) 
 
     As `expert_loss` but P_i averages s' = s / sum over all E (eq. 19), so sigmoid scores are on
     the right scale (for softmax scores s' = s). Per sequence of `seq_len` tokens, then mean
-    over sequences (our convention, balancing.md §5); None = the whole batch as one scope, i.e.
+    over sequences (our convention, docs/balancing.md §5); None = the whole batch as one scope, i.e.
     the batch-wise loss of [V3] §4.5.3. For the literal reading of eq. 18 pass
     `literal_topk(scores_TE, K)` as `experts_TK`; for the "actual" reading the routing used."""
     return _expert_term(scores_TE, experts_TK, seq_len, normalise=True)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,8 @@ from moebench.io import (
     write_text,
 )
 
+logger = logging.getLogger(__name__)
+
 FORMAT = 1
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -72,11 +74,6 @@ class SplitData:
     tokens: np.ndarray
     n_bytes: int | None
     domains: list[dict[str, Any]] | None = None
-
-
-def log(msg: str) -> None:
-    """Progress line on stderr (stdout stays free for results)."""
-    print(f"[moebench data] {msg}", file=sys.stderr, flush=True)
 
 
 def bin_file(split: str) -> str:
@@ -128,7 +125,7 @@ def reusable_manifest(out: Path, ident: dict[str, Any]) -> dict[str, Any] | None
 
 def text_splits(cfg: DataConfig, seed: int) -> tuple[Tokenizer, str, dict[str, SplitData]]:
     """Documents -> split by document -> BPE trained on train -> encoded streams."""
-    log(
+    logger.info(
         f"loading source {cfg.source!r}"
         + (f" (max_bytes={cfg.max_bytes})" if cfg.max_bytes else "")
     )
@@ -142,16 +139,16 @@ def text_splits(cfg: DataConfig, seed: int) -> tuple[Tokenizer, str, dict[str, S
         for d, v in zip(group, is_val, strict=True):
             by_split["val" if v else "train"].append(d)
     n_bytes = {k: sum(len(d.text.encode("utf-8")) for d in v) for k, v in by_split.items()}
-    log(
+    logger.info(
         f"{len(docs)} documents: train {len(by_split['train'])} ({n_bytes['train']} bytes), "
         f"val {len(by_split['val'])} ({n_bytes['val']} bytes)"
     )
-    log(f"training byte-level BPE (vocab_size={cfg.vocab_size}) on the train split")
+    logger.info(f"training byte-level BPE (vocab_size={cfg.vocab_size}) on the train split")
     tok = train_bpe([d.text for d in by_split["train"]], cfg.vocab_size)
     dtype = token_dtype(cfg.vocab_size)
     splits = {}
     for name, split_docs in by_split.items():
-        log(f"encoding {name}")
+        logger.info(f"encoding {name}")
         tokens = encode_documents(tok, [d.text for d in split_docs], dtype)
         domains = domain_ranges(tok, split_docs) if cfg.source == "mixed" else None
         splits[name] = SplitData([d.id for d in split_docs], tokens, n_bytes[name], domains)
@@ -179,7 +176,7 @@ def synthetic_splits(
     cfg: DataConfig, seed: int
 ) -> tuple[Tokenizer, str, dict[str, SplitData], dict[str, Any]]:
     """Zipf-topic Markov documents split by document; ids are written as generated."""
-    log(
+    logger.info(
         f"generating {cfg.synthetic_docs} synthetic documents x {cfg.synthetic_doc_tokens} "
         f"tokens ({cfg.synthetic_topics} topics, skew {cfg.synthetic_skew})"
     )
@@ -212,7 +209,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path, seed: int) -> dict[str, Any]:
     check_writable_dir(out, "out_dir")
     ident = identity(cfg, seed)
     if (manifest := reusable_manifest(out, ident)) is not None:
-        log(f"{out} is up to date (manifest, sizes and sha256 match); nothing to do")
+        logger.info(f"{out} is up to date (manifest, sizes and sha256 match); nothing to do")
         return manifest
 
     extra: dict[str, Any] = {}  # built before touching `out`: bad input leaves it as it was
@@ -246,7 +243,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path, seed: int) -> dict[str, Any]:
             "doc_ids": s.doc_ids,
             **({"domains": s.domains} if s.domains is not None else {}),
         }
-        log(f"wrote {bin_file(name)}: {n_tokens} tokens, {len(s.doc_ids)} documents")
+        logger.info(f"wrote {bin_file(name)}: {n_tokens} tokens, {len(s.doc_ids)} documents")
 
     manifest = {
         **ident,
@@ -263,5 +260,5 @@ def prepare(cfg: DataConfig, out_dir: str | Path, seed: int) -> dict[str, Any]:
         **({"synthetic": extra} if extra else {}),
     }
     write_json(out / MANIFEST, manifest)
-    log(f"wrote {out / MANIFEST}")
+    logger.info(f"wrote {out / MANIFEST}")
     return manifest

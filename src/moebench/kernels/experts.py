@@ -2,7 +2,7 @@
 
     y_t = sum_k w_tk * FFN_{e_tk}(x_t),   FFN_e(x) = (silu(x W_gate[e]) * (x W_up[e])) W_down[e]
 
-([DeepSeekMoE] eq. 3-5 routed part; SwiGLU [Shazeer 2020] eq. 6.) The T*K (token, expert)
+([DSMoE] eq. 3-5 routed part; SwiGLU [Shazeer 2020] eq. 6.) The T*K (token, expert)
 assignments are sorted by expert (stable, so tokens keep their order inside an expert), the
 rows of x are copied once into that order, the matrix products of every expert run as one
 `torch._grouped_mm` each (row offsets = cumulative expert counts), and the expert outputs

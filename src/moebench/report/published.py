@@ -1,10 +1,10 @@
 """Published numbers printed beside ours, copied from the cited tables
-(`shared/reference/published_results.md`; source keys as in `reference/README.md`).
+(docs/published.md; source keys expanded in docs/references.md).
 
 The published models are 1B-236B parameters trained on 10^11-10^12 tokens; moebench runs are
 orders of magnitude smaller, so only the directions and rough sizes of the gaps are
 comparable (DIRECTIONS), never the absolute values. Each number is keyed by the moebench
-strategy name (DESIGN.md) that implements the same method; `setting` says how the published
+strategy name (README, Strategies) that implements the method; `setting` says how the published
 run differs."""
 
 from __future__ import annotations

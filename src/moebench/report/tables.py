@@ -23,7 +23,7 @@ CANONICAL_ORDER = (
     "device_limited",
     "node_limited",
 )
-"""Strategy order of DESIGN.md; user-defined strategies follow alphabetically."""
+"""Strategy order of the README's strategy table; user-defined strategies follow alphabetically."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ METRICS = {m.column: m for m in (*QUALITY, *SYSTEM)}
 
 
 def strategy_order(names: list[str] | set[str]) -> list[str]:
-    """Canonical strategies first (DESIGN.md order), then the others sorted."""
+    """Canonical strategies first (README order), then the others sorted."""
     known = [s for s in CANONICAL_ORDER if s in names]
     return known + sorted(set(names) - set(known))
 

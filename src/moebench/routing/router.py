@@ -1,4 +1,4 @@
-"""Top-K routing with optional group limit and aux-loss-free bias (routing.md §7, vectorized).
+"""Top-K routing with optional group limit and aux-loss-free bias (docs/routing.md §7, vectorized).
 
     s      = softmax(z) | sigmoid(z)                      float32 ([V2] eq. 22, [V3] eq. 15)
     key    = s + b  ("add", [V3] eq. 16)  |  s * b  ("mul", [LF] §4.3)
@@ -16,7 +16,7 @@ Conventions (ours; no source specifies them):
   smallest normal float32 only so that the degenerate case sum(w) = 0 (every selected
   sigmoid underflowed, logits below about -103) gives zero gates instead of NaN; any
   positive sum is unaffected. (HF and Megatron add 1e-20 instead.)
-- Dropped groups are masked with -inf, never 0.0 ([V3-code] commit 1398800; routing.md §6.3).
+- Dropped groups are masked with -inf, never 0.0 ([V3-code] commit 1398800; docs/routing.md §6.3).
 
 Legend: T tokens, E routed experts, K experts per token, G groups.
 """
@@ -42,7 +42,7 @@ class Routing:
 
 
 def scores(logits_TE: torch.Tensor, score_fn: str) -> torch.Tensor:
-    """Affinities s [T, E] in float32 whatever the logits dtype (routing.md §2, [Switch] §2.4).
+    """Affinities s [T, E] in float32 whatever the logits dtype (docs/routing.md §2, [Switch] §2.4).
 
     "softmax" normalizes over all E routed experts ([V2] eq. 22); "sigmoid" is per expert
     ([V3] eq. 15), so its scores do not sum to 1.
@@ -132,7 +132,7 @@ def route(
     logits_TE: torch.Tensor, cfg: RouterConfig, bias_E: torch.Tensor | None = None,
     check_values: bool = True,
 ) -> Routing:
-    """Route T tokens over E routed experts (routing.md §7).
+    """Route T tokens over E routed experts (docs/routing.md §7).
 
     `logits_TE` is the router output u_t^T e_i ([T, E], any float dtype, finite);
     `bias_E` is the aux-loss-free bias ([V3] eq. 16): it selects experts and ranks groups

@@ -7,7 +7,7 @@ decay to `min_lr_frac * lr`, gradient clipping by global norm, gradient accumula
 updated exactly once per optimizer step from the loads of all its micro-batches ([V3]
 §2.1.2), with rate 0 from step floor(freeze_frac * steps) on, and is frozen in evaluation.
 
-Outputs (run directory contract in contracts.md), every file through `moebench.io`:
+Outputs (run directory contract: docs/run-directory.md), every file through `moebench.io`:
 - config.resolved.yaml; summary.json; routing_trace.parquet (written at the end). On a
   corpus with domains (data.source = mixed) summary.json adds `load_by_domain`: for each
   domain, the final evaluation's per-layer, per-expert loads [L][E] of its windows (they
@@ -49,10 +49,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import platform
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -84,6 +84,8 @@ from moebench.train.checkpoint import (
 from moebench.train.distributed import A2AMeter, Launch, Parallel, check_world, process_group
 from moebench.train.trace import write_trace
 
+logger = logging.getLogger(__name__)
+
 TIMING_KEYS = ("elapsed_s", "mfu", "tokens_per_s")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12}
 MLFLOW_ARTIFACTS = ("config.resolved.yaml", "summary.json", "metrics.jsonl", "timing.jsonl")
@@ -102,11 +104,6 @@ class TrainingDivergedError(RuntimeError):
                          f"last good checkpoint: {checkpoint}")
         self.step = step
         self.layer = layer
-
-
-def log(msg: str) -> None:
-    """Progress on stderr (stdout stays free for results)."""
-    print(f"[moebench train] {msg}", file=sys.stderr, flush=True)
 
 
 def resolve_device(cfg: RunConfig) -> torch.device:
@@ -210,8 +207,8 @@ def prepare(cfg: RunConfig, out: Path, ckpt_dir: Path | None = None,
     if state is not None and not matches(state, cfg):
         theirs, ours = state.get("identity", {}), identity(cfg)
         differ = sorted(k for k in ours if theirs.get(k) != ours[k])
-        log(f"ignoring checkpoint {ckpt_dir / CKPT_NAME}: written by another config "
-            f"(sections differ: {', '.join(differ)}); starting from step 0")
+        logger.info(f"ignoring checkpoint {ckpt_dir / CKPT_NAME}: written by another config "
+                    f"(sections differ: {', '.join(differ)}); starting from step 0")
         state = None
     return Run(cfg, out, ckpt_dir, device, streams[0], streams[1], state, parallel)
 
@@ -288,7 +285,7 @@ class Trainer:
 
     def _log(self, msg: str) -> None:
         if self.lead:
-            log(msg)
+            logger.info(msg)
 
     # ---- state -------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
