@@ -333,7 +333,13 @@ def fit_and_judge(
         for r in redundant:
             for rule in rules:
                 p = fit(
-                    rule, fit_TK, num_experts, num_nodes, gpus_per_node, r, num_groups,
+                    rule,
+                    fit_TK,
+                    num_experts,
+                    num_nodes,
+                    gpus_per_node,
+                    r,
+                    num_groups,
                     **topo_kwargs,
                 )
                 fitted = p.gpu_loads(load_E)
