@@ -253,8 +253,9 @@ def placement_replay(
     bias_rate: Annotated[float, typer.Option(help="bias update rate")] = 1e-3,
     hidden: Annotated[int, typer.Option(help="elements per token copy")] = 7168,
 ) -> None:
-    """Placement rules fitted and judged on skewed synthetic routing (unrestricted;
-    node-limited without and with the aux-free bias) at cluster scale (default V3)."""
+    """Placement rules fitted and judged on synthetic routing at cluster scale (default V3):
+    uniform (the noise floor), skewed unrestricted, skewed node-limited without and with
+    the aux-free bias."""
     from moebench.comm.placement_study import synthetic_rows
 
     try:

@@ -34,13 +34,23 @@ METRICS = (
     "a2a_time_modeled_us",
 )
 KEYS = ["dataset", "strategy", "rule", "redundant"]
-# Synthetic strategies: (router of `moebench.comm.replay`, whether the aux-free bias is trained).
+# Synthetic strategies: (strategy of `moebench.comm.replay`, whether the aux-free bias is
+# trained). "uniform" routing is balanced in expectation: its held-out busiest/mean is the
+# sampling-noise floor of the judged tokens.
 SYNTHETIC = {
+    "uniform": ("uniform", False),
     "unrestricted": ("unrestricted", False),
     "node_limited": ("node_limited", False),
     "node_limited_aux_free": ("node_limited", True),
 }
 _RUN = re.compile(r"seed~(\d+)")
+
+
+def _order(names: set[str]) -> list[str]:
+    """Synthetic strategies in `SYNTHETIC` order; a study's in the canonical order."""
+    if names <= set(SYNTHETIC):
+        return [s for s in SYNTHETIC if s in names]
+    return strategy_order(names)
 
 
 def run_traces(runs: Path) -> list[tuple[str, str, int, Path]]:
@@ -106,7 +116,9 @@ def synthetic_rows(
     for seed in seeds:
         popularity_E = expert_popularity(E, skew, seed)
         for name, (router, with_bias) in SYNTHETIC.items():
-            cfg = strategy_config(router, layout, top_k, group_limit)
+            cfg = (
+                None if router == "uniform" else strategy_config(router, layout, top_k, group_limit)
+            )
             bias_E = (
                 train_bias(cfg, popularity_E, bias_steps, 4096, bias_rate, seed + 1000)
                 if with_bias and bias_steps
@@ -144,7 +156,7 @@ def summary(rows: list[dict[str, Any]]) -> pd.DataFrame:
     )
     out = []
     for dataset, part in per_seed.groupby("dataset", sort=True):
-        for strategy in strategy_order(set(part["strategy"])):
+        for strategy in _order(set(part["strategy"])):
             for r in sorted(set(part["redundant"])):
                 for rule in RULES:
                     sel = part[
@@ -200,7 +212,7 @@ def figure(table: pd.DataFrame, stem: Path) -> None:
         for j, r in enumerate(rs):
             ax = axes[i, j]
             part = table[(table["dataset"] == dataset) & (table["redundant"] == r)]
-            order = strategy_order(set(part["strategy"]))
+            order = _order(set(part["strategy"]))
             for k, rule in enumerate(RULES):
                 sel = part[part["rule"] == rule].set_index("strategy").reindex(order)
                 ax.bar(
