@@ -328,8 +328,8 @@ class RunConfig(Strict):
             router=self.router_config(),
             layout=self.layout(),
             balance=self.balance,
-            comm_limit=r.group_limit if r.limit == "device" else min(r.top_k,
-                                                                     self.topology.num_devices),
+            comm_limit=(r.group_limit or self.num_groups) if r.limit == "device"
+            else min(r.top_k, self.topology.num_devices),
         )
         return TransformerConfig(
             vocab_size=vocab_size,
