@@ -84,13 +84,16 @@ def aggregate(
         typer.Option(help="study YAML: tables of this study only, logged to its MLflow parent"),
     ] = None,
 ) -> None:
-    """Collect every run directory into summary.parquet; write tables and figures."""
+    """Collect every run directory into summary.parquet; write tables and figures (with
+    --study: compared as its `report` section says)."""
     from moebench.report.aggregate import aggregate as run_aggregate
     from moebench.report.aggregate import study_means
 
     with _user_errors():
         cfg = load_study(study) if study else None
-        df, written = run_aggregate(results, [cfg.study] if cfg else None)
+        df, written = run_aggregate(
+            results, [cfg.study] if cfg else None, {cfg.study: cfg.report} if cfg else None
+        )
         if cfg is not None and cfg.tracking.uri:
             _log_parent(cfg, results, study_means(df[df["study"] == cfg.study]), written)
     for path in written:
@@ -109,7 +112,7 @@ def _log_parent(
         typer.echo(f"no MLflow parent run ({parent_file} missing): not logged", err=True)
         return
     assert cfg.tracking.uri is not None
-    artifacts = [p for p in files if p.suffix in (".md", ".csv", ".png")]
+    artifacts = [p for p in files if p.suffix in (".md", ".csv", ".png", ".svg")]
     try:
         log_study(cfg.tracking.uri, parent_file.read_text().strip(), means, artifacts)
     except Exception as err:  # MLflow only mirrors the files just written: warn, do not fail

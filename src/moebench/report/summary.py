@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pandera.pandas as pa
+import yaml
 
 from moebench.report.paths import RESULTS, SEED_PREFIX
 
@@ -193,4 +194,47 @@ def load_matrices(runs: list[Path]) -> dict[tuple[str, str, str, int], np.ndarra
         summary = _read_json(run / "summary.json")
         key = tuple(summary[k] for k in IDENTITY)
         out[key] = np.asarray(summary["load_global"], dtype=np.float64)
+    return out
+
+
+def balance_knobs(cfg: dict[str, Any]) -> dict[str, float]:
+    """The balance strengths a run swept: every non-zero `balance.*_alpha` and, with the bias
+    on, `balance.bias.rate` (read from config.resolved.yaml)."""
+    balance = cfg["balance"]
+    knobs = {k: float(v) for k, v in sorted(balance.items()) if k.endswith("_alpha") and v}
+    if balance["bias"]["enabled"]:
+        knobs["bias.rate"] = float(balance["bias"]["rate"])
+    return knobs
+
+
+def load_settings(runs: list[Path]) -> pd.DataFrame:
+    """Per run: identity, the gate, the routing limit and M, and the balance knobs, as
+    `knobs` ("global_alpha=0.001") and `family` (gate and knob names: runs of one family
+    differ only in the knob's value)."""
+    rows = []
+    for run in runs:
+        cfg = yaml.safe_load((run / "config.resolved.yaml").read_text())
+        knobs = balance_knobs(cfg)
+        router = cfg["router"]
+        rows.append(
+            {k: cfg[k] for k in IDENTITY}
+            | {
+                "score_fn": router["score_fn"],
+                "limit": router["limit"],
+                "group_limit": int(router["group_limit"]),
+                "knobs": ", ".join(f"{k}={v:g}" for k, v in knobs.items()),
+                "family": " ".join([router["score_fn"], router["limit"], *knobs]),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def load_domain_loads(runs: list[Path]) -> dict[tuple[str, str, str, int], dict[str, Any]]:
+    """`load_by_domain` ({domain: [[load per expert] per layer]}) of each run that records
+    it, keyed by identity."""
+    out = {}
+    for run in runs:
+        summary = _read_json(run / "summary.json")
+        if "load_by_domain" in summary:
+            out[tuple(summary[k] for k in IDENTITY)] = summary["load_by_domain"]
     return out
