@@ -81,12 +81,8 @@ def setting_line(run: Path) -> str:
 def _points(st: pd.DataFrame, settings: pd.DataFrame) -> pd.DataFrame:
     """Stats rows of one dataset with each strategy's gate, limit, M and balance knobs."""
     per_strategy = settings.drop_duplicates("strategy").set_index("strategy")
-    cols = ["limit", "group_limit", "family", "knobs"]
-    points = st.join(per_strategy[cols], on="strategy")
-    points["knob_value"] = [
-        float(k.split(", ")[0].split("=")[1]) if k else 0.0 for k in points["knobs"]
-    ]
-    return points
+    cols = ["limit", "group_limit", "family", "knobs", "knob_value"]
+    return st.join(per_strategy[cols], on="strategy")
 
 
 def _domain_scores(

@@ -132,7 +132,9 @@ def where(
         f"  summary (all runs): {paths.summary_file(results)}",
         f"  tables:  {paths.table_file(name, 'md', results)}, "
         f"{paths.table_file(name, 'csv', results)}",
-        f"  figures: {results / 'figures'}/{name}-*.png",
+        f"  paired differences: {paths.paired_file(name, results)}; published claims: "
+        f"{paths.claims_file(name, results)}",
+        f"  figures: {results / 'figures'}/{name}-*.png (and .svg)",
         f"  report:  {paths.report_file(results)}"
         + (
             ""

@@ -209,8 +209,8 @@ def balance_knobs(cfg: dict[str, Any]) -> dict[str, float]:
 
 def load_settings(runs: list[Path]) -> pd.DataFrame:
     """Per run: identity, the gate, the routing limit and M, and the balance knobs, as
-    `knobs` ("global_alpha=0.001") and `family` (gate and knob names: runs of one family
-    differ only in the knob's value)."""
+    `knobs` ("global_alpha=0.001"), `knob_value` (the first knob's value, 0 without) and
+    `family` (gate, limit and knob names: runs of one family differ only in knob values)."""
     rows = []
     for run in runs:
         cfg = yaml.safe_load((run / "config.resolved.yaml").read_text())
@@ -223,6 +223,7 @@ def load_settings(runs: list[Path]) -> pd.DataFrame:
                 "limit": router["limit"],
                 "group_limit": int(router["group_limit"]),
                 "knobs": ", ".join(f"{k}={v:g}" for k, v in knobs.items()),
+                "knob_value": next(iter(knobs.values()), 0.0),
                 "family": " ".join([router["score_fn"], router["limit"], *knobs]),
             }
         )

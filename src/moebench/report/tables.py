@@ -154,15 +154,18 @@ def claims_markdown(claims: pd.DataFrame) -> str:
             if math.isnan(r.published_lhs)
             else f"{r.published_lhs:g} vs {r.published_rhs:g}"
         )
+        margin = ""
+        if r.kind == "equal":
+            margin = f" (±{r.margin:.1%}" + (
+                f" = ±{r.margin * abs(r.rhs_mean):.{d}f})" if run else ")"
+            )
         check = "≈" if r.kind == "equal" else "<"
-        if r.kind == "equal" and run:
-            check += f" (±{r.margin:.1%}: ±{r.margin * abs(r.rhs_mean):.{d}f})"
         rows.append(
             [
                 r.claim,
                 r.source,
                 f"{m.label}: {r.lhs_strategy or r.lhs_setting} {check} "
-                f"{r.rhs_strategy or r.rhs_setting}",
+                f"{r.rhs_strategy or r.rhs_setting}{margin}",
                 f"{fmt(r.lhs_mean, math.nan, d)} vs {fmt(r.rhs_mean, math.nan, d)}" if run else "–",
                 f"{fmt(r.diff_mean, r.diff_ci95, d, sign=True)} (n={r.n_pairs})" if run else "–",
                 theirs,
