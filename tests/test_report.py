@@ -326,3 +326,13 @@ def test_bad_report_settings_are_refused(report: dict[str, object], message: str
     raw = make_study().to_dict() | {"report": report}
     with pytest.raises(ValueError, match=re.escape(message)):
         study_from_dict(raw)
+
+
+def test_malformed_domain_loads_are_refused_before_writing(results: Path) -> None:
+    path = paths.run_dir("syn", "shakespeare", "aux_free", 1, results) / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["load_by_domain"]["code"] = [[1, 2, 3]]  # other domains: 2 layers x 16 experts
+    write_json(path, summary)
+    with pytest.raises(ValueError, match=re.escape("seed~1/summary.json: load_by_domain must be")):
+        aggregate(results)
+    assert not paths.summary_file(results).exists()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -18,7 +17,6 @@ import yaml
 from moebench.config import ReportSettings
 from moebench.io import remove_temporaries, write_parquet, write_text
 from moebench.report import figures
-from moebench.report.domains import domain_loads as domain_loads_of
 from moebench.report.domains import relative_share, specialisation_bits
 from moebench.report.paths import (
     FIGURES,
@@ -86,16 +84,16 @@ def _points(st: pd.DataFrame, settings: pd.DataFrame) -> pd.DataFrame:
 
 
 def _domain_scores(
-    domain_loads: dict[tuple[str, str, str, int], dict[str, Any]], dataset: str
+    domain_loads: dict[tuple[str, str, str, int], tuple[list[str], np.ndarray]],
+    study: str,
+    dataset: str,
 ) -> tuple[pd.DataFrame, dict[str, tuple[int, list[str], np.ndarray]]]:
-    """Specialisation bits per (strategy, seed, layer) of one dataset's runs, and each
-    strategy's lowest-seed relative shares for the figure."""
+    """Specialisation bits per (strategy, seed, layer) of one study and dataset's runs, and
+    each strategy's lowest-seed relative shares for the figure."""
     rows, shares = [], {}
-    for key, raw in sorted(domain_loads.items()):
-        _, d, strategy, seed = key
-        if d != dataset:
+    for (s, d, strategy, seed), (names, load_DLE) in sorted(domain_loads.items()):
+        if (s, d) != (study, dataset):
             continue
-        names, load_DLE = domain_loads_of(raw, f"load_by_domain of run {'/'.join(map(str, key))}")
         rows += [
             {"strategy": strategy, "seed": seed, "layer": layer, "bits": float(bits)}
             for layer, bits in enumerate(specialisation_bits(load_DLE))
@@ -109,17 +107,17 @@ def _draw(
     runs: list[Path],
     df: pd.DataFrame,
     st: pd.DataFrame,
+    domain_loads: dict[tuple[str, str, str, int], tuple[list[str], np.ndarray]],
     report: ReportSettings,
     baseline: str,
     root: Path,
 ) -> tuple[dict[str, list[tuple[str, str]]], dict[str, pd.DataFrame], list[Path]]:
     """Draw the figures of every dataset of `study` (`df`: its summary rows, `st`: its stats
-    rows); return the Markdown links and the specialisation scores per dataset, and the
-    files written."""
+    rows, `domain_loads`: its per-domain loads); return the Markdown links and the
+    specialisation scores per dataset, and the files written."""
     curves = load_curves(runs)
     matrices = load_matrices(runs)
     settings = load_settings(runs)
-    domain_loads = load_domain_loads(runs)
     links: dict[str, list[tuple[str, str]]] = {}
     scores: dict[str, pd.DataFrame] = {}
     written: list[Path] = []
@@ -142,13 +140,11 @@ def _draw(
         if (points["limit"] != "none").any():
             figures.m_sweep(points, baseline, path["m_sweep"])
             drawn.append("m_sweep")
-        d_scores, shares = _domain_scores(domain_loads, dataset)
+        d_scores, shares = _domain_scores(domain_loads, study, dataset)
         if shares:
             scores[dataset] = d_scores
-            chosen = report.domain_strategies or list(shares)
-            figures.domain_share(
-                {s: shares[s] for s in chosen if s in shares}, path["domain_share"]
-            )
+            chosen = [s for s in report.domain_strategies if s in shares] or list(shares)
+            figures.domain_share({s: shares[s] for s in chosen}, path["domain_share"])
             figures.specialisation(d_scores, path["specialisation"])
             drawn += ["domain_share", "specialisation"]
         links[dataset] = [
@@ -169,6 +165,7 @@ def aggregate(
     settings for a study not in it); return the summary frame and the paths written."""
     runs = find_runs(root)
     df = collect(runs)
+    domain_loads = load_domain_loads(runs)  # checked before anything is written
     write_parquet(summary_file(root), pa.Table.from_pandas(df, preserve_index=False))
     written = [summary_file(root)]
     found = sorted(set(df["study"]))
@@ -184,7 +181,9 @@ def aggregate(
         st = st_all[st_all["study"] == study].reset_index(drop=True)
         baseline = report.baseline or default_baseline(strategy_order(set(s_df["strategy"])))
         pt = paired_table(s_df, {study: baseline})
-        links, scores, drawn = _draw(study, study_runs, s_df, st, report, baseline, root)
+        links, scores, drawn = _draw(
+            study, study_runs, s_df, st, domain_loads, report, baseline, root
+        )
         datasets = {
             dataset: DatasetReport(
                 stats=st[st["dataset"] == dataset],

@@ -15,6 +15,7 @@ import pandas as pd
 import pandera.pandas as pa
 import yaml
 
+from moebench.report.domains import domain_loads
 from moebench.report.paths import RESULTS, SEED_PREFIX
 
 IDENTITY = ("study", "dataset", "strategy", "seed")
@@ -230,12 +231,18 @@ def load_settings(runs: list[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def load_domain_loads(runs: list[Path]) -> dict[tuple[str, str, str, int], dict[str, Any]]:
-    """`load_by_domain` ({domain: [[load per expert] per layer]}) of each run that records
-    it, keyed by identity."""
+def load_domain_loads(
+    runs: list[Path],
+) -> dict[tuple[str, str, str, int], tuple[list[str], np.ndarray]]:
+    """Domains and `load_DLE` (summary.json's `load_by_domain`: {domain: [[load per expert]
+    per layer]}) of each run that records it, keyed by identity; ValueError naming the run
+    if malformed."""
     out = {}
     for run in runs:
         summary = _read_json(run / "summary.json")
         if "load_by_domain" in summary:
-            out[tuple(summary[k] for k in IDENTITY)] = summary["load_by_domain"]
+            where = f"{run / 'summary.json'}: load_by_domain"
+            out[tuple(summary[k] for k in IDENTITY)] = domain_loads(
+                summary["load_by_domain"], where
+            )
     return out
