@@ -81,7 +81,11 @@ def aggregate(
     results: ResultsDir = paths.RESULTS,
     study: Annotated[
         Path | None,
-        typer.Option(help="study YAML: tables of this study only, logged to its MLflow parent"),
+        typer.Option(
+            help="study YAML: tables of this study only, compared as its `report` section says "
+            "(without it: every study, default baseline, no published claims), logged to its "
+            "MLflow parent"
+        ),
     ] = None,
 ) -> None:
     """Collect every run directory into summary.parquet; write tables and figures (with
