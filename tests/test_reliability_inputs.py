@@ -410,6 +410,12 @@ CASES = [
          ("strategy 'none'", "router.top_k=32 exceeds router.num_experts=16")),
     Case("duplicate_seeds", lambda c: c.resolve(study={"seeds": [0, 0]}),
          ("seeds must be distinct", "[0, 0]")),
+    Case("unknown_published_setting", lambda c: c.resolve(
+        study={"report": {"compare_to": {"none": ["lf_t9"]}}}),
+         ("report.compare_to.none", "'lf_t9' is not a published setting", "'lf_t2_free'")),
+    Case("report_baseline_not_in_study", lambda c: c.resolve(
+        study={"report": {"baseline": "aux_free"}}),
+         ("report.baseline", "strategy 'aux_free' is not in the study", "['aux_loss', 'none']")),
 ]
 
 

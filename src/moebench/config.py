@@ -572,6 +572,52 @@ class StudyResources(Strict):
     comm: JobResources = JobResources()
 
 
+class ReportSettings(Strict):
+    """How `moebench aggregate` compares a study's strategies (docs/statistics.md)."""
+
+    baseline: str | None = Field(
+        None,
+        description="strategy every other is compared with, seed by seed; null = the first "
+        "of aux_free, global_aux, aux_loss the study has, else its first strategy",
+    )
+    compare_to: dict[str, list[str]] = Field(
+        {},
+        description="strategy -> the published settings it reproduces (keys of "
+        "moebench.report.published.SETTINGS, e.g. lf_t2_free); published claims are checked "
+        "on the strategies matched here",
+    )
+    domain_strategies: list[str] = Field(
+        [],
+        description="strategies drawn in the domain-specialisation figure (empty = every "
+        "strategy whose runs record load_by_domain)",
+    )
+
+    def check(self, strategies: list[str]) -> None:
+        """ValueError naming the field and value unless every name exists."""
+        from moebench.report.published import SETTINGS
+
+        named = [("report.baseline", s) for s in [self.baseline] if s is not None]
+        named += [("report.compare_to", s) for s in self.compare_to]
+        named += [("report.domain_strategies", s) for s in self.domain_strategies]
+        for field, name in named:
+            if name not in strategies:
+                raise ValueError(f"{field}: strategy {name!r} is not in the study ({strategies})")
+        seen: dict[str, str] = {}
+        for strategy, keys in self.compare_to.items():
+            for key in keys:
+                if key not in SETTINGS:
+                    raise ValueError(
+                        f"report.compare_to.{strategy}: {key!r} is not a published setting "
+                        f"(allowed: {sorted(SETTINGS)})"
+                    )
+                if key in seen:
+                    raise ValueError(
+                        f"report.compare_to: {key!r} is matched by both {seen[key]!r} and "
+                        f"{strategy!r} (one strategy per published setting)"
+                    )
+                seen[key] = strategy
+
+
 class StudyConfig(Strict):
     """A study file (`configs/*.yaml`): the grid datasets x strategies x seeds over `base`.
 
@@ -591,6 +637,7 @@ class StudyConfig(Strict):
     tracking: StudyTracking = StudyTracking()
     comm: CommSettings = CommSettings()
     resources: StudyResources = StudyResources()
+    report: ReportSettings = ReportSettings()
 
     @field_validator("seeds")
     @classmethod
@@ -611,6 +658,7 @@ class StudyConfig(Strict):
                         f"resources.train.tasks={tasks} must be 1 or the {devices} devices of "
                         f"strategy {strategy!r}'s topology, and divide train.batch_size={batch}"
                     )
+        self.report.check(list(self.strategies))
         return self
 
     def to_dict(self) -> dict[str, Any]:
