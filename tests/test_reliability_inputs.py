@@ -334,7 +334,8 @@ CASES = [
          ("checkpoint", "last.pt cannot be read", "delete it to restart")),
     # --- moebench data ---------------------------------------------------------------------
     Case("unknown_data_source", lambda c: ["data", "--out", str(c.out), *sets("data.source=wiki")],
-         ("data.source", "'wiki'", "'shakespeare', 'cpython', 'synthetic', 'file' or 'hf'")),
+         ("data.source", "'wiki'",
+          "'shakespeare', 'cpython', 'synthetic', 'file', 'hf' or 'mixed'")),
     Case("file_source_without_path", lambda c: c.data_cmd(*sets("data.source=file")),
          ("data.path is required when data.source='file'",)),
     Case("text_file_missing", lambda c: c.text_source("corpus.txt", None),
@@ -409,6 +410,12 @@ CASES = [
          ("strategy 'none'", "router.top_k=32 exceeds router.num_experts=16")),
     Case("duplicate_seeds", lambda c: c.resolve(study={"seeds": [0, 0]}),
          ("seeds must be distinct", "[0, 0]")),
+    Case("unknown_published_setting", lambda c: c.resolve(
+        study={"report": {"compare_to": {"none": ["lf_t9"]}}}),
+         ("report.compare_to.none", "'lf_t9' is not a published setting", "'lf_t2_free'")),
+    Case("report_baseline_not_in_study", lambda c: c.resolve(
+        study={"report": {"baseline": "aux_free"}}),
+         ("report.baseline", "strategy 'aux_free' is not in the study", "['aux_loss', 'none']")),
 ]
 
 

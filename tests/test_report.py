@@ -1,11 +1,13 @@
 """Aggregation on synthetic run directories (written here to the run-directory contract):
-summary.parquet schema, mean/95% CI, published numbers and directions in the Markdown,
-figures, byte-identical rebuilds, refusal of bad rows, and the pipeline CLI commands."""
+summary.parquet schema, mean/95% CI, paired differences, published numbers and claims in the
+Markdown, figures (PNG + SVG), byte-identical rebuilds, refusal of bad rows and bad report
+settings, and the pipeline CLI commands."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +22,10 @@ from moebench.config import StudyConfig, study_from_dict
 from moebench.io import write_json, write_text, write_yaml
 from moebench.report import paths
 from moebench.report.aggregate import aggregate
-from moebench.report.published import DIRECTIONS, PUBLISHED
+from moebench.report.published import SETTINGS
+from moebench.report.stats import mean_ci95, strategy_order
 from moebench.report.summary import COLUMNS, SUMMARY_SCHEMA, collect, find_runs
-from moebench.report.tables import mean_ci95, stats_table, strategy_order
+from moebench.report.tables import stats_table
 
 STRATEGIES = {
     "aux_loss": {"balance": {"switch_alpha": 0.01}},
@@ -31,6 +34,10 @@ STRATEGIES = {
 }
 VAL_LOSS = {"aux_loss": (3.0, 3.1, 3.2), "aux_free": (2.9, 2.95, 3.0), "node_limited": (3.3,) * 3}
 MAXVIO = {"aux_loss": 0.5, "aux_free": 0.05, "node_limited": 0.1}
+REPORT = {
+    "baseline": "aux_free",
+    "compare_to": {"aux_loss": ["lf_t2_aux", "v3_seq"], "aux_free": ["lf_t2_free", "v3_free"]},
+}
 
 
 def make_study(name: str = "syn", seeds: tuple[int, ...] = (0, 1, 2)) -> StudyConfig:
@@ -42,17 +49,28 @@ def make_study(name: str = "syn", seeds: tuple[int, ...] = (0, 1, 2)) -> StudyCo
             "strategies": STRATEGIES,
             "base": {"model": {"n_layers": 3, "n_dense_layers": 1}},
             "tracking": {"uri": None},
+            "report": REPORT,
         }
     )
 
 
-def write_run(root: Path, study: StudyConfig, strategy: str, seed: int) -> Path:
-    """A complete synthetic run directory: what `moebench train` and `moebench comm` write."""
+def write_run(
+    root: Path, study: StudyConfig, strategy: str, seed: int, domains: bool = True
+) -> Path:
+    """A complete synthetic run directory: what `moebench train` and `moebench comm` write
+    (`domains`: with per-domain loads)."""
     cfg = study.run_config("shakespeare", strategy, seed)
     run = paths.run_dir(study.study, "shakespeare", strategy, seed, root)
     rng = np.random.default_rng(seed)
     val_loss = VAL_LOSS[strategy][seed % 3]
     loads = rng.integers(50, 150, size=(2, 16)).tolist()
+    # Two domains; aux_free's experts specialise (each domain favours its own half).
+    tilt = 3.0 if strategy == "aux_free" else 1.0
+    halves = np.repeat([[tilt, 1.0], [1.0, tilt]], 8, axis=1)
+    by_domain = {
+        d: (rng.integers(20, 40, size=(2, 16)) * halves[i]).tolist()
+        for i, d in enumerate(("code", "prose"))
+    }
     write_yaml(run / "config.resolved.yaml", cfg.model_dump(mode="json"))
     write_json(
         run / "summary.json",
@@ -72,6 +90,7 @@ def write_run(root: Path, study: StudyConfig, strategy: str, seed: int) -> Path:
             "tokens_per_s": 1000.0 + seed,
             "mfu": None,
             "load_global": loads,
+            **({"load_by_domain": by_domain} if domains else {}),
             "machine": "cpu-test",
             "device": "cpu",
             "git_sha": "0" * 40,
@@ -80,7 +99,12 @@ def write_run(root: Path, study: StudyConfig, strategy: str, seed: int) -> Path:
         },
     )
     records = [
-        {"kind": "train", "step": s, "maxvio_batch": MAXVIO[strategy] * (1 + 10 / s), "loss": 3.0}
+        {
+            "kind": "train",
+            "step": s,
+            "maxvio_batch": MAXVIO[strategy] * (1 + 10 / s) * (1 + 0.1 * seed),
+            "loss": 3.0,
+        }
         for s in range(2, 22, 2)
     ] + [{"kind": "eval", "step": 20, "val_loss": val_loss}]
     write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
@@ -116,7 +140,7 @@ def results(tmp_path: Path) -> Path:
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame, list[Path]]:
     """Synthetic run directories aggregated once (read-only for the tests)."""
     root = write_runs(tmp_path_factory.mktemp("built"))
-    df, written = aggregate(root)
+    df, written = aggregate(root, None, {"syn": make_study().report})
     return root, df, written
 
 
@@ -161,34 +185,53 @@ def test_stats_table_and_strategy_order(built: tuple[Path, pd.DataFrame, list[Pa
     ]
 
 
-def test_markdown_prints_published_numbers_and_directions(
+def test_markdown_prints_paired_differences_published_numbers_and_claims(
     built: tuple[Path, pd.DataFrame, list[Path]],
 ) -> None:
     results = built[0]
     md = paths.table_file("syn", "md", results).read_text()
-    for p in PUBLISHED:
-        if p.strategy in STRATEGIES and p.metric in ("val_ppl", "maxvio_global", "val_loss"):
-            assert f"| {p.value:g} |" in md, p
-    assert "[LF] Table 2" in md and "[V3] §4.5.3" in md
-    # aux_free has lower MaxVio_global than aux_loss in the synthetic data, with CIs apart.
-    claim = next(d for d in DIRECTIONS if d.metric == "maxvio_global")
-    line = next(x for x in md.splitlines() if x.startswith(f"| {claim.claim}"))
-    assert "yes (CIs apart)" in line
-    # node_limited vs aux_free on IB bytes: 600 < 780.
-    ib = next(x for x in md.splitlines() if "node_limited < aux_free" in x)
-    assert "yes" in ib
-    for name in paths.FIGURES:
+    lines = md.splitlines()
+    assert "### Paired differences against `aux_free`" in md
+    # aux_loss is worse than aux_free in every seed (val_loss +0.1/+0.15/+0.2, MaxVio +0.45).
+    paired_section = md.split("### Paired differences")[1].splitlines()
+    row = next(x for x in paired_section if re.match(r"\| aux_loss\s+\|\s+3 \|", x))
+    assert row.count("resolved (worse)") >= 3
+    # The same nodes/token in every run: a zero difference is not resolved.
+    assert "not resolved" in row
+    for strategy, keys in REPORT["compare_to"].items():
+        for key in keys:
+            for value in SETTINGS[key].values.values():
+                assert re.search(rf"\| {strategy}\s+\|.*\|\s+{value:g} \|", md), (key, value)
+    claim = next(x for x in lines if x.startswith("| aux-loss-free balances far better"))
+    assert "**reproduced**" in claim and "0.04 vs 0.72" in claim
+    assert "aux_free < aux_loss" in claim
+    # Only aux_loss and aux_free are matched: V2's claim was not run.
+    not_run = next(x for x in lines if "device-limited routing with M=3" in x)
+    assert "**not run**" in not_run and "v2_device_m3 ≈ v2_unrestricted" in not_run
+    claims = paths.claims_file("syn", results).read_text()
+    assert claim in claims.splitlines() and "## Dataset `shakespeare`" in claims
+    paired_csv = pd.read_csv(paths.paired_file("syn", results))
+    assert set(paired_csv["strategy"]) == {"aux_loss", "node_limited"}
+    assert set(paired_csv["baseline"]) == {"aux_free"}
+    assert "### Domain specialisation" in md
+    for name in (*paths.FIGURES, *paths.OPTIONAL_FIGURES):
         assert f"../figures/syn-shakespeare-{name}.png" in md
     csv = pd.read_csv(paths.table_file("syn", "csv", results))
     assert list(csv["strategy"]) == ["aux_loss", "aux_free", "node_limited"]
     assert {"val_ppl_mean", "val_ppl_ci95", "nodes_per_token_mean"} <= set(csv.columns)
 
 
-def test_figures_are_pngs(built: tuple[Path, pd.DataFrame, list[Path]]) -> None:
-    results = built[0]
-    for name in paths.FIGURES:
-        png = paths.figure_file("syn", "shakespeare", name, results).read_bytes()
+def test_figures_are_pngs_with_svgs_beside(
+    built: tuple[Path, pd.DataFrame, list[Path]],
+) -> None:
+    results, _, written = built
+    for name in (*paths.FIGURES, *paths.OPTIONAL_FIGURES):
+        png_path = paths.figure_file("syn", "shakespeare", name, results)
+        png = png_path.read_bytes()
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+        svg = png_path.with_suffix(".svg").read_text()
+        assert svg.startswith("<?xml") and "<svg" in svg
+        assert {png_path, png_path.with_suffix(".svg")} <= set(written)
 
 
 def test_rebuild_gives_identical_bytes(built: tuple[Path, pd.DataFrame, list[Path]]) -> None:
@@ -196,19 +239,20 @@ def test_rebuild_gives_identical_bytes(built: tuple[Path, pd.DataFrame, list[Pat
     first = {p: p.read_bytes() for p in written}
     for p in written:
         p.unlink()
-    aggregate(results)
+    aggregate(results, None, {"syn": make_study().report})
     assert {p: p.read_bytes() for p in written} == first
 
 
 def test_summary_covers_all_studies_tables_only_the_selected(results: Path) -> None:
     other = make_study("other", seeds=(0,))
-    write_run(results, other, "aux_free", 0)
+    write_run(results, other, "aux_free", 0, domains=False)
     df, _ = aggregate(results, ["other"])
     assert sorted(set(df["study"])) == ["other", "syn"]
     assert paths.table_file("other", "md", results).is_file()
     assert not paths.table_file("syn", "md", results).exists()
     md = paths.table_file("other", "md", results).read_text()
-    assert "| aux_free | 1 |" in md  # one seed: no CI
+    assert re.search(r"\| aux_free\s+\|\s+1 \|", md)  # one seed: no CI
+    assert "domain_share" not in md  # no specialisation figure without load_by_domain
     with pytest.raises(ValueError, match="no complete runs of the studies \\['missing'\\]"):
         aggregate(results, ["missing"])
 
@@ -264,3 +308,31 @@ def test_aggregate_and_where_commands(tmp_path: Path) -> None:
     bad = runner.invoke(app, ["aggregate", "--results", str(tmp_path / "empty")])
     assert bad.exit_code == 2
     assert "no complete run directories" in bad.output
+
+
+@pytest.mark.parametrize(
+    ("report", "message"),
+    [
+        ({"baseline": "nope"}, "report.baseline: strategy 'nope' is not in the study"),
+        ({"compare_to": {"aux_free": ["lf_t9"]}}, "'lf_t9' is not a published setting"),
+        (
+            {"compare_to": {"aux_free": ["lf_t2_free"], "aux_loss": ["lf_t2_free"]}},
+            "'lf_t2_free' is matched by both 'aux_free' and 'aux_loss'",
+        ),
+        ({"domain_strategies": ["x"]}, "report.domain_strategies: strategy 'x'"),
+    ],
+)
+def test_bad_report_settings_are_refused(report: dict[str, object], message: str) -> None:
+    raw = make_study().to_dict() | {"report": report}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        study_from_dict(raw)
+
+
+def test_malformed_domain_loads_are_refused_before_writing(results: Path) -> None:
+    path = paths.run_dir("syn", "shakespeare", "aux_free", 1, results) / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["load_by_domain"]["code"] = [[1, 2, 3]]  # other domains: 2 layers x 16 experts
+    write_json(path, summary)
+    with pytest.raises(ValueError, match=re.escape("seed~1/summary.json: load_by_domain must be")):
+        aggregate(results)
+    assert not paths.summary_file(results).exists()

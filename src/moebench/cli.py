@@ -60,10 +60,12 @@ app.command("mlflow-init")(mlflow_init)
 app.command("aggregate")(aggregate)
 app.command("where")(where)
 
-from moebench.comm.cli import comm, comm_replay  # noqa: E402
+from moebench.comm.cli import comm, comm_replay, placement, placement_replay  # noqa: E402
 
 app.command("comm")(comm)
 app.command("comm-replay")(comm_replay)
+app.command("placement")(placement)
+app.command("placement-replay")(placement_replay)
 
 from moebench.kernels.cli import kernels  # noqa: E402
 

@@ -12,7 +12,7 @@ import difflib
 import math
 import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -24,6 +24,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+if TYPE_CHECKING:
+    from moebench.model import TransformerConfig
+    from moebench.routing import Layout, RouterConfig
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 """Study, dataset and strategy names become path parts and Snakemake wildcards."""
@@ -44,12 +48,17 @@ def _finite(v: float, name: str) -> float:
 class DataConfig(Strict):
     """Where the token streams come from (see `moebench.data`)."""
 
-    source: Literal["shakespeare", "cpython", "synthetic", "file", "hf"] = "shakespeare"
+    source: Literal["shakespeare", "cpython", "synthetic", "file", "hf", "mixed"] = Field(
+        "shakespeare", description="mixed: Shakespeare + CPython + synthetic topics, each "
+        "window from one domain (moebench.data.sources)"
+    )
     path: str | None = Field(None, description="text file for source=file")
     hf_name: str | None = Field(None, description="Hugging Face dataset name for source=hf")
     vocab_size: int = Field(1024, ge=260, le=262144, description="byte-level BPE vocabulary")
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="documents held out")
-    max_bytes: int | None = Field(None, gt=0, description="cap on corpus bytes (fast tests)")
+    max_bytes: int | None = Field(
+        None, gt=0, description="cap on corpus bytes (fast tests); per domain for mixed"
+    )
     # synthetic source: topics drawn from Zipf(skew); each topic is a Markov source
     synthetic_topics: int = Field(16, ge=1)
     synthetic_skew: float = Field(1.2, ge=0.0, description="Zipf exponent over topics")
@@ -76,7 +85,6 @@ class ModelConfig(Strict):
     n_shared_experts: int = Field(1, ge=0)
     expert_hidden: int = Field(64, ge=1)
     init_std: float = Field(0.02, gt=0.0)
-    expert_impl: Literal["loop", "grouped"] = "grouped"
 
     @model_validator(mode="after")
     def _shape(self) -> ModelConfig:
@@ -154,7 +162,11 @@ class BalanceConfig(Strict):
     device_alpha: float = Field(0.0, ge=0.0, description="[V2] eq. 26")
     comm_alpha: float = Field(0.0, ge=0.0, description="[V2] eq. 29")
     seq_alpha: float = Field(0.0, ge=0.0, description="[V3] eq. 17, per sequence")
-    global_alpha: float = Field(0.0, ge=0.0, description="[V3] §4.5.3 batch-wise form")
+    global_alpha: float = Field(
+        0.0, ge=0.0, description="[V3] §4.5.3 batch-wise form; f from the optimizer step's "
+        "running count over micro-batches and ranks (docs/global_loss.md)"
+    )
+    z_alpha: float = Field(0.0, ge=0.0, description="[ST-MoE] eq. 5 router z-loss")
     aux_counts: Literal["literal", "actual"] = Field(
         "literal", description="f_i from the plain unbiased top-K or the routing performed"
     )
@@ -162,7 +174,8 @@ class BalanceConfig(Strict):
     capacity: CapacityConfig = CapacityConfig()
 
     @field_validator(
-        "switch_alpha", "expert_alpha", "device_alpha", "comm_alpha", "seq_alpha", "global_alpha"
+        "switch_alpha", "expert_alpha", "device_alpha", "comm_alpha", "seq_alpha", "global_alpha",
+        "z_alpha",
     )
     @classmethod
     def _alpha_finite(cls, v: float, info: Any) -> float:
@@ -187,6 +200,10 @@ class TrainConfig(Strict):
     eval_batches: int = Field(8, ge=1)
     log_every: int = Field(10, ge=1)
     ckpt_every: int = Field(50, ge=1)
+    keep_ckpt: bool = Field(
+        True, description="keep the last checkpoint once the run is complete; false deletes "
+        "it after summary.json is written (saves disk in large studies)"
+    )
     trace_tokens: int = Field(4096, ge=1, description="validation tokens in routing_trace")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(1, ge=1, description="torch CPU threads (1 = bitwise reproducible)")
@@ -271,6 +288,61 @@ class RunConfig(Strict):
             "device": self.topology.num_devices,
             "node": self.topology.num_nodes,
         }[self.router.limit]
+
+    def router_config(self) -> RouterConfig:
+        """The router of every MoE layer: groups are devices (limit=device, [V2] §2.2.2) or
+        nodes (limit=node, [V3] §2.1.2) of the topology; "mul" bias for the multiplicative
+        rule."""
+        from moebench.routing import RouterConfig
+
+        r = self.router
+        return RouterConfig(
+            num_experts=r.num_experts,
+            top_k=r.top_k,
+            score_fn=r.score_fn,
+            num_groups=self.num_groups,
+            group_limit=r.group_limit if self.num_groups > 1 else 1,
+            group_score=r.group_score,
+            normalize=r.normalize,
+            route_scale=r.route_scale,
+            bias_mode="mul" if self.balance.bias.rule == "multiplicative" else "add",
+        )
+
+    def layout(self) -> Layout:
+        """The modelled expert placement: contiguous blocks of experts per GPU."""
+        from moebench.routing import Layout
+
+        t = self.topology
+        return Layout.contiguous(self.router.num_experts, t.num_nodes, t.gpus_per_node)
+
+    def transformer_config(self, vocab_size: int) -> TransformerConfig:
+        """The decoder this run trains, for a vocabulary of `vocab_size`: the config composes
+        the model's own config, the model never reads the run config."""
+        from moebench.model import MoEConfig, TransformerConfig
+
+        m, r = self.model, self.router
+        moe = MoEConfig(
+            d_model=m.d_model,
+            expert_hidden=m.expert_hidden,
+            n_shared_experts=m.n_shared_experts,
+            router=self.router_config(),
+            layout=self.layout(),
+            balance=self.balance,
+            comm_limit=(r.group_limit or self.num_groups) if r.limit == "device"
+            else min(r.top_k, self.topology.num_devices),
+        )
+        return TransformerConfig(
+            vocab_size=vocab_size,
+            max_seq_len=self.train.seq_len,
+            d_model=m.d_model,
+            n_layers=m.n_layers,
+            n_heads=m.n_heads,
+            n_dense_layers=m.n_dense_layers,
+            dense_hidden=m.dense_hidden,
+            init_std=m.init_std,
+            moe=moe,
+            drop_seed=self.seed + 1,
+        )
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -483,6 +555,12 @@ class TrainResources(JobResources):
         "device of the topology (srun under SLURM, torchrun locally)",
     )
     nodes: int = Field(1, ge=1, description="SLURM nodes per run")
+    runs_per_gpu: int = Field(
+        1,
+        ge=1,
+        description="training runs sharing one GPU under the local executor: `--resources "
+        "gpu=G` admits G x runs_per_gpu concurrent runs (SLURM jobs still request `gpu` each)",
+    )
 
 
 class StudyResources(Strict):
@@ -492,6 +570,52 @@ class StudyResources(Strict):
     kernels: JobResources = JobResources()
     train: TrainResources = TrainResources()
     comm: JobResources = JobResources()
+
+
+class ReportSettings(Strict):
+    """How `moebench aggregate` compares a study's strategies (docs/statistics.md)."""
+
+    baseline: str | None = Field(
+        None,
+        description="strategy every other is compared with, seed by seed; null = the first "
+        "of aux_free, global_aux, aux_loss the study has, else its first strategy",
+    )
+    compare_to: dict[str, list[str]] = Field(
+        {},
+        description="strategy -> the published settings it reproduces (keys of "
+        "moebench.report.published.SETTINGS, e.g. lf_t2_free); published claims are checked "
+        "on the strategies matched here",
+    )
+    domain_strategies: list[str] = Field(
+        [],
+        description="strategies drawn in the domain-specialisation figure (empty = every "
+        "strategy whose runs record load_by_domain)",
+    )
+
+    def check(self, strategies: list[str]) -> None:
+        """ValueError naming the field and value unless every name exists."""
+        from moebench.report.published import SETTINGS
+
+        named = [("report.baseline", s) for s in [self.baseline] if s is not None]
+        named += [("report.compare_to", s) for s in self.compare_to]
+        named += [("report.domain_strategies", s) for s in self.domain_strategies]
+        for field, name in named:
+            if name not in strategies:
+                raise ValueError(f"{field}: strategy {name!r} is not in the study ({strategies})")
+        seen: dict[str, str] = {}
+        for strategy, keys in self.compare_to.items():
+            for key in keys:
+                if key not in SETTINGS:
+                    raise ValueError(
+                        f"report.compare_to.{strategy}: {key!r} is not a published setting "
+                        f"(allowed: {sorted(SETTINGS)})"
+                    )
+                if key in seen:
+                    raise ValueError(
+                        f"report.compare_to: {key!r} is matched by both {seen[key]!r} and "
+                        f"{strategy!r} (one strategy per published setting)"
+                    )
+                seen[key] = strategy
 
 
 class StudyConfig(Strict):
@@ -513,6 +637,7 @@ class StudyConfig(Strict):
     tracking: StudyTracking = StudyTracking()
     comm: CommSettings = CommSettings()
     resources: StudyResources = StudyResources()
+    report: ReportSettings = ReportSettings()
 
     @field_validator("seeds")
     @classmethod
@@ -533,6 +658,7 @@ class StudyConfig(Strict):
                         f"resources.train.tasks={tasks} must be 1 or the {devices} devices of "
                         f"strategy {strategy!r}'s topology, and divide train.batch_size={batch}"
                     )
+        self.report.check(list(self.strategies))
         return self
 
     def to_dict(self) -> dict[str, Any]:

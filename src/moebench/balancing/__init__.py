@@ -26,6 +26,7 @@ from moebench.balancing.losses import (
     literal_topk,
     seq_loss,
     switch_loss,
+    z_loss,
 )
 
 __all__ = [
@@ -48,4 +49,5 @@ __all__ = [
     "seq_loss",
     "switch_loss",
     "update_bias",
+    "z_loss",
 ]

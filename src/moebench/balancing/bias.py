@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from moebench.balancing._checks import check_experts, check_int, check_number
+from moebench.metrics import expert_load
 
 Rule = Literal["sign", "proportional", "multiplicative"]
 RULES: tuple[str, ...] = ("sign", "proportional", "multiplicative")
@@ -154,15 +155,13 @@ class BiasController:
         ):
             raise ValueError(f"layer={layer!r} is invalid; allowed: 0 <= layer < {self.num_layers}")
         check_experts(experts_TK, self.num_experts)
-        ids = experts_TK
-        if keep_TK is not None:
-            if keep_TK.shape != experts_TK.shape or keep_TK.dtype != torch.bool:
-                raise ValueError(
-                    f"keep_TK has shape {tuple(keep_TK.shape)}, dtype {keep_TK.dtype}; "
-                    f"allowed: bool of shape {tuple(experts_TK.shape)}"
-                )
-            ids = experts_TK[keep_TK]
-        load_E = torch.bincount(ids.reshape(-1).long(), minlength=self.num_experts)
+        if keep_TK is not None and (keep_TK.shape != experts_TK.shape
+                                    or keep_TK.dtype != torch.bool):
+            raise ValueError(
+                f"keep_TK has shape {tuple(keep_TK.shape)}, dtype {keep_TK.dtype}; "
+                f"allowed: bool of shape {tuple(experts_TK.shape)}"
+            )
+        load_E = expert_load(experts_TK, self.num_experts, keep_TK)  # no host sync
         self.counts_LE[layer] += load_E.to(self.counts_LE.device)
 
     @torch.no_grad()

@@ -1,5 +1,5 @@
 """Auxiliary load-balancing losses: Switch/GShard, DeepSeek-V2 expert/device/communication level,
-DeepSeek-V3 sequence-wise and global-batch.
+DeepSeek-V3 sequence-wise and global-batch; plus the ST-MoE router z-loss (`z_loss`).
 
 Every loss is a dot product sum_i f_i * P_i (docs/balancing.md §1): f counts the hard
 selection and is a constant (built from integer ids, so it carries no gradient), P is a mean
@@ -214,7 +214,8 @@ def global_loss(scores_TE: Tensor, experts_TK: Tensor, counts_E: Tensor | None =
     sum_i f_i P_i with P_i = mean over THESE tokens of s' (eq. 19) and f_i = E * c_i / sum_j c_j,
     which is E/(K T) * c_i when c counts all K*T assignments of the batch. `counts_E` lets the
     caller pass selection counts summed (all-reduced) over micro-batches and ranks, so that f
-    describes the global batch while P, and the gradient, stay local. None: counts from
+    describes the global batch while P, and the gradient, stay local (the training loop passes
+    the running count of the optimizer step, docs/global_loss.md). None: counts from
     `experts_TK` (then this equals `seq_loss(scores_TE, experts_TK, None)`)."""
     if counts_E is None:
         return _expert_term(scores_TE, experts_TK, None, normalise=True)
@@ -231,10 +232,23 @@ def _counts_term(
     counts = torch.as_tensor(counts_E, device=scores.device).detach().to(scores.dtype)
     if counts.shape != (E,):
         raise ValueError(f"counts_E has shape {tuple(counts.shape)}; allowed: ({E},)")
-    total = float(counts.sum())
-    if not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()) or total <= 0:
-        raise ValueError(
-            f"counts_E={counts.tolist()} is invalid; allowed: finite, >= 0, positive sum"
-        )
+    total = counts.sum()
+    valid = torch.isfinite(counts).all() & (counts >= 0).all() & (total > 0)
+    allowed = "allowed: finite, >= 0, positive sum"
+    if counts.is_cuda:  # a device-side assert: the same check without a host sync
+        torch._assert_async(valid, f"counts_E is invalid; {allowed}")
+    elif not bool(valid):
+        raise ValueError(f"counts_E={counts.tolist()} is invalid; {allowed}")
     f_E = counts * (E / total)
     return (f_E * scores.mean(dim=0)).sum()
+
+
+def z_loss(logits_TE: Tensor) -> Tensor:
+    """ST-MoE router z-loss without its coefficient ([ST-MoE] Zoph et al. 2022, eq. 5):
+    mean over tokens of (logsumexp_i logits_{t,i})^2, in float32 (float64 if given). It
+    penalises large router logits (numerical stability), not imbalance; 0 only if every
+    token's logsumexp is 0."""
+    if not isinstance(logits_TE, Tensor) or logits_TE.dim() != 2 or logits_TE.shape[1] < 1:
+        desc = tuple(logits_TE.shape) if isinstance(logits_TE, Tensor) else type(logits_TE).__name__
+        raise ValueError(f"logits_TE={desc} is invalid; allowed: a 2-D tensor [T, E], E >= 1")
+    return torch.logsumexp(_real(logits_TE), dim=-1).square().mean()

@@ -13,7 +13,10 @@ tokenizer ("byte_bpe" | "synthetic_wordlevel"), tokenizer_file, tokenizer_sha256
 tokenizer_vocab_size (entries trained), vocab_size (id space = config vocab_size: every id is
 below it), eos_id, dtype, versions, splits.<train|val>.{file, n_tokens, n_docs, bytes
 (UTF-8 bytes of the documents' text; null for synthetic), bytes_per_token, sha256, doc_ids},
-and for the synthetic source `synthetic` (topic_probs, topic_counts per split).
+and for the synthetic source `synthetic` (topic_probs, topic_counts per split). A `mixed`
+corpus stores each split domain by domain and adds splits.<split>.domains: one
+{domain, start, end, n_docs} per domain, the token range [start, end) its documents fill;
+`TokenStream` keeps every window inside one range, so every window has one domain.
 
 Legend: N documents, L tokens per synthetic document.
 """
@@ -32,7 +35,13 @@ import tokenizers
 from tokenizers import Tokenizer
 
 from moebench.config import DataConfig
-from moebench.data.sources import assign_val, load_documents, source_fingerprint
+from moebench.data.sources import (
+    Document,
+    assign_val,
+    domain_of,
+    load_documents,
+    source_fingerprint,
+)
 from moebench.data.synthetic import synthetic_corpus
 from moebench.data.tokenizer import (
     EOS_ID,
@@ -64,6 +73,7 @@ class SplitData:
     doc_ids: list[str]
     tokens: np.ndarray
     n_bytes: int | None
+    domains: list[dict[str, Any]] | None = None
 
 
 def bin_file(split: str) -> str:
@@ -119,12 +129,15 @@ def text_splits(cfg: DataConfig, seed: int) -> tuple[Tokenizer, str, dict[str, S
         f"loading source {cfg.source!r}"
         + (f" (max_bytes={cfg.max_bytes})" if cfg.max_bytes else "")
     )
-    docs = load_documents(cfg)
-    is_val = assign_val([d.id for d in docs], cfg.val_fraction, seed)
-    by_split = {
-        "train": [d for d, v in zip(docs, is_val, strict=True) if not v],
-        "val": [d for d, v in zip(docs, is_val, strict=True) if v],
-    }
+    docs = load_documents(cfg, seed)
+    groups: dict[str, list[Document]] = {}  # one group, or one per domain of `mixed`
+    for d in docs:
+        groups.setdefault(domain_of(d.id) if cfg.source == "mixed" else "", []).append(d)
+    by_split: dict[str, list[Document]] = {"train": [], "val": []}
+    for group in groups.values():
+        is_val = assign_val([d.id for d in group], cfg.val_fraction, seed)
+        for d, v in zip(group, is_val, strict=True):
+            by_split["val" if v else "train"].append(d)
     n_bytes = {k: sum(len(d.text.encode("utf-8")) for d in v) for k, v in by_split.items()}
     logger.info(
         f"{len(docs)} documents: train {len(by_split['train'])} ({n_bytes['train']} bytes), "
@@ -137,8 +150,26 @@ def text_splits(cfg: DataConfig, seed: int) -> tuple[Tokenizer, str, dict[str, S
     for name, split_docs in by_split.items():
         logger.info(f"encoding {name}")
         tokens = encode_documents(tok, [d.text for d in split_docs], dtype)
-        splits[name] = SplitData([d.id for d in split_docs], tokens, n_bytes[name])
+        domains = domain_ranges(tok, split_docs) if cfg.source == "mixed" else None
+        splits[name] = SplitData([d.id for d in split_docs], tokens, n_bytes[name], domains)
     return tok, "byte_bpe", splits
+
+
+def domain_ranges(tok: Tokenizer, docs: list[Document]) -> list[dict[str, Any]]:
+    """{domain, start, end, n_docs} of each domain's run of consecutive documents in the
+    encoded stream (each document's ids plus its EOS)."""
+    lengths = [len(e.ids) + 1 for e in tok.encode_batch([d.text for d in docs],
+                                                       add_special_tokens=False)]
+    ranges: list[dict[str, Any]] = []
+    start = 0
+    for doc, n in zip(docs, lengths, strict=True):
+        domain = domain_of(doc.id)
+        if not ranges or ranges[-1]["domain"] != domain:
+            ranges.append({"domain": domain, "start": start, "end": start, "n_docs": 0})
+        ranges[-1]["end"] += n
+        ranges[-1]["n_docs"] += 1
+        start += n
+    return ranges
 
 
 def synthetic_splits(
@@ -210,6 +241,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path, seed: int) -> dict[str, Any]:
             "bytes_per_token": None if s.n_bytes is None else s.n_bytes / n_tokens,
             "sha256": hashlib.sha256(payload).hexdigest(),
             "doc_ids": s.doc_ids,
+            **({"domains": s.domains} if s.domains is not None else {}),
         }
         logger.info(f"wrote {bin_file(name)}: {n_tokens} tokens, {len(s.doc_ids)} documents")
 

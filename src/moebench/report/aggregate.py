@@ -1,6 +1,7 @@
 """`moebench aggregate`: run directories -> summary.parquet (every run of every study under
-results/runs, pandera-validated) -> per-study tables (Markdown with published numbers, CSV)
-and figures. Needs only `results/`, so every table regenerates without training; the same
+results/runs, pandera-validated) -> per-study tables (Markdown with paired differences,
+published numbers and claims; CSV), the claims file and figures (PNG + SVG). Needs only
+`results/`, so every table regenerates without training; the same
 run directories always give the same bytes (sorted rows, no timestamps)."""
 
 from __future__ import annotations
@@ -8,29 +9,58 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import yaml
 
+from moebench.config import ReportSettings
 from moebench.io import remove_temporaries, write_parquet, write_text
 from moebench.report import figures
-from moebench.report.paths import FIGURES, RESULTS, figure_file, summary_file, table_file
-from moebench.report.summary import collect, find_runs, load_curves, load_matrices
-from moebench.report.tables import stats_table, study_markdown
+from moebench.report.domains import relative_share, specialisation_bits
+from moebench.report.paths import (
+    FIGURES,
+    OPTIONAL_FIGURES,
+    RESULTS,
+    claims_file,
+    figure_file,
+    paired_file,
+    summary_file,
+    table_file,
+)
+from moebench.report.stats import default_baseline, paired_table, strategy_order
+from moebench.report.summary import (
+    collect,
+    find_runs,
+    load_curves,
+    load_domain_loads,
+    load_matrices,
+    load_settings,
+)
+from moebench.report.tables import (
+    DatasetReport,
+    claim_table,
+    claims_file_markdown,
+    stats_table,
+    study_markdown,
+)
 
 FIGURE_TITLES = dict(
     zip(
-        FIGURES,
+        (*FIGURES, *OPTIONAL_FIGURES),
         (
-            "MaxVio_batch over training steps",
+            "MaxVio_batch over training steps (mean and 95% CI over seeds)",
             "Relative expert load per MoE layer (validation, lowest seed)",
-            "Validation perplexity vs MaxVio_global",
+            "Validation perplexity vs MaxVio_global across balance strengths",
             "Nodes and devices per token",
+            "The M sweep: perplexity vs devices and nodes per token",
+            "Each domain's share of each expert's load (lowest seed)",
+            "Domain specialisation per MoE layer",
         ),
         strict=True,
     )
 )
-"""Markdown titles of the figures, in paths.FIGURES order."""
+"""Markdown titles of the figures, in paths.FIGURES + OPTIONAL_FIGURES order."""
 
 
 def setting_line(run: Path) -> str:
@@ -46,42 +76,97 @@ def setting_line(run: Path) -> str:
     )
 
 
+def _points(st: pd.DataFrame, settings: pd.DataFrame) -> pd.DataFrame:
+    """Stats rows of one dataset with each strategy's gate, limit, M and balance knobs."""
+    per_strategy = settings.drop_duplicates("strategy").set_index("strategy")
+    cols = ["limit", "group_limit", "family", "knobs", "knob_value"]
+    return st.join(per_strategy[cols], on="strategy")
+
+
+def _domain_scores(
+    domain_loads: dict[tuple[str, str, str, int], tuple[list[str], np.ndarray]],
+    study: str,
+    dataset: str,
+) -> tuple[pd.DataFrame, dict[str, tuple[int, list[str], np.ndarray]]]:
+    """Specialisation bits per (strategy, seed, layer) of one study and dataset's runs, and
+    each strategy's lowest-seed relative shares for the figure."""
+    rows, shares = [], {}
+    for (s, d, strategy, seed), (names, load_DLE) in sorted(domain_loads.items()):
+        if (s, d) != (study, dataset):
+            continue
+        rows += [
+            {"strategy": strategy, "seed": seed, "layer": layer, "bits": float(bits)}
+            for layer, bits in enumerate(specialisation_bits(load_DLE))
+        ]
+        shares.setdefault(strategy, (seed, names, relative_share(load_DLE)))
+    return pd.DataFrame(rows, columns=["strategy", "seed", "layer", "bits"]), shares
+
+
 def _draw(
-    study: str, runs: list[Path], df: pd.DataFrame, st: pd.DataFrame, root: Path
-) -> dict[str, list[tuple[str, str]]]:
-    """Draw the four figures of every dataset of `study` (`df`: its summary rows, `st`: its
-    stats rows); return the Markdown links per dataset."""
+    study: str,
+    runs: list[Path],
+    df: pd.DataFrame,
+    st: pd.DataFrame,
+    domain_loads: dict[tuple[str, str, str, int], tuple[list[str], np.ndarray]],
+    report: ReportSettings,
+    baseline: str,
+    root: Path,
+) -> tuple[dict[str, list[tuple[str, str]]], dict[str, pd.DataFrame], list[Path]]:
+    """Draw the figures of every dataset of `study` (`df`: its summary rows, `st`: its stats
+    rows, `domain_loads`: its per-domain loads); return the Markdown links and the
+    specialisation scores per dataset, and the files written."""
     curves = load_curves(runs)
     matrices = load_matrices(runs)
+    settings = load_settings(runs)
     links: dict[str, list[tuple[str, str]]] = {}
+    scores: dict[str, pd.DataFrame] = {}
+    written: list[Path] = []
     tables_dir = table_file(study, "md", root).parent
     for dataset in sorted(set(df["dataset"])):
-        d_df, d_st = df[df["dataset"] == dataset], st[st["dataset"] == dataset]
+        d_st = st[st["dataset"] == dataset]
+        points = _points(d_st, settings[settings["dataset"] == dataset])
         loads = {
             strategy: min(
                 (key[3], m) for key, m in matrices.items() if key[1:3] == (dataset, strategy)
             )
             for strategy in d_st["strategy"]
         }
+        loads = {s: v for s, v in loads.items() if v[1].size}  # a dense model has no load
         path = {name: figure_file(study, dataset, name, root) for name in FIGURE_TITLES}
         figures.maxvio_curves(curves[curves["dataset"] == dataset], path["maxvio_batch"])
         figures.load_heatmaps(loads, path["load_heatmap"])
-        figures.ppl_vs_maxvio(d_df, path["ppl_vs_maxvio"])
+        figures.ppl_vs_maxvio(points, path["ppl_vs_maxvio"])
         figures.nodes_per_token(d_st, path["nodes_per_token"])
+        drawn = list(FIGURES)
+        if (points["limit"] != "none").any():
+            figures.m_sweep(points, baseline, path["m_sweep"])
+            drawn.append("m_sweep")
+        d_scores, shares = _domain_scores(domain_loads, study, dataset)
+        if shares:
+            scores[dataset] = d_scores
+            chosen = [s for s in report.domain_strategies if s in shares] or list(shares)
+            figures.domain_share({s: shares[s] for s in chosen}, path["domain_share"])
+            figures.specialisation(d_scores, path["specialisation"])
+            drawn += ["domain_share", "specialisation"]
         links[dataset] = [
-            (title, Path(os.path.relpath(path[name], tables_dir)).as_posix())
-            for name, title in FIGURE_TITLES.items()
+            (FIGURE_TITLES[name], Path(os.path.relpath(path[name], tables_dir)).as_posix())
+            for name in drawn
         ]
-    return links
+        written += [f for name in drawn for f in figures.figure_paths(path[name])]
+    return links, scores, written
 
 
 def aggregate(
-    root: Path = RESULTS, studies: list[str] | None = None
+    root: Path = RESULTS,
+    studies: list[str] | None = None,
+    reports: dict[str, ReportSettings] | None = None,
 ) -> tuple[pd.DataFrame, list[Path]]:
     """Write summary.parquet (all runs) and the tables and figures of `studies` (default: all
-    studies found); return the summary frame and the paths written."""
+    studies found), compared as `reports` says (study -> its `report` section; default
+    settings for a study not in it); return the summary frame and the paths written."""
     runs = find_runs(root)
     df = collect(runs)
+    domain_loads = load_domain_loads(runs)  # checked before anything is written
     write_parquet(summary_file(root), pa.Table.from_pandas(df, preserve_index=False))
     written = [summary_file(root)]
     found = sorted(set(df["study"]))
@@ -91,19 +176,38 @@ def aggregate(
         raise ValueError(f"no complete runs of the studies {missing} (found: {found})")
     st_all = stats_table(df)
     for study in selected:
+        report = (reports or {}).get(study, ReportSettings())
         study_runs = [r for r in runs if r.parts[-4] == study]
         s_df = df[df["study"] == study]
         st = st_all[st_all["study"] == study].reset_index(drop=True)
-        links = _draw(study, study_runs, s_df, st, root)
-        md = study_markdown(study, st, setting_line(study_runs[0]), links)
-        write_text(table_file(study, "md", root), md)
-        write_text(table_file(study, "csv", root), st.to_csv(index=False, float_format="%.6g"))
-        written += [table_file(study, "md", root), table_file(study, "csv", root)]
-        written += [
-            figure_file(study, d, n, root)
-            for d in sorted(set(s_df["dataset"]))
-            for n in FIGURE_TITLES
-        ]
+        baseline = report.baseline or default_baseline(strategy_order(set(s_df["strategy"])))
+        pt = paired_table(s_df, {study: baseline})
+        links, scores, drawn = _draw(
+            study, study_runs, s_df, st, domain_loads, report, baseline, root
+        )
+        datasets = {
+            dataset: DatasetReport(
+                stats=st[st["dataset"] == dataset],
+                paired=pt[pt["dataset"] == dataset],
+                claims=claim_table(s_df[s_df["dataset"] == dataset], report.compare_to),
+                compare_to=report.compare_to,
+                specialisation=scores.get(dataset),
+                figures=links[dataset],
+            )
+            for dataset in sorted(set(s_df["dataset"]))
+        }
+        md = study_markdown(study, setting_line(study_runs[0]), baseline, datasets)
+        outputs = {
+            table_file(study, "md", root): md,
+            table_file(study, "csv", root): st.to_csv(index=False, float_format="%.6g"),
+            paired_file(study, root): pt.to_csv(index=False, float_format="%.6g"),
+            claims_file(study, root): claims_file_markdown(
+                study, {d: rep.claims for d, rep in datasets.items()}
+            ),
+        }
+        for path, text in outputs.items():
+            write_text(path, text)
+        written += [*outputs, *drawn]
     for folder in {p.parent for p in written}:  # left by a killed earlier aggregation
         remove_temporaries(folder, [p.name for p in written if p.parent == folder])
     return df, written

@@ -83,16 +83,23 @@ def aggregate(
     results: ResultsDir = paths.RESULTS,
     study: Annotated[
         Path | None,
-        typer.Option(help="study YAML: tables of this study only, logged to its MLflow parent"),
+        typer.Option(
+            help="study YAML: tables of this study only, compared as its `report` section says "
+            "(without it: every study, default baseline, no published claims), logged to its "
+            "MLflow parent"
+        ),
     ] = None,
 ) -> None:
-    """Collect every run directory into summary.parquet; write tables and figures."""
+    """Collect every run directory into summary.parquet; write tables and figures (with
+    --study: compared as its `report` section says)."""
     from moebench.report.aggregate import aggregate as run_aggregate
     from moebench.report.aggregate import study_means
 
     with _user_errors():
         cfg = load_study(study) if study else None
-        df, written = run_aggregate(results, [cfg.study] if cfg else None)
+        df, written = run_aggregate(
+            results, [cfg.study] if cfg else None, {cfg.study: cfg.report} if cfg else None
+        )
         if cfg is not None and cfg.tracking.uri:
             _log_parent(cfg, results, study_means(df[df["study"] == cfg.study]), written)
     for path in written:
@@ -111,7 +118,7 @@ def _log_parent(
         logger.warning(f"no MLflow parent run ({parent_file} missing): not logged")
         return
     assert cfg.tracking.uri is not None
-    artifacts = [p for p in files if p.suffix in (".md", ".csv", ".png")]
+    artifacts = [p for p in files if p.suffix in (".md", ".csv", ".png", ".svg")]
     try:
         log_study(cfg.tracking.uri, parent_file.read_text().strip(), means, artifacts)
     except Exception as err:  # MLflow only mirrors the files just written: warn, do not fail
@@ -131,7 +138,9 @@ def where(
         f"  summary (all runs): {paths.summary_file(results)}",
         f"  tables:  {paths.table_file(name, 'md', results)}, "
         f"{paths.table_file(name, 'csv', results)}",
-        f"  figures: {results / 'figures'}/{name}-*.png",
+        f"  paired differences: {paths.paired_file(name, results)}; published claims: "
+        f"{paths.claims_file(name, results)}",
+        f"  figures: {results / 'figures'}/{name}-*.png (and .svg)",
         f"  report:  {paths.report_file(results)}"
         + (
             ""

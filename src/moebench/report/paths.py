@@ -14,7 +14,10 @@ SEED_PREFIX = "seed~"
 """Run directories end in `seed~<n>`, Paramspace style."""
 
 FIGURES = ("maxvio_batch", "load_heatmap", "ppl_vs_maxvio", "nodes_per_token")
-"""The per-(study, dataset) figures `moebench aggregate` draws."""
+"""The per-(study, dataset) figures `moebench aggregate` always draws."""
+OPTIONAL_FIGURES = ("m_sweep", "domain_share", "specialisation")
+"""Figures drawn when the runs have what they need: device- or node-limited strategies
+(m_sweep), `load_by_domain` in summary.json (domain_share, specialisation)."""
 
 
 def run_dir(study: str, dataset: str, strategy: str, seed: int | str, root: Path = RESULTS) -> Path:
@@ -62,8 +65,19 @@ def table_file(study: str, suffix: str, root: Path = RESULTS) -> Path:
     return root / "tables" / f"{study}.{suffix}"
 
 
+def claims_file(study: str, root: Path = RESULTS) -> Path:
+    """The published claims checked on a study (Markdown; the README shows it)."""
+    return root / "tables" / f"{study}-claims.md"
+
+
+def paired_file(study: str, root: Path = RESULTS) -> Path:
+    """Paired differences of every strategy against the study's baseline (CSV)."""
+    return root / "tables" / f"{study}-paired.csv"
+
+
 def figure_file(study: str, dataset: str, name: str, root: Path = RESULTS) -> Path:
-    """results/figures/<study>-<dataset>-<name>.png, `name` one of FIGURES."""
+    """results/figures/<study>-<dataset>-<name>.png (an .svg beside it), `name` one of
+    FIGURES or OPTIONAL_FIGURES."""
     return root / "figures" / f"{study}-{dataset}-{name}.png"
 
 

@@ -1,126 +1,223 @@
-"""Published numbers printed beside ours, copied from the cited tables
-(docs/published.md; source keys expanded in docs/references.md).
+"""Published settings and the claims they support, checked on our paired seeds.
 
-The published models are 1B-236B parameters trained on 10^11-10^12 tokens; moebench runs are
-orders of magnitude smaller, so only the directions and rough sizes of the gaps are
-comparable (DIRECTIONS), never the absolute values. Each number is keyed by the moebench
-strategy name (README, Strategies) that implements the method; `setting` says how the published
-run differs."""
+A `Setting` is one published training run (its numbers, where it is printed). A study says
+which of its strategies reproduces which setting (`report.compare_to` in the study file),
+never by strategy name. A `Claim` compares two settings; it is checked on the two strategies
+that reproduce them, with the paired difference over seeds: reproduced / not resolved /
+contradicted (docs/statistics.md). The published models are 1B-3.4B parameters trained on
+10^11 tokens; ours are orders of magnitude smaller, so only directions and the size of gaps
+are comparable, never absolute values. The numbers and their tables: docs/published.md."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moebench.report.stats import Paired
+
+_LF = "1B MoE, 100B tokens"
+_QIU = "3.4B MoE (0.6B active), 120B tokens"
+_V3 = "1B MoE, DeepSeek corpus and tokenizer"
+
 
 @dataclass(frozen=True)
-class Published:
-    """One published value of one metric for the method a moebench strategy implements."""
+class Setting:
+    """One published run: what was trained, its published metrics, and where they are."""
 
-    strategy: str
-    metric: str
-    value: float
-    setting: str
+    description: str
+    values: dict[str, float]
     source: str
 
 
-_LF_1B = "1B MoE, 100B tokens, sigmoid gate"
-_LF_3B = "3B MoE, 200B tokens, sigmoid gate"
-_LF_CTRL = "loss-controlled, alpha=1e-3 (our aux_loss: Switch form, softmax, alpha=1e-2)"
-_V3_BATCH = "validation loss, own corpus and tokenizer"
-
-PUBLISHED: tuple[Published, ...] = (
-    # [LF] Table 2: loss-controlled vs loss-free.
-    Published("aux_loss", "val_ppl", 9.56, f"{_LF_1B}; {_LF_CTRL}", "[LF] Table 2"),
-    Published("aux_loss", "maxvio_global", 0.72, f"{_LF_1B}; {_LF_CTRL}", "[LF] Table 2"),
-    Published("aux_loss", "val_ppl", 7.97, f"{_LF_3B}; {_LF_CTRL}", "[LF] Table 2"),
-    Published("aux_loss", "maxvio_global", 0.52, f"{_LF_3B}; {_LF_CTRL}", "[LF] Table 2"),
-    Published("aux_free", "val_ppl", 9.50, f"{_LF_1B}; loss-free, u=1e-3", "[LF] Table 2"),
-    Published("aux_free", "maxvio_global", 0.04, f"{_LF_1B}; loss-free, u=1e-3", "[LF] Table 2"),
-    Published("aux_free", "val_ppl", 7.92, f"{_LF_3B}; loss-free, u=1e-3", "[LF] Table 2"),
-    Published("aux_free", "maxvio_global", 0.04, f"{_LF_3B}; loss-free, u=1e-3", "[LF] Table 2"),
-    # [V3] §4.5.3: sequence-wise aux loss vs aux-loss-free vs batch-wise aux loss.
-    Published("seq_aux", "val_loss", 2.258, f"1B MoE; {_V3_BATCH}", "[V3] §4.5.3"),
-    Published("aux_free", "val_loss", 2.253, f"1B MoE; {_V3_BATCH}", "[V3] §4.5.3"),
-    Published("global_aux", "val_loss", 2.253, f"1B MoE; {_V3_BATCH}", "[V3] §4.5.3"),
-    Published("seq_aux", "val_loss", 2.085, f"3B MoE; {_V3_BATCH}", "[V3] §4.5.3"),
-    Published("aux_free", "val_loss", 2.080, f"3B MoE; {_V3_BATCH}", "[V3] §4.5.3"),
-    Published("global_aux", "val_loss", 2.080, f"3B MoE; {_V3_BATCH}", "[V3] §4.5.3"),
-    # [V3] Table 5: Pile-test bits per byte, aux-loss-based (V2 loss strengths) vs free.
-    Published(
-        "aux_loss_v2",
-        "val_bpb",
-        0.656,
-        "Large MoE 228.7B, 578B tokens, sigmoid; V2 losses 0.003/0.05/0.02; Pile-test",
-        "[V3] Table 5",
+SETTINGS: dict[str, Setting] = {
+    # Wang et al. 2408.15664 [LF], Table 2 (sigmoid gate).
+    "lf_t2_aux": Setting(
+        f"{_LF}, sigmoid gate, aux loss alpha=1e-3",
+        {"val_ppl": 9.56, "maxvio_global": 0.72},
+        "[LF] Table 2",
     ),
-    Published(
-        "aux_free",
-        "val_bpb",
-        0.652,
-        "Large MoE 228.7B, 578B tokens, sigmoid, no aux loss; Pile-test",
-        "[V3] Table 5",
+    "lf_t2_free": Setting(
+        f"{_LF}, sigmoid gate, loss-free bias u=1e-3",
+        {"val_ppl": 9.50, "maxvio_global": 0.04},
+        "[LF] Table 2",
     ),
-)
+    # [LF] Table 6 / App. C.2 (softmax gate).
+    "lf_t6_aux": Setting(
+        f"{_LF}, softmax gate, aux loss alpha=3e-4 (their best for softmax)",
+        {"val_ppl": 9.604, "maxvio_global": 0.937},
+        "[LF] Table 6",
+    ),
+    "lf_t6_free": Setting(
+        f"{_LF}, softmax gate, loss-free bias u=1e-3 (update u*e_i)",
+        {"val_ppl": 9.599, "maxvio_global": 0.027},
+        "[LF] Table 6",
+    ),
+    # [LF] sign-update rate sweep (issue 15 cites it as Table 3; the paper plots it in Fig. 4).
+    **{
+        f"lf_u{u}": Setting(
+            f"{_LF}, sigmoid gate, loss-free bias u={u}", {"val_ppl": ppl}, "[LF] Fig. 4"
+        )
+        for u, ppl in (("1e-4", 9.51), ("1e-3", 9.50), ("1e-2", 9.51))
+    },
+    # Qiu et al. 2501.11873 [Qwen], Table 1: the scope (sequences) the balance is computed over.
+    **{
+        f"qiu_t1_aux_b{n}": Setting(
+            f"{_QIU}, aux loss balanced over {n} sequences", {"val_ppl": ppl}, "[Qwen] Table 1"
+        )
+        for n, ppl in ((4, 8.167), (32, 8.062), (512, 8.038))
+    },
+    **{
+        f"qiu_t1_free_b{n}": Setting(
+            f"{_QIU}, aux-loss-free bias from {n} sequences", {"val_ppl": ppl}, "[Qwen] Table 1"
+        )
+        for n, ppl in ((4, 8.521), (512, 8.080))
+    },
+    # [Qwen] Table 4: aux-loss weight.
+    **{
+        f"qiu_t4_w{w}": Setting(f"{_QIU}, aux loss weight {w}", {"val_ppl": ppl}, "[Qwen] Table 4")
+        for w, ppl in (("8e-3", 8.167), ("4e-3", 8.154), ("1e-3", 8.159))
+    },
+    # DeepSeek-V3 [V3] §4.5.3: balance scope.
+    "v3_seq": Setting(f"{_V3}, sequence-wise aux loss", {"val_loss": 2.258}, "[V3] §4.5.3"),
+    "v3_batch": Setting(f"{_V3}, batch-wise aux loss", {"val_loss": 2.253}, "[V3] §4.5.3"),
+    "v3_free": Setting(f"{_V3}, aux-loss-free bias", {"val_loss": 2.253}, "[V3] §4.5.3"),
+    # [V3] Table 5: Pile-test bits per byte, large MoE (228.7B, 578B tokens).
+    "v3_t5_aux": Setting(
+        "V3 large MoE, V2's aux losses, sigmoid gate", {"val_bpb": 0.656}, "[V3] Table 5"
+    ),
+    "v3_t5_free": Setting(
+        "V3 large MoE, aux-loss-free, sigmoid gate", {"val_bpb": 0.652}, "[V3] Table 5"
+    ),
+    # DeepSeek-V2 [V2] §2.2.2: device-limited routing, no numbers published.
+    "v2_unrestricted": Setting("V2, top-K over all devices", {}, "[V2] §2.2.2"),
+    "v2_device_m3": Setting("V2, device-limited routing, M=3", {}, "[V2] §2.2.2"),
+}
+"""Published runs by key: the keys a study's `report.compare_to` may name."""
 
 
 @dataclass(frozen=True)
-class Direction:
-    """A published claim about two strategies that a small study can check: `lhs` is expected
-    to have a lower mean `metric` than `rhs`."""
+class Claim:
+    """A published finding about two settings on `metric` (lower is better). `lower`: `lhs`
+    is below `rhs`. `equal`: `lhs` is within `margin` x (rhs's mean) of `rhs` (an
+    equivalence claim; the margin is ours, the paper gives none)."""
 
-    claim: str
+    text: str
+    kind: str
     metric: str
     lhs: str
     rhs: str
-    source: str
+    margin: float = 0.0
+
+    def verdict(self, p: Paired) -> str:
+        """reproduced / not resolved / contradicted from the paired CI of lhs − rhs (n/a below
+        two pairs). `lower`: the CI below zero reproduces, above zero contradicts. `equal`:
+        the CI inside ±margin reproduces, entirely outside it contradicts."""
+        if p.n < 2:
+            return p.verdict
+        if self.kind == "lower":
+            return {-1: "reproduced", 1: "contradicted", 0: "not resolved"}[p.resolved]
+        bound = self.margin * abs(p.rhs)
+        lo, hi = p.diff - p.ci95, p.diff + p.ci95
+        if -bound <= lo and hi <= bound:
+            return "reproduced"
+        return "contradicted" if lo > bound or hi < -bound else "not resolved"
+
+    @property
+    def source(self) -> str:
+        return "; ".join(dict.fromkeys(SETTINGS[k].source for k in (self.lhs, self.rhs)))
 
 
-DIRECTIONS: tuple[Direction, ...] = (
-    Direction(
-        "aux-loss-free balances far better globally than an aux loss",
-        "maxvio_global",
-        "aux_free",
-        "aux_loss",
-        "[LF] Table 2 (0.04 vs 0.52-0.72)",
-    ),
-    Direction(
-        "aux-loss-free has lower perplexity than an aux loss",
+CLAIMS: tuple[Claim, ...] = (
+    Claim(
+        "aux-loss-free beats the aux loss on perplexity",
+        "lower",
         "val_ppl",
-        "aux_free",
-        "aux_loss",
-        "[LF] Table 2; [V3] Table 5",
+        "lf_t2_free",
+        "lf_t2_aux",
     ),
-    Direction(
-        "batch-wise aux loss beats the sequence-wise one",
+    Claim(
+        "aux-loss-free balances far better globally",
+        "lower",
+        "maxvio_global",
+        "lf_t2_free",
+        "lf_t2_aux",
+    ),
+    Claim(
+        "with a softmax gate, aux-loss-free still beats the aux loss",
+        "lower",
+        "val_ppl",
+        "lf_t6_free",
+        "lf_t6_aux",
+    ),
+    Claim(
+        "bias rate u=1e-4 is as good as u=1e-3 (within 1%)",
+        "equal",
+        "val_ppl",
+        "lf_u1e-4",
+        "lf_u1e-3",
+        0.01,
+    ),
+    Claim(
+        "bias rate u=1e-2 is as good as u=1e-3 (within 1%)",
+        "equal",
+        "val_ppl",
+        "lf_u1e-2",
+        "lf_u1e-3",
+        0.01,
+    ),
+    Claim(
+        "balancing over the global batch beats balancing over a few sequences",
+        "lower",
+        "val_ppl",
+        "qiu_t1_aux_b512",
+        "qiu_t1_aux_b4",
+    ),
+    Claim(
+        "a global-batch aux loss beats aux-loss-free",
+        "lower",
+        "val_ppl",
+        "qiu_t1_aux_b512",
+        "qiu_t1_free_b512",
+    ),
+    Claim(
+        "aux-loss weight 1e-3 is as good as 8e-3 (within 1%)",
+        "equal",
+        "val_ppl",
+        "qiu_t4_w1e-3",
+        "qiu_t4_w8e-3",
+        0.01,
+    ),
+    Claim(
+        "a batch-wise aux loss beats the sequence-wise one",
+        "lower",
         "val_loss",
-        "global_aux",
-        "seq_aux",
-        "[V3] §4.5.3",
+        "v3_batch",
+        "v3_seq",
     ),
-    Direction(
-        "aux-loss-free beats the sequence-wise aux loss",
+    Claim(
+        "aux-loss-free beats the sequence-wise aux loss", "lower", "val_loss", "v3_free", "v3_seq"
+    ),
+    Claim(
+        "batch-wise aux loss and aux-loss-free are as good (within 0.4% of the loss)",
+        "equal",
         "val_loss",
-        "aux_free",
-        "seq_aux",
-        "[V3] §4.5.3",
+        "v3_batch",
+        "v3_free",
+        0.004,
     ),
-    Direction(
-        "the device limit lowers the devices a token reaches",
-        "devices_per_token",
-        "device_limited",
-        "aux_loss_v2",
-        "[V2] §2.2.2",
+    Claim(
+        "aux-loss-free has lower bits per byte than aux losses",
+        "lower",
+        "val_bpb",
+        "v3_t5_free",
+        "v3_t5_aux",
     ),
-    Direction(
-        "the node limit lowers inter-node (IB) traffic per token",
-        "ib_bytes_per_token",
-        "node_limited",
-        "aux_free",
-        "[V3] §3.2.2",
+    Claim(
+        "device-limited routing with M=3 is as good as unrestricted (within 1%)",
+        "equal",
+        "val_ppl",
+        "v2_device_m3",
+        "v2_unrestricted",
+        0.01,
     ),
 )
-
-
-def published_for(strategy: str) -> list[Published]:
-    """Published values for the method `strategy` implements (empty if none)."""
-    return [p for p in PUBLISHED if p.strategy == strategy]
+"""The published claims a study can check (each needs both settings matched)."""

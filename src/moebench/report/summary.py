@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pandera.pandas as pa
+import yaml
 
+from moebench.report.domains import domain_loads
 from moebench.report.paths import RESULTS, SEED_PREFIX
 
 IDENTITY = ("study", "dataset", "strategy", "seed")
@@ -65,9 +67,10 @@ SUMMARY_SCHEMA = pa.DataFrameSchema(
         "val_loss": pa.Column(float, pa.Check.gt(0.0)),
         "val_ppl": pa.Column(float, pa.Check.ge(1.0)),
         "val_bpb": pa.Column(float, pa.Check.gt(0.0), nullable=True),
-        "maxvio_global": _nonneg(),
-        "maxvio_batch_mean": _nonneg(),
-        "drop_frac": pa.Column(float, pa.Check.in_range(0.0, 1.0)),
+        # null for a dense model (no MoE layer: no load, no routing, no all-to-all)
+        "maxvio_global": _nonneg(nullable=True),
+        "maxvio_batch_mean": _nonneg(nullable=True),
+        "drop_frac": pa.Column(float, pa.Check.in_range(0.0, 1.0), nullable=True),
         "tokens_per_s": pa.Column(float, pa.Check.gt(0.0)),
         "mfu": _nonneg(nullable=True),
         "elapsed_s": _nonneg(),
@@ -75,16 +78,17 @@ SUMMARY_SCHEMA = pa.DataFrameSchema(
         "device": pa.Column(str),
         "git_sha": pa.Column(str),
         "torch_version": pa.Column(str),
-        "devices_per_token": pa.Column(float, pa.Check.ge(1.0)),
-        "nodes_per_token": pa.Column(float, pa.Check.ge(1.0)),
-        "nvlink_bytes_per_token": _nonneg(),
-        "ib_bytes_per_token": _nonneg(),
-        "a2a_time_modeled_us": _nonneg(),
+        "devices_per_token": pa.Column(float, pa.Check.ge(1.0), nullable=True),
+        "nodes_per_token": pa.Column(float, pa.Check.ge(1.0), nullable=True),
+        "nvlink_bytes_per_token": _nonneg(nullable=True),
+        "ib_bytes_per_token": _nonneg(nullable=True),
+        "a2a_time_modeled_us": _nonneg(nullable=True),
     },
     checks=[
         pa.Check(_ppl_matches_loss, name="val_ppl == exp(val_loss)"),
         pa.Check(
-            lambda df: df["nodes_per_token"] <= df["devices_per_token"] + 1e-9,
+            lambda df: (df["nodes_per_token"] <= df["devices_per_token"] + 1e-9)
+            | df["nodes_per_token"].isna(),
             name="nodes_per_token <= devices_per_token",
         ),
     ],
@@ -193,4 +197,54 @@ def load_matrices(runs: list[Path]) -> dict[tuple[str, str, str, int], np.ndarra
         summary = _read_json(run / "summary.json")
         key = tuple(summary[k] for k in IDENTITY)
         out[key] = np.asarray(summary["load_global"], dtype=np.float64)
+    return out
+
+
+def balance_knobs(cfg: dict[str, Any]) -> dict[str, float]:
+    """The balance strengths a run swept: every non-zero `balance.*_alpha` and, with the bias
+    on, `balance.bias.rate` (read from config.resolved.yaml)."""
+    balance = cfg["balance"]
+    knobs = {k: float(v) for k, v in sorted(balance.items()) if k.endswith("_alpha") and v}
+    if balance["bias"]["enabled"]:
+        knobs["bias.rate"] = float(balance["bias"]["rate"])
+    return knobs
+
+
+def load_settings(runs: list[Path]) -> pd.DataFrame:
+    """Per run: identity, the gate, the routing limit and M, and the balance knobs, as
+    `knobs` ("global_alpha=0.001"), `knob_value` (the first knob's value, 0 without) and
+    `family` (gate, limit and knob names: runs of one family differ only in knob values)."""
+    rows = []
+    for run in runs:
+        cfg = yaml.safe_load((run / "config.resolved.yaml").read_text())
+        knobs = balance_knobs(cfg)
+        router = cfg["router"]
+        rows.append(
+            {k: cfg[k] for k in IDENTITY}
+            | {
+                "score_fn": router["score_fn"],
+                "limit": router["limit"],
+                "group_limit": int(router["group_limit"]),
+                "knobs": ", ".join(f"{k}={v:g}" for k, v in knobs.items()),
+                "knob_value": next(iter(knobs.values()), 0.0),
+                "family": " ".join([router["score_fn"], router["limit"], *knobs]),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def load_domain_loads(
+    runs: list[Path],
+) -> dict[tuple[str, str, str, int], tuple[list[str], np.ndarray]]:
+    """Domains and `load_DLE` (summary.json's `load_by_domain`: {domain: [[load per expert]
+    per layer]}) of each run that records it, keyed by identity; ValueError naming the run
+    if malformed."""
+    out = {}
+    for run in runs:
+        summary = _read_json(run / "summary.json")
+        if "load_by_domain" in summary:
+            where = f"{run / 'summary.json'}: load_by_domain"
+            out[tuple(summary[k] for k in IDENTITY)] = domain_loads(
+                summary["load_by_domain"], where
+            )
     return out

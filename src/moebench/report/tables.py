@@ -1,29 +1,18 @@
-"""Per-study tables: mean and 95% confidence interval over seeds of every summary metric,
-rendered as CSV (numbers) and Markdown (with the published numbers and the published
-directions beside ours). Deterministic: same summary rows, same bytes."""
+"""Per-study tables: mean and 95% CI over seeds of every summary metric, paired differences
+against the baseline, the published numbers beside ours and the published claims checked on
+our paired seeds; rendered as CSV (numbers) and Markdown. Deterministic: same summary rows,
+same bytes."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
-from scipy import stats
 
-from moebench.report.published import DIRECTIONS, published_for
-
-CANONICAL_ORDER = (
-    "none",
-    "aux_loss",
-    "aux_loss_v2",
-    "seq_aux",
-    "global_aux",
-    "aux_free",
-    "device_limited",
-    "node_limited",
-)
-"""Strategy order of the README's strategy table; user-defined strategies follow alphabetically."""
+from moebench.report.markdown import markdown_table
+from moebench.report.published import CLAIMS, SETTINGS
+from moebench.report.stats import PAIRED_METRICS, mean_ci95, paired, strategy_order
 
 
 @dataclass(frozen=True)
@@ -53,25 +42,6 @@ byte-identical tables; they are per run in summary.parquet and timing.jsonl."""
 METRICS = {m.column: m for m in (*QUALITY, *SYSTEM)}
 
 
-def strategy_order(names: list[str] | set[str]) -> list[str]:
-    """Canonical strategies first (README order), then the others sorted."""
-    known = [s for s in CANONICAL_ORDER if s in names]
-    return known + sorted(set(names) - set(known))
-
-
-def mean_ci95(values: np.ndarray) -> tuple[float, float]:
-    """Mean and half-width of its 95% CI (Student t, n-1 degrees of freedom); NaN if n < 2."""
-    values = np.asarray(values, dtype=np.float64)
-    values = values[~np.isnan(values)]
-    if values.size == 0:
-        return math.nan, math.nan
-    mean = float(values.mean())
-    if values.size < 2:
-        return mean, math.nan
-    sem = float(values.std(ddof=1)) / math.sqrt(values.size)
-    return mean, float(stats.t.ppf(0.975, values.size - 1)) * sem
-
-
 def stats_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (study, dataset, strategy): n seeds, <metric>_mean and <metric>_ci95."""
     rows = []
@@ -90,21 +60,14 @@ def stats_table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def fmt(mean: float, ci: float, digits: int) -> str:
-    """`mean ± ci` with fixed digits; `–` for a missing value, no ± for a single seed."""
+def fmt(mean: float, ci: float, digits: int, sign: bool = False) -> str:
+    """`mean ± ci` with fixed digits (`sign`: always print + or −); `–` for a missing value,
+    no ± for a single seed."""
     if math.isnan(mean):
         return "–"
-    text = f"{mean:,.{digits}f}"
+    text = f"{mean:+,.{digits}f}" if sign else f"{mean:,.{digits}f}"
+    text = text.replace("-", "−")
     return text if math.isnan(ci) else f"{text} ± {ci:,.{digits}f}"
-
-
-def markdown_table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
-    """A GitHub-flavoured Markdown table; `align` has one letter per column, "l" or "r"
-    (default: the first column left, the rest right)."""
-    align = align or "l" + "r" * (len(header) - 1)
-    rule = [":---" if a == "l" else "---:" for a in align]
-    lines = [header, rule, *rows]
-    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
 
 def _metric_table(st: pd.DataFrame, metrics: tuple[Metric, ...]) -> str:
@@ -123,13 +86,121 @@ def _metric_table(st: pd.DataFrame, metrics: tuple[Metric, ...]) -> str:
     return markdown_table(header, rows)
 
 
-def _published_table(st: pd.DataFrame) -> str | None:
+def paired_markdown(pt: pd.DataFrame) -> str:
+    """Paired differences of one dataset (`stats.paired_table` rows): one row per strategy,
+    one column per metric, `diff ± CI` and the verdict."""
+    metrics = [METRICS[m] for m in PAIRED_METRICS]
+    rows = []
+    for strategy, part in pt.groupby("strategy", sort=False):
+        by_metric = part.set_index("metric")
+        cells = []
+        for m in metrics:
+            r = by_metric.loc[m.column]
+            cells.append(f"{fmt(r.diff_mean, r.diff_ci95, m.digits, sign=True)} {r.verdict}")
+        rows.append([strategy, str(part["n_pairs"].min()), *cells])
+    return markdown_table(["strategy", "pairs", *(m.label for m in metrics)], rows)
+
+
+def claim_table(runs: pd.DataFrame, compare_to: dict[str, list[str]]) -> pd.DataFrame:
+    """Every published claim checked on one dataset's runs (`compare_to`: strategy ->
+    published settings it reproduces): the matched strategies, the paired difference
+    lhs − rhs with its CI, the published values and the verdict ("not run" when a setting has
+    no strategy ("" in its column), or a matched strategy has no runs here)."""
+    strategy_of = {key: s for s, keys in compare_to.items() for key in keys}
+    present = set(runs["strategy"])
+    rows = []
+    for c in CLAIMS:
+        lhs, rhs = strategy_of.get(c.lhs, ""), strategy_of.get(c.rhs, "")
+        row: dict[str, object] = {
+            "claim": c.text,
+            "source": c.source,
+            "metric": c.metric,
+            "kind": c.kind,
+            "margin": c.margin,
+            "lhs_setting": c.lhs,
+            "rhs_setting": c.rhs,
+            "lhs_strategy": lhs,
+            "rhs_strategy": rhs,
+            "published_lhs": SETTINGS[c.lhs].values.get(c.metric, math.nan),
+            "published_rhs": SETTINGS[c.rhs].values.get(c.metric, math.nan),
+        }
+        if lhs in present and rhs in present:
+            p = paired(runs, c.metric, lhs, rhs)
+            row |= {
+                "n_pairs": p.n,
+                "lhs_mean": p.lhs,
+                "rhs_mean": p.rhs,
+                "diff_mean": p.diff,
+                "diff_ci95": p.ci95,
+                "verdict": c.verdict(p),
+            }
+        else:
+            row |= dict.fromkeys(("lhs_mean", "rhs_mean", "diff_mean", "diff_ci95"), math.nan)
+            row |= {"n_pairs": 0, "verdict": "not run"}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def claims_markdown(claims: pd.DataFrame) -> str:
+    """The claim table: ours beside theirs, the smallest difference our CI can resolve
+    (its half-width) and the verdict."""
+    rows = []
+    for r in claims.itertuples():
+        m = METRICS[r.metric]
+        d = m.digits + 1
+        run = r.verdict != "not run"
+        theirs = (
+            "not published"
+            if math.isnan(r.published_lhs)
+            else f"{r.published_lhs:g} vs {r.published_rhs:g}"
+        )
+        margin = ""
+        if r.kind == "equal":
+            margin = f" (±{r.margin:.1%}" + (
+                f" = ±{r.margin * abs(r.rhs_mean):.{d}f})" if run else ")"
+            )
+        check = "≈" if r.kind == "equal" else "<"
+        rows.append(
+            [
+                r.claim,
+                r.source,
+                f"{m.label}: {r.lhs_strategy or r.lhs_setting} {check} "
+                f"{r.rhs_strategy or r.rhs_setting}{margin}",
+                f"{fmt(r.lhs_mean, math.nan, d)} vs {fmt(r.rhs_mean, math.nan, d)}" if run else "–",
+                f"{fmt(r.diff_mean, r.diff_ci95, d, sign=True)} (n={r.n_pairs})" if run else "–",
+                theirs,
+                "–" if not run or math.isnan(r.diff_ci95) else f"±{r.diff_ci95:.{d}f}",
+                f"**{r.verdict}**",
+            ]
+        )
+    return markdown_table(
+        [
+            "published claim",
+            "source",
+            "check (ours)",
+            "ours",
+            "ours: difference",
+            "theirs",
+            "smallest resolvable",
+            "verdict",
+        ],
+        rows,
+        "llllrlrl",
+    )
+
+
+def published_markdown(st: pd.DataFrame, compare_to: dict[str, list[str]]) -> str | None:
+    """Each published number beside our mean ± CI for the strategy matched to its setting."""
     rows = []
     for r in st.itertuples():
-        for p in published_for(r.strategy):
-            m = METRICS[p.metric]
-            ours = fmt(getattr(r, f"{p.metric}_mean"), getattr(r, f"{p.metric}_ci95"), m.digits)
-            rows.append([r.strategy, m.label, ours, f"{p.value:g}", p.setting, p.source])
+        for key in compare_to.get(r.strategy, []):
+            setting = SETTINGS[key]
+            for metric, value in setting.values.items():
+                m = METRICS[metric]
+                ours = fmt(getattr(r, f"{metric}_mean"), getattr(r, f"{metric}_ci95"), m.digits)
+                rows.append(
+                    [r.strategy, m.label, ours, f"{value:g}", setting.description, setting.source]
+                )
     if not rows:
         return None
     return markdown_table(
@@ -137,82 +208,118 @@ def _published_table(st: pd.DataFrame) -> str | None:
     )
 
 
-def _directions_table(st: pd.DataFrame) -> str | None:
-    by_strategy = st.set_index("strategy")
+def specialisation_markdown(scores: pd.DataFrame) -> str:
+    """Specialisation I(domain; expert) in bits per MoE layer: mean ± CI over seeds per
+    strategy (`scores`: strategy, seed, layer, bits)."""
+    layers = sorted(set(scores["layer"]))
     rows = []
-    for d in DIRECTIONS:
-        if d.lhs not in by_strategy.index or d.rhs not in by_strategy.index:
-            continue
-        m = METRICS[d.metric]
-        lo_mean, lo_ci = (by_strategy.at[d.lhs, f"{d.metric}_{s}"] for s in ("mean", "ci95"))
-        hi_mean, hi_ci = (by_strategy.at[d.rhs, f"{d.metric}_{s}"] for s in ("mean", "ci95"))
-        if lo_mean < hi_mean:
-            apart = lo_mean + lo_ci < hi_mean - hi_ci  # False when a CI is NaN (one seed)
-            verdict = "yes (CIs apart)" if apart else "yes (CIs overlap)"
-        else:
-            verdict = "no"
-        rows.append(
-            [
-                d.claim,
-                f"{m.label}: {d.lhs} < {d.rhs}",
-                fmt(lo_mean, lo_ci, m.digits),
-                fmt(hi_mean, hi_ci, m.digits),
-                verdict,
-                d.source,
-            ]
-        )
-    if not rows:
-        return None
-    return markdown_table(
-        ["published claim", "check", "lhs", "rhs", "holds", "source"], rows, "llrrll"
-    )
+    for strategy in strategy_order(set(scores["strategy"])):
+        part = scores[scores["strategy"] == strategy]
+        cells = [
+            fmt(*mean_ci95(part.loc[part["layer"] == lay, "bits"].to_numpy()), 3) for lay in layers
+        ]
+        rows.append([strategy, str(part["seed"].nunique()), *cells])
+    return markdown_table(["strategy", "n", *(f"layer {lay}" for lay in layers)], rows)
+
+
+@dataclass(frozen=True)
+class DatasetReport:
+    """What the study report prints for one dataset (rows of one study and dataset)."""
+
+    stats: pd.DataFrame
+    paired: pd.DataFrame
+    claims: pd.DataFrame
+    compare_to: dict[str, list[str]]
+    specialisation: pd.DataFrame | None
+    figures: list[tuple[str, str]]
+
+
+STATS_NOTE = (
+    "Mean ± 95% confidence interval over seeds (Student t with n-1 degrees of freedom; n = seeds)."
+)
+PAIRED_NOTE = (
+    "Strategy − baseline, seed by seed (the same seed is the same initialisation and data "
+    "order), mean ± 95% CI over the pairs (Student t); lower is better for every metric. "
+    "**resolved (better/worse)** only when the CI excludes zero; **not resolved** when it "
+    "holds zero; n/a below 2 pairs."
+)
+CLAIMS_NOTE = (
+    "Each claim is checked on the strategies the study matches to the published settings "
+    "(`report.compare_to`), with the paired difference lhs − rhs: **reproduced** when the "
+    "95% CI lies on the published side of zero (for ≈ claims: inside ± the margin), "
+    "**contradicted** when it lies on the other side (for ≈: entirely outside the margin), "
+    "**not resolved** otherwise. *Smallest resolvable* is the CI half-width: a true "
+    "difference smaller than it cannot be told from zero with these seeds. The published "
+    "models are 1B-3.4B parameters trained on 10^11 tokens: compare directions, not values."
+)
+
+
+def claims_file_markdown(study: str, claims: dict[str, pd.DataFrame]) -> str:
+    """The published claims of a study checked on each dataset (the file the README shows)."""
+    out = [f"# Published claims checked on study `{study}`", "", CLAIMS_NOTE]
+    for dataset, table in claims.items():
+        out += ["", f"## Dataset `{dataset}`", "", claims_markdown(table)]
+    return "\n".join(out) + "\n"
 
 
 def study_markdown(
-    study: str, st: pd.DataFrame, setting: str, figures: dict[str, list[tuple[str, str]]]
+    study: str, setting: str, baseline: str, datasets: dict[str, DatasetReport]
 ) -> str:
-    """The Markdown report of one study: per dataset, the metric tables, the published numbers
-    beside ours, the published directions checked on ours, and the figures.
-
-    `st` is `stats_table` restricted to the study; `figures` maps dataset -> [(title, path)]
-    with paths relative to the Markdown file."""
+    """The Markdown report of one study: per dataset, the metric tables, the paired
+    differences against `baseline`, the published numbers beside ours, the published claims
+    checked on ours, domain specialisation, and the figures (paths relative to the file)."""
     out = [
         f"# Study `{study}`",
         "",
-        "Mean ± 95% confidence interval over seeds (Student t with n-1 degrees of freedom; "
-        "n = seeds). Generated by `moebench aggregate` from `results/runs/"
-        f"{study}/`.",
+        f"{STATS_NOTE} Generated by `moebench aggregate` from `results/runs/{study}/`.",
         "",
         setting,
     ]
-    for dataset, part in st.groupby("dataset", sort=True):
+    for dataset, rep in datasets.items():
         out += [
             "",
             f"## Dataset `{dataset}`",
             "",
             "### Quality and balance",
             "",
-            _metric_table(part, QUALITY),
+            _metric_table(rep.stats, QUALITY),
             "",
             "### Communication (modeled, dedup dispatcher)",
             "",
-            _metric_table(part, SYSTEM),
+            _metric_table(rep.stats, SYSTEM),
         ]
-        published = _published_table(part)
-        if published:
+        if len(rep.paired):
             out += [
                 "",
-                "### Published numbers beside ours",
+                f"### Paired differences against `{baseline}`",
                 "",
-                "The published models are orders of magnitude larger and trained on orders "
-                "of magnitude more tokens: compare directions and gaps, not values.",
+                PAIRED_NOTE,
                 "",
-                published,
+                paired_markdown(rep.paired),
             ]
-        directions = _directions_table(part)
-        if directions:
-            out += ["", "### Published directions, checked on ours", "", directions]
-        if figures.get(dataset):
+        published = published_markdown(rep.stats, rep.compare_to)
+        if published:
+            out += ["", "### Published numbers beside ours", "", published]
+        if rep.compare_to:
+            out += [
+                "",
+                "### Published claims, checked on ours",
+                "",
+                CLAIMS_NOTE,
+                "",
+                claims_markdown(rep.claims),
+            ]
+        if rep.specialisation is not None:
+            out += [
+                "",
+                "### Domain specialisation",
+                "",
+                "I(domain; expert) in bits per routed assignment, per MoE layer (0 = experts "
+                "ignore the domain); mean ± 95% CI over seeds. See docs/statistics.md.",
+                "",
+                specialisation_markdown(rep.specialisation),
+            ]
+        if rep.figures:
             out += ["", "### Figures", ""]
-            out += [f"![{title}]({path})" for title, path in figures[dataset]]
+            out += [f"![{title}]({path})" for title, path in rep.figures]
     return "\n".join(out) + "\n"
