@@ -207,6 +207,7 @@ class TrainConfig(Strict):
     trace_tokens: int = Field(4096, ge=1, description="validation tokens in routing_trace")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(1, ge=1, description="torch CPU threads (1 = bitwise reproducible)")
+    compile: bool = Field(False, description="torch.compile the dense parts (CUDA training)")
 
 
 class TrackingConfig(Strict):

@@ -218,13 +218,15 @@ def load_settings(runs: list[Path]) -> pd.DataFrame:
     for run in runs:
         cfg = yaml.safe_load((run / "config.resolved.yaml").read_text())
         knobs = balance_knobs(cfg)
-        router = cfg["router"]
+        router, topo = cfg["router"], cfg["topology"]
+        groups = {"none": 1, "node": topo["num_nodes"],
+                  "device": topo["num_nodes"] * topo["gpus_per_node"]}[router["limit"]]
         rows.append(
             {k: cfg[k] for k in IDENTITY}
             | {
                 "score_fn": router["score_fn"],
                 "limit": router["limit"],
-                "group_limit": int(router["group_limit"]),
+                "group_limit": int(router["group_limit"] or groups),  # unset: no limit, M = G
                 "knobs": ", ".join(f"{k}={v:g}" for k, v in knobs.items()),
                 "knob_value": next(iter(knobs.values()), 0.0),
                 "family": " ".join([router["score_fn"], router["limit"], *knobs]),

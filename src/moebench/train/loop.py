@@ -244,6 +244,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model_cfg = cfg.transformer_config(run.train_data.vocab_size)
         self.model = MoETransformer(model_cfg).to(self.device)
+        if cfg.train.compile and self.device.type == "cuda":
+            self.model.compile_dense()
         total, active = self.model.param_counts()  # the whole model, before any sharding
         if self.par is not None:
             self.model.shard_experts(self.par.ep)
