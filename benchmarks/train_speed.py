@@ -105,6 +105,8 @@ def main() -> None:
     ap.add_argument("--plan", choices=("single", "scaling", "all"), default="all",
                     help="single: 1-GPU runs of every code; scaling: 1 vs 2 GPUs of --scale-code")
     ap.add_argument("--scale-code", default="new", choices=("new", "compile"))
+    ap.add_argument("--codes", default="baseline,new,compile", help="codes of the single plan")
+    ap.add_argument("--concurrent", type=int, default=3, help="runs sharing one GPU (study)")
     args = ap.parse_args()
     gpus = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda."
                                "device_count())"], capture_output=True, text=True).stdout)
@@ -115,15 +117,16 @@ def main() -> None:
     batch = {m: MODELS[m]["train"]["batch_size"] for m in models}
     plan: list[tuple[str, str, int, int, int]] = []  # model, code, gpus, batch, concurrent
     if args.plan in ("single", "all"):
-        plan += [(m, code, 1, batch[m], 1) for m in models for code in codes]
+        chosen = [c for c in args.codes.split(",") if c in codes]
+        plan += [(m, code, 1, batch[m], 1) for m in models for code in chosen]
         if "study" in models:
-            plan.append(("study", "compile", 1, 2 * batch["study"], 1))
+            plan += [("study", "compile", 1, 2 * batch["study"], c) for c in (1, args.concurrent)]
     if args.plan in ("scaling", "all") and gpus >= 2:
         code = args.scale_code
         plan += [(m, code, g, b, 1) for m in models
                  for g, b in ((1, batch[m]), (2, batch[m]), (2, 2 * batch[m]))]
         if "study" in models:
-            plan.append(("study", code, 1, batch["study"], 3))
+            plan.append(("study", code, 1, batch["study"], args.concurrent))
     rows = []
     for model, code, n_gpus, batch, concurrent in plan:
         name = f"{model}-{code}-g{n_gpus}-b{batch}-c{concurrent}"
