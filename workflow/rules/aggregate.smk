@@ -1,4 +1,4 @@
-# Aggregation: every run directory -> summary.parquet (pandera-checked), this study's
+# Aggregation: the study's run directories -> its summary (pandera-checked), its
 # tables (mean and 95% CI over seeds, published numbers beside ours) and figures; logged to
 # the study's MLflow parent run.
 
@@ -6,9 +6,9 @@
 rule aggregate:
     input:
         unpack(tracking_inputs),
-        runs=run_files(("summary.json", "metrics.jsonl", "config.resolved.yaml", *COMM_FILES)),
+        runs=run_files(paths.RUN_FILES),
     output:
-        summary=str(paths.summary_file()),
+        summary=str(paths.summary_file(STUDY_NAME)),
         md=str(paths.table_file(STUDY_NAME, "md")),
         csv=report(
             str(paths.table_file(STUDY_NAME, "csv")),
@@ -38,9 +38,9 @@ rule aggregate:
     params:
         study=STUDY_FILE,
     log:
-        f"work/logs/{STUDY_NAME}/aggregate.log",
+        str(paths.log_file(STUDY_NAME, "aggregate")),
     localrule: True
     conda:
         ENV
     shell:
-        "moebench aggregate --study {params.study} > {log} 2>&1"
+        "{MOEBENCH} aggregate --study {params.study} --results {OUT} > {log} 2>&1"

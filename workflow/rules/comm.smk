@@ -11,11 +11,11 @@ rule comm:
         out=parent_dir,
         settings=comm_args(),
     log:
-        "work/logs/{study}/comm/{dataset}/{strategy}/seed~{seed}.log",
+        log_of("comm/{dataset}/{strategy}/seed~{seed}"),
     threads: STUDY.resources.comm.threads
     resources:
         **resources_of("comm"),
     conda:
         ENV
     shell:
-        "moebench comm --trace {input.trace} --out {params.out} {params.settings} > {log} 2>&1"
+        "{MOEBENCH} comm --trace {input.trace} --out {params.out} {params.settings} > {log} 2>&1"

@@ -2,8 +2,10 @@
 import hashlib
 import json
 import re
+import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -30,6 +32,11 @@ TRACKING = STUDY.tracking.uri is not None
 # The validated study as the rules' `moebench` calls read it (configfile + --config).
 STUDY_FILE = str(write_study_copy(STUDY))
 ENV = "../../environment.yml"
+# The rules run the moebench of the interpreter running Snakemake (no activated venv needed;
+# SLURM jobs re-run this interpreter), writing under the output root ($MOEBENCH_OUT or work).
+PYTHON = shlex.quote(sys.executable)
+MOEBENCH = f"{PYTHON} -m moebench"
+OUT = str(paths.OUT)
 
 
 wildcard_constraints:
@@ -40,24 +47,18 @@ wildcard_constraints:
 
 
 W = ("{study}", "{dataset}", "{strategy}", "{seed}")
-TRAIN_FILES = (
-    "config.resolved.yaml",
-    "metrics.jsonl",
-    "timing.jsonl",
-    "summary.json",
-    "routing_trace.parquet",
-)
 COMM_FILES = ("comm.parquet", "comm.json")
+TRAIN_FILES = tuple(f for f in paths.RUN_FILES if f not in COMM_FILES)
 DATA_FILES = ("train.bin", "val.bin", "manifest.json", "tokenizer.json")
 
 
 def run_patterns(names) -> list[str]:
-    """`names` in the run directory pattern results/runs/{study}/{dataset}/{strategy}/seed~{seed}."""
+    """`names` in the run directory pattern <out>/runs/{study}/{dataset}/{strategy}/seed~{seed}."""
     return [str(paths.run_dir(*W) / name) for name in names]
 
 
 def data_patterns() -> list[str]:
-    """The token files of the data directory pattern work/data/{study}/{dataset}."""
+    """The token files of the data directory pattern <out>/data/{study}/{dataset}."""
     return [str(paths.data_dir("{study}", "{dataset}") / name) for name in DATA_FILES]
 
 
@@ -140,19 +141,18 @@ def train_launcher(wildcards, resources) -> str:
     if tasks == 1:
         return ""
     srun = f"{resources.mpi} -n {tasks} --kill-on-bad-exit=1"
-    torchrun = f"torchrun --no-python --standalone --nproc-per-node {tasks}"
+    torchrun = f"{PYTHON} -m torch.distributed.run --no-python --standalone --nproc-per-node {tasks}"
     return f'$(if [ -n "${{SLURM_JOB_ID:-}}" ]; then echo "{srun}"; else echo "{torchrun}"; fi)'
+
+
+def log_of(step: str) -> str:
+    """Log file pattern of a rule's job (`step`: the rule name and the job's sub-path)."""
+    return str(paths.log_file("{study}", step))
 
 
 def run_files(names) -> list[str]:
     """`names` in every run directory of the study grid."""
-    return [
-        str(paths.run_dir(STUDY_NAME, d, s, n) / f)
-        for d in DATASETS
-        for s in STRATEGIES
-        for n in SEEDS
-        for f in names
-    ]
+    return [str(paths.run_dir(STUDY_NAME, d, s, n) / f) for d, s, n in STUDY.grid() for f in names]
 
 
 def slurm_partition_problem() -> str | None:

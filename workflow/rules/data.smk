@@ -8,12 +8,12 @@ rule data_config:
         study=STUDY_FILE,
         digest=data_digest,
     log:
-        "work/logs/{study}/data_config/{dataset}.log",
+        log_of("data_config/{dataset}"),
     localrule: True
     conda:
         ENV
     shell:
-        "moebench resolve --study {params.study} --dataset {wildcards.dataset}"
+        "{MOEBENCH} resolve --study {params.study} --dataset {wildcards.dataset}"
         " --out {output} > {log} 2>&1"
 
 
@@ -25,11 +25,11 @@ rule data:
     params:
         out=parent_dir,
     log:
-        "work/logs/{study}/data/{dataset}.log",
+        log_of("data/{dataset}"),
     threads: STUDY.resources.data.threads
     resources:
         **resources_of("data"),
     conda:
         ENV
     shell:
-        "moebench data --config {input} --out {params.out} > {log} 2>&1"
+        "{MOEBENCH} data --config {input} --out {params.out} > {log} 2>&1"

@@ -6,11 +6,11 @@ rule kernels:
     output:
         str(paths.kernels_file("{study}")),
     log:
-        "work/logs/{study}/kernels.log",
+        log_of("kernels"),
     threads: STUDY.resources.kernels.threads
     resources:
         **resources_of("kernels"),
     conda:
         ENV
     shell:
-        "moebench kernels --out {output} > {log} 2>&1"
+        "{MOEBENCH} kernels --out {output} > {log} 2>&1"

@@ -10,12 +10,12 @@ rule mlflow_init:
         uri=STUDY.tracking.uri,
         experiment=STUDY.experiment,
     log:
-        "work/logs/{study}/mlflow_init.log",
+        log_of("mlflow_init"),
     localrule: True
     conda:
         ENV
     shell:
-        "moebench mlflow-init --study {params.study} --out {output} > {log} 2>&1"
+        "{MOEBENCH} mlflow-init --study {params.study} --out {output} > {log} 2>&1"
 
 
 rule resolve:
@@ -25,12 +25,12 @@ rule resolve:
         study=STUDY_FILE,
         digest=run_digest,
     log:
-        "work/logs/{study}/resolve/{dataset}/{strategy}/seed~{seed}.log",
+        log_of("resolve/{dataset}/{strategy}/seed~{seed}"),
     localrule: True
     conda:
         ENV
     shell:
-        "moebench resolve --study {params.study} --dataset {wildcards.dataset}"
+        "{MOEBENCH} resolve --study {params.study} --dataset {wildcards.dataset}"
         " --strategy {wildcards.strategy} --seed {wildcards.seed} --out {output} > {log} 2>&1"
 
 
@@ -49,14 +49,14 @@ rule train:
         parent=parent_run_arg,
         launch=train_launcher,
     log:
-        "work/logs/{study}/train/{dataset}/{strategy}/seed~{seed}.log",
+        log_of("train/{dataset}/{strategy}/seed~{seed}"),
     benchmark:
-        "work/benchmarks/{study}/train/{dataset}/{strategy}/seed~{seed}.tsv"
+        str(paths.benchmark_file("{study}", "train/{dataset}/{strategy}/seed~{seed}"))
     threads: STUDY.resources.train.threads * STUDY.resources.train.tasks
     resources:
         **resources_of("train"),
     conda:
         ENV
     shell:
-        "{params.launch} moebench train --config {input.config} --out {params.out} --ckpt-dir {params.ckpt}"
+        "{params.launch} {MOEBENCH} train --config {input.config} --out {params.out} --ckpt-dir {params.ckpt}"
         " {params.parent} > {log} 2>&1"

@@ -1,7 +1,7 @@
-"""`moebench aggregate`: run directories -> summary.parquet (every run of every study under
-results/runs, pandera-validated) -> per-study tables (Markdown with published numbers, CSV)
-and figures. Needs only `results/`, so every table regenerates without training; the same
-run directories always give the same bytes (sorted rows, no timestamps)."""
+"""`moebench aggregate`: one study's run directories -> its summary (Parquet, pandera-validated)
+-> its tables (Markdown with published numbers, CSV) and figures. Needs only the run
+directories, so every table regenerates without training; the same run directories always
+give the same bytes (sorted rows, no timestamps)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import yaml
 
 from moebench.io import remove_temporaries, write_parquet, write_text
 from moebench.report import figures
-from moebench.report.paths import FIGURES, RESULTS, figure_file, summary_file, table_file
-from moebench.report.summary import collect, find_runs, load_curves, load_matrices
+from moebench.report.paths import FIGURES, OUT, figure_file, summary_file, table_file
+from moebench.report.summary import collect, load_curves, load_matrices
 from moebench.report.tables import stats_table, study_markdown
 
 FIGURE_TITLES = dict(
@@ -75,35 +75,22 @@ def _draw(
     return links
 
 
-def aggregate(
-    root: Path = RESULTS, studies: list[str] | None = None
-) -> tuple[pd.DataFrame, list[Path]]:
-    """Write summary.parquet (all runs) and the tables and figures of `studies` (default: all
-    studies found); return the summary frame and the paths written."""
-    runs = find_runs(root)
+def aggregate(study: str, runs: list[Path], root: Path = OUT) -> tuple[pd.DataFrame, list[Path]]:
+    """Write the summary, tables and figures of `study` from its run directories `runs`
+    under `root`; return the summary frame and the paths written."""
     df = collect(runs)
-    write_parquet(summary_file(root), pa.Table.from_pandas(df, preserve_index=False))
-    written = [summary_file(root)]
-    found = sorted(set(df["study"]))
-    selected = found if studies is None else studies
-    missing = sorted(set(selected) - set(found))
-    if missing:
-        raise ValueError(f"no complete runs of the studies {missing} (found: {found})")
-    st_all = stats_table(df)
-    for study in selected:
-        study_runs = [r for r in runs if r.parts[-4] == study]
-        s_df = df[df["study"] == study]
-        st = st_all[st_all["study"] == study].reset_index(drop=True)
-        links = _draw(study, study_runs, s_df, st, root)
-        md = study_markdown(study, st, setting_line(study_runs[0]), links)
-        write_text(table_file(study, "md", root), md)
-        write_text(table_file(study, "csv", root), st.to_csv(index=False, float_format="%.6g"))
-        written += [table_file(study, "md", root), table_file(study, "csv", root)]
-        written += [
-            figure_file(study, d, n, root)
-            for d in sorted(set(s_df["dataset"]))
-            for n in FIGURE_TITLES
-        ]
+    others = sorted(set(df["study"]) - {study})
+    if others:
+        raise ValueError(f"runs of other studies {others} given to aggregate study {study!r}")
+    st = stats_table(df)
+    links = _draw(study, runs, df, st, root)
+    md = study_markdown(study, st, setting_line(runs[0]), links)
+    write_parquet(summary_file(study, root), pa.Table.from_pandas(df, preserve_index=False))
+    write_text(table_file(study, "md", root), md)
+    write_text(table_file(study, "csv", root), st.to_csv(index=False, float_format="%.6g"))
+    written = [summary_file(study, root), table_file(study, "md", root)]
+    written += [table_file(study, "csv", root)]
+    written += [figure_file(study, d, n, root) for d in sorted(set(df["dataset"])) for n in FIGURES]
     for folder in {p.parent for p in written}:  # left by a killed earlier aggregation
         remove_temporaries(folder, [p.name for p in written if p.parent == folder])
     return df, written

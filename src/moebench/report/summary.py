@@ -1,7 +1,7 @@
 """One row per run: read `summary.json` + `comm.json` of every run directory, check the rows
 against a pandera schema, and load the per-step curves of `metrics.jsonl`.
 
-Run directories follow the contract `results/runs/<study>/<dataset>/<strategy>/seed~<n>/`;
+Run directories follow the contract `<root>/runs/<study>/<dataset>/<strategy>/seed~<n>/`;
 the identity columns come from `summary.json` and must agree with the path."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
-from moebench.report.paths import RESULTS, SEED_PREFIX
+from moebench.report.paths import OUT, SEED_PREFIX
 
 IDENTITY = ("study", "dataset", "strategy", "seed")
 SUMMARY_FIELDS = (
@@ -107,7 +107,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return obj
 
 
-def find_runs(root: Path = RESULTS, studies: list[str] | None = None) -> list[Path]:
+def find_runs(root: Path = OUT, studies: list[str] | None = None) -> list[Path]:
     """Complete run directories (summary.json and comm.json present), sorted by path."""
     runs = sorted((root / "runs").glob(f"*/*/*/{SEED_PREFIX}*"))
     return [
