@@ -37,10 +37,11 @@ rule aggregate:
         ),
     params:
         study=STUDY_FILE,
+        results=lambda w, output: str(Path(output.summary).parents[1]),  # <root>/tables/x
     log:
         str(paths.log_file(STUDY_NAME, "aggregate")),
     localrule: True
     conda:
         ENV
     shell:
-        "{MOEBENCH} aggregate --study {params.study} --results {OUT} > {log} 2>&1"
+        "moebench aggregate --study {params.study} --results {params.results} > {log} 2>&1"

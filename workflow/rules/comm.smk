@@ -18,4 +18,4 @@ rule comm:
     conda:
         ENV
     shell:
-        "{MOEBENCH} comm --trace {input.trace} --out {params.out} {params.settings} > {log} 2>&1"
+        "moebench comm --trace {input.trace} --out {params.out} {params.settings} > {log} 2>&1"

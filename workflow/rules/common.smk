@@ -26,17 +26,13 @@ except ValueError as err:
 
 STUDY_NAME = STUDY.study
 DATASETS = sorted(STUDY.datasets)
-STRATEGIES = sorted(STUDY.strategies)
-SEEDS = sorted(STUDY.seeds)
 TRACKING = STUDY.tracking.uri is not None
 # The validated study as the rules' `moebench` calls read it (configfile + --config).
 STUDY_FILE = str(write_study_copy(STUDY))
 ENV = "../../environment.yml"
-# The rules run the moebench of the interpreter running Snakemake (no activated venv needed;
-# SLURM jobs re-run this interpreter), writing under the output root ($MOEBENCH_OUT or work).
-PYTHON = shlex.quote(sys.executable)
-MOEBENCH = f"{PYTHON} -m moebench"
-OUT = str(paths.OUT)
+# Jobs run the tools installed beside the interpreter running Snakemake (moebench, torchrun),
+# locally and in SLURM jobs (srun passes PATH on): no activated environment needed.
+shell.prefix(f"set -euo pipefail; export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH; ")
 
 
 wildcard_constraints:
@@ -141,7 +137,7 @@ def train_launcher(wildcards, resources) -> str:
     if tasks == 1:
         return ""
     srun = f"{resources.mpi} -n {tasks} --kill-on-bad-exit=1"
-    torchrun = f"{PYTHON} -m torch.distributed.run --no-python --standalone --nproc-per-node {tasks}"
+    torchrun = f"torchrun --no-python --standalone --nproc-per-node {tasks}"
     return f'$(if [ -n "${{SLURM_JOB_ID:-}}" ]; then echo "{srun}"; else echo "{torchrun}"; fi)'
 
 

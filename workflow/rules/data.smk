@@ -13,7 +13,7 @@ rule data_config:
     conda:
         ENV
     shell:
-        "{MOEBENCH} resolve --study {params.study} --dataset {wildcards.dataset}"
+        "moebench resolve --study {params.study} --dataset {wildcards.dataset}"
         " --out {output} > {log} 2>&1"
 
 
@@ -32,4 +32,4 @@ rule data:
     conda:
         ENV
     shell:
-        "{MOEBENCH} data --config {input} --out {params.out} > {log} 2>&1"
+        "moebench data --config {input} --out {params.out} > {log} 2>&1"

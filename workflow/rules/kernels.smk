@@ -13,4 +13,4 @@ rule kernels:
     conda:
         ENV
     shell:
-        "{MOEBENCH} kernels --out {output} > {log} 2>&1"
+        "moebench kernels --out {output} > {log} 2>&1"

@@ -15,7 +15,7 @@ rule mlflow_init:
     conda:
         ENV
     shell:
-        "{MOEBENCH} mlflow-init --study {params.study} --out {output} > {log} 2>&1"
+        "moebench mlflow-init --study {params.study} --out {output} > {log} 2>&1"
 
 
 rule resolve:
@@ -30,7 +30,7 @@ rule resolve:
     conda:
         ENV
     shell:
-        "{MOEBENCH} resolve --study {params.study} --dataset {wildcards.dataset}"
+        "moebench resolve --study {params.study} --dataset {wildcards.dataset}"
         " --strategy {wildcards.strategy} --seed {wildcards.seed} --out {output} > {log} 2>&1"
 
 
@@ -58,5 +58,5 @@ rule train:
     conda:
         ENV
     shell:
-        "{params.launch} {MOEBENCH} train --config {input.config} --out {params.out} --ckpt-dir {params.ckpt}"
+        "{params.launch} moebench train --config {input.config} --out {params.out} --ckpt-dir {params.ckpt}"
         " {params.parent} > {log} 2>&1"
