@@ -140,7 +140,7 @@ def results(tmp_path: Path) -> Path:
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame, list[Path]]:
     """Synthetic run directories aggregated once (read-only for the tests)."""
     root = write_runs(tmp_path_factory.mktemp("built"))
-    df, written = aggregate(root, None, {"syn": make_study().report})
+    df, written = aggregate("syn", find_runs(root), root, make_study().report)
     return root, df, written
 
 
@@ -148,7 +148,7 @@ def test_summary_has_one_validated_row_per_run(
     built: tuple[Path, pd.DataFrame, list[Path]],
 ) -> None:
     results, df, written = built
-    table = pd.read_parquet(paths.summary_file(results))
+    table = pd.read_parquet(paths.summary_file("syn", results))
     assert list(table.columns) == list(COLUMNS)
     assert len(table) == 9
     SUMMARY_SCHEMA.validate(table)
@@ -239,22 +239,22 @@ def test_rebuild_gives_identical_bytes(built: tuple[Path, pd.DataFrame, list[Pat
     first = {p: p.read_bytes() for p in written}
     for p in written:
         p.unlink()
-    aggregate(results, None, {"syn": make_study().report})
+    aggregate("syn", find_runs(results), results, make_study().report)
     assert {p: p.read_bytes() for p in written} == first
 
 
-def test_summary_covers_all_studies_tables_only_the_selected(results: Path) -> None:
+def test_aggregate_reads_and_writes_only_its_study(results: Path) -> None:
     other = make_study("other", seeds=(0,))
     write_run(results, other, "aux_free", 0, domains=False)
-    df, _ = aggregate(results, ["other"])
-    assert sorted(set(df["study"])) == ["other", "syn"]
-    assert paths.table_file("other", "md", results).is_file()
+    df, _ = aggregate("other", find_runs(results, ["other"]), results)
+    assert sorted(set(df["study"])) == ["other"]
+    assert paths.summary_file("other", results).is_file()
     assert not paths.table_file("syn", "md", results).exists()
     md = paths.table_file("other", "md", results).read_text()
     assert re.search(r"\| aux_free\s+\|\s+1 \|", md)  # one seed: no CI
     assert "domain_share" not in md  # no specialisation figure without load_by_domain
-    with pytest.raises(ValueError, match="no complete runs of the studies \\['missing'\\]"):
-        aggregate(results, ["missing"])
+    with pytest.raises(ValueError, match="runs of other studies \\['syn'\\]"):
+        aggregate("other", find_runs(results), results)
 
 
 def test_incomplete_run_is_skipped(results: Path) -> None:
@@ -277,8 +277,8 @@ def test_schema_refuses_bad_rows(results: Path, field: str, value: float, messag
     summary[field] = value
     write_json(path, summary)
     with pytest.raises(ValueError, match=message):
-        aggregate(results)
-    assert not paths.summary_file(results).exists()
+        aggregate("syn", find_runs(results), results)
+    assert not paths.summary_file("syn", results).exists()
 
 
 def test_mislabelled_or_incomplete_summary_is_refused(results: Path) -> None:
@@ -286,11 +286,11 @@ def test_mislabelled_or_incomplete_summary_is_refused(results: Path) -> None:
     summary = json.loads(path.read_text())
     write_json(path, summary | {"strategy": "aux_free"})
     with pytest.raises(ValueError, match="strategy='aux_free' disagrees with its directory"):
-        aggregate(results)
+        aggregate("syn", find_runs(results), results)
     del summary["val_loss"]
     write_json(path, summary)
     with pytest.raises(ValueError, match="lacks the fields \\['val_loss'\\]"):
-        aggregate(results)
+        aggregate("syn", find_runs(results), results)
 
 
 def test_aggregate_and_where_commands(tmp_path: Path) -> None:
@@ -305,9 +305,11 @@ def test_aggregate_and_where_commands(tmp_path: Path) -> None:
     assert where.exit_code == 0, where.output
     assert str(paths.table_file("syn", "md", results)) in where.output
     assert "MLflow: disabled" in where.output
-    bad = runner.invoke(app, ["aggregate", "--results", str(tmp_path / "empty")])
+    bad = runner.invoke(
+        app, ["aggregate", "--results", str(tmp_path / "empty"), "--study", str(study_file)]
+    )
     assert bad.exit_code == 2
-    assert "no complete run directories" in bad.output
+    assert "unfinished runs of study 'syn'" in bad.output
 
 
 @pytest.mark.parametrize(
@@ -334,5 +336,5 @@ def test_malformed_domain_loads_are_refused_before_writing(results: Path) -> Non
     summary["load_by_domain"]["code"] = [[1, 2, 3]]  # other domains: 2 layers x 16 experts
     write_json(path, summary)
     with pytest.raises(ValueError, match=re.escape("seed~1/summary.json: load_by_domain must be")):
-        aggregate(results)
-    assert not paths.summary_file(results).exists()
+        aggregate("syn", find_runs(results), results)
+    assert not paths.summary_file("syn", results).exists()

@@ -64,7 +64,7 @@ def run_traces(runs: Path) -> list[tuple[str, str, int, Path]]:
     if not found:
         raise ValueError(
             f"runs={runs} holds no <dataset>/<strategy>/seed~<n>/routing_trace.parquet; "
-            "allowed: a study's run folder, e.g. results/runs/default"
+            "allowed: a study's run folder, e.g. work/runs/default"
         )
     return found
 

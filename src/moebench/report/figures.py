@@ -81,6 +81,8 @@ def maxvio_curves(curves: pd.DataFrame, path: Path, smooth: int = 5) -> None:
         by_seed = curves[curves["strategy"] == strategy].pivot_table(
             index="step", columns="seed", values="maxvio_batch"
         )
+        if by_seed.empty:  # a dense model has no expert load
+            continue
         smoothed = by_seed.rolling(smooth, center=True, min_periods=1).mean().to_numpy()
         mean, half = np.array([mean_ci95(row) for row in smoothed]).T
         c = colors[strategy]

@@ -1,7 +1,7 @@
 """One row per run: read `summary.json` + `comm.json` of every run directory, check the rows
 against a pandera schema, and load the per-step curves of `metrics.jsonl`.
 
-Run directories follow the contract `results/runs/<study>/<dataset>/<strategy>/seed~<n>/`;
+Run directories follow the contract `<root>/runs/<study>/<dataset>/<strategy>/seed~<n>/`;
 the identity columns come from `summary.json` and must agree with the path."""
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import pandas as pd
 import pandera.pandas as pa
 import yaml
 
+from moebench.config import RunConfig
 from moebench.report.domains import domain_loads
-from moebench.report.paths import RESULTS, SEED_PREFIX
+from moebench.report.paths import OUT, SEED_PREFIX
 
 IDENTITY = ("study", "dataset", "strategy", "seed")
 SUMMARY_FIELDS = (
@@ -111,7 +112,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return obj
 
 
-def find_runs(root: Path = RESULTS, studies: list[str] | None = None) -> list[Path]:
+def find_runs(root: Path = OUT, studies: list[str] | None = None) -> list[Path]:
     """Complete run directories (summary.json and comm.json present), sorted by path."""
     runs = sorted((root / "runs").glob(f"*/*/*/{SEED_PREFIX}*"))
     return [
@@ -218,15 +219,14 @@ def load_settings(runs: list[Path]) -> pd.DataFrame:
     for run in runs:
         cfg = yaml.safe_load((run / "config.resolved.yaml").read_text())
         knobs = balance_knobs(cfg)
-        router, topo = cfg["router"], cfg["topology"]
-        groups = {"none": 1, "node": topo["num_nodes"],
-                  "device": topo["num_nodes"] * topo["gpus_per_node"]}[router["limit"]]
+        router = cfg["router"]
+        groups = RunConfig.model_validate(cfg).num_groups  # an unset M is every group
         rows.append(
             {k: cfg[k] for k in IDENTITY}
             | {
                 "score_fn": router["score_fn"],
                 "limit": router["limit"],
-                "group_limit": int(router["group_limit"] or groups),  # unset: no limit, M = G
+                "group_limit": int(router["group_limit"] or groups),
                 "knobs": ", ".join(f"{k}={v:g}" for k, v in knobs.items()),
                 "knob_value": next(iter(knobs.values()), 0.0),
                 "family": " ".join([router["score_fn"], router["limit"], *knobs]),

@@ -159,8 +159,10 @@ def lr_at(step: int, cfg: RunConfig) -> float:
 
 
 def default_ckpt_dir(cfg: RunConfig) -> Path:
-    """work/ckpt/<study>/<dataset>/<strategy>/seed~<n> (the run directory's sub-path)."""
-    return Path("work/ckpt") / cfg.study / cfg.dataset / cfg.strategy / f"seed~{cfg.seed}"
+    """<output root>/ckpt/<study>/<dataset>/<strategy>/seed~<n> (the run's sub-path)."""
+    from moebench.report.paths import ckpt_dir
+
+    return ckpt_dir(cfg.study, cfg.dataset, cfg.strategy, cfg.seed)
 
 
 def _dumps(record: dict[str, Any]) -> str:
