@@ -185,10 +185,13 @@ def test_placement_cli(tmp_path) -> None:
     [
         (["--redundant", "0,-1"], "--redundant='0,-1' is invalid"),
         (["--runs", "nowhere"], "runs=nowhere holds no"),
+        (["--redundant", "3"], "redundant=3 is invalid; allowed: R >= 0 with E + R = 8 + R"),
     ],
 )
 def test_placement_cli_rejects_bad_input(tmp_path, args: list[str], message: str) -> None:
-    base = {"--runs": str(tmp_path), "--out": str(tmp_path / "p.parquet")}
+    _write_run(tmp_path / "runs", "skewed", 0, "none")  # any R fits (one group)
+    _write_run(tmp_path / "runs", "node_limited", 0, "node")  # needs 2 | 8 + R
+    base = {"--runs": str(tmp_path / "runs"), "--out": str(tmp_path / "p.parquet")}
     for i in range(0, len(args), 2):
         base[args[i]] = args[i + 1]
     result = CliRunner().invoke(app, ["placement", *[x for kv in base.items() for x in kv]])

@@ -183,15 +183,11 @@ def eplb(
         raise ValueError(
             f"num_groups={num_groups} is invalid; allowed: a divisor of num_experts={E}"
         )
+    check_redundant(redundant, E, num_nodes, num_groups)
     if num_groups % num_nodes:  # EPLB's global policy
         num_groups, N, G = 1, 1, num_nodes * gpus_per_node
     else:
         N, G = num_nodes, gpus_per_node
-    if redundant < 0 or (E + redundant) % N:
-        raise ValueError(
-            f"redundant={redundant} is invalid; allowed: R >= 0 with E + R = {E} + R a "
-            f"multiple of {N} nodes"
-        )
     S = slots_per_gpu(E, redundant, N * G)
     group_size, groups_per_node, per_node = E // num_groups, num_groups // N, E // N
     # 1. groups onto nodes; node n's experts, in order: its groups by rank, each contiguous
@@ -249,6 +245,17 @@ def improve(
         if not moved:
             break
     return Placement(e_P, r_P, start.num_experts, start.num_nodes, start.gpus_per_node)
+
+
+def check_redundant(redundant: int, num_experts: int, num_nodes: int, num_groups: int) -> None:
+    """ValueError naming R unless every rule can place E + R replicas: R >= 0 and, when the
+    groups sit on nodes (EPLB's hierarchical policy: (E + R) / N replicas per node), N | E + R."""
+    N = num_nodes if num_groups % num_nodes == 0 else 1
+    if redundant < 0 or (num_experts + redundant) % N:
+        raise ValueError(
+            f"redundant={redundant} is invalid; allowed: R >= 0 with E + R = {num_experts} + R "
+            f"a multiple of {N} (nodes holding the {num_groups} expert groups)"
+        )
 
 
 def group_aligned(num_groups: int, num_nodes: int) -> bool:
@@ -326,6 +333,8 @@ def fit_and_judge(
     T = experts_LTK.shape[1]
     if T < 2:
         raise ValueError(f"trace has T={T} tokens; allowed: T >= 2 (half to fit, half to judge)")
+    for r in redundant:
+        check_redundant(r, num_experts, num_nodes, num_groups)
     rows = []
     for layer, experts_TK in enumerate(experts_LTK):
         fit_TK, test_TK = experts_TK[: T // 2], experts_TK[T // 2 :]
