@@ -61,6 +61,15 @@ def test_contiguous_is_the_runs_layout() -> None:
     np.testing.assert_array_equal(p.expert_of_slot, [0, 1, -1, 2, 3, -1, 4, 5, -1, 6, 7, -1])
 
 
+def test_layout_of_a_placement_without_replicas() -> None:
+    p = eplb(np.array(EPLB_WEIGHT[0]), 0, num_groups=4, num_nodes=2, gpus_per_node=3)
+    device_E = p.layout().device_of_expert.numpy()
+    gpu_P = np.arange(len(p.expert_of_slot)) // p.slots_per_gpu
+    np.testing.assert_array_equal(device_E[p.expert_of_slot], gpu_P)
+    with pytest.raises(ValueError, match="allowed: R = 0"):
+        eplb(np.array(EPLB_WEIGHT[0]), 6, 4, 2, 3).layout()
+
+
 def test_placement_rejects_a_missing_expert() -> None:
     with pytest.raises(ValueError, match=r"experts \[1\] have no replica"):
         Placement(np.array([0, 0]), np.array([0, 1]), 2, 1, 1)

@@ -7,7 +7,7 @@ experts: slot p lives on GPU p // S (node-major, as `Layout`), holds replica
 replicas, ranked 0..m_e-1; R = sum(m_e) - E redundant ones; S = ceil((E + R) / D).
 
 Replica choice rule (per token, stated because the accounting depends on it): round robin
-in trace order; the j-th (token, slot) pair routed to expert e (j = 0, 1, ...) goes to its
+in trace order; the j-th (token, k) pair routed to expert e (j = 0, 1, ...) goes to its
 replica of rank j mod m_e. So a replica of rank r carries floor(L_e / m_e) + [r < L_e mod
 m_e] of the expert's L_e pairs, exactly, and the fitted loads follow from the placement.
 
@@ -41,6 +41,7 @@ import numpy as np
 
 from moebench.comm.accounting import summarize, token_stats, traffic
 from moebench.comm.topology import Topology
+from moebench.routing import Layout
 
 RULES = ("contiguous", "eplb", "search")
 MAX_MOVES = 100_000  # bound on local-search moves per start (each strictly improves)
@@ -99,7 +100,7 @@ class Placement:
         return self.slot_loads(load_E).reshape(self.num_devices, -1).sum(1)
 
     def assign(self, experts_TK: np.ndarray) -> np.ndarray:
-        """int64 [T, K]: the slot serving each (token, slot) pair, by the round-robin rule."""
+        """int64 [T, K]: the slot serving each (token, k) pair, by the round-robin rule."""
         flat = np.asarray(experts_TK, np.int64).ravel()
         E = self.num_experts
         order = np.argsort(flat, kind="stable")
@@ -111,6 +112,21 @@ class Placement:
         table = np.zeros((E, m_E.max()), np.int64)  # table[e, r] = slot of replica r of e
         table[self.expert_of_slot[used], self.rank_of_slot[used]] = used
         return table[flat, j % m_E[flat]].reshape(np.shape(experts_TK))
+
+    def layout(self) -> Layout:
+        """The `Layout` of a placement without replicas or empty slots (slot = position),
+        to run it in the expert-parallel layer (`moebench.comm.alltoall`)."""
+        if len(self.expert_of_slot) != self.num_experts:
+            raise ValueError(
+                f"placement has {len(self.expert_of_slot)} slots for {self.num_experts} "
+                "experts; allowed: R = 0 (a Layout holds one copy of each expert)"
+            )
+        return Layout(
+            self.num_experts,
+            self.num_nodes,
+            self.gpus_per_node,
+            np.argsort(self.expert_of_slot).tolist(),
+        )
 
     def topology(self, **kwargs: float) -> Topology:
         """The accounting's topology over the P slots (slot p on GPU p // S)."""
