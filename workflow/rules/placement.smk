@@ -15,7 +15,8 @@ rule placement:
         png=f"{PLACEMENT_STEM}.png",
         svg=f"{PLACEMENT_STEM}.svg",
     params:
-        runs=f"{paths.RESULTS}/runs/{STUDY_NAME}",
+        # the study's run folder: <runs>/<dataset>/<strategy>/seed~<n>/routing_trace.parquet
+        runs=lambda w, input: str(Path(input.traces[0]).parents[3]),
         settings=(
             f"--dispatch-bytes {STUDY.comm.dispatch_bytes} "
             f"--combine-bytes {STUDY.comm.combine_bytes} "
