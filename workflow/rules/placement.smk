@@ -16,7 +16,8 @@ rule placement:
         png=str(PLACEMENT.with_suffix(".png")),
         svg=str(PLACEMENT.with_suffix(".svg")),
     params:
-        runs=lambda w, input: str(Path(input.traces[0]).parents[3]),  # <out>/runs/<study>
+        # the study's run folder: <runs>/<dataset>/<strategy>/seed~<n>/routing_trace.parquet
+        runs=lambda w, input: str(Path(input.traces[0]).parents[3]),
         settings=(
             f"--dispatch-bytes {STUDY.comm.dispatch_bytes} "
             f"--combine-bytes {STUDY.comm.combine_bytes} "
