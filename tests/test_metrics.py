@@ -1,5 +1,5 @@
 """Tests of moebench.metrics: docs/balancing.md §10 L4 MaxVio numbers, load counting with drops,
-groups per token against a Python reference, and MaxVio properties (docs/balancing.md §11.6).
+groups per token against a Python reference, and MaxVio properties (docs/balancing.md §11, item 6).
 
 Legend: T tokens, K experts per token, E routed experts, L layers.
 """

@@ -46,8 +46,8 @@ class RouterConfig:
     - `num_groups`, `group_limit`: group-limited routing; expert i is in group
       i // (E / G) (contiguous blocks, as the official code's view [V3-code]); at most M
       groups are used per token ([V2] §2.2.2 devices, [V3] §2.1.2 nodes). An unset
-      `group_limit` means M = G, no limit (as Megatron-Core and the DeepSeek code read an
-      unset limit); `num_groups=1` means no limit and `group_limit` is then ignored.
+      `group_limit` means M = G, no limit (as Megatron-Core reads an unset
+      `moe_router_group_topk`); `num_groups=1` means no limit, `group_limit` is then ignored.
     - `group_score`: how a group is ranked: "max" (V2, [HF-V2]), "top2_sum" (the V3 code's
       hard-coded sum of the top-2 scores [V3-code]) or "topk_sum" (sum of the top K // M,
       the paper's K_r/M reading; Megatron's rule; our convention for non-integer K/M).
