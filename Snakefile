@@ -23,6 +23,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/kernels.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/comm.smk"
+include: "workflow/rules/placement.smk"
 include: "workflow/rules/aggregate.smk"
 
 

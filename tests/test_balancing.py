@@ -1,5 +1,5 @@
-"""Auxiliary balance losses: the hand-worked examples L1-L3 of shared/reference/balancing.md §10
-(with exact fractions, in float64), the peer tests of peers.md, and argument errors."""
+"""Auxiliary balance losses: the hand-worked examples L1-L3 of docs/balancing.md §10
+(with exact fractions, in float64), the peer tests of docs/peers.md, and argument errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hypothesis property tests of balancing.md §11 (losses, bias update, MaxVio) and of exact drop
+"""Hypothesis property tests of docs/balancing.md §11 (losses, bias update, MaxVio), exact drop
 counts. Random tensors come from a torch generator seeded by hypothesis, so every failure
 replays from its printed example."""
 

@@ -1,4 +1,4 @@
-"""Aux-loss-free bias: example L4 of balancing.md §10, the update rules, the controller's
+"""Aux-loss-free bias: example L4 of docs/balancing.md §10, the update rules, the controller's
 bookkeeping (global-batch counts, one update per optimizer step, nothing in eval, schedule,
 re-centring, state round trip, all-reduce over ranks) and convergence on a skewed router."""
 

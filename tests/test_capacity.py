@@ -1,4 +1,4 @@
-"""Capacity and token dropping: example D1 of balancing.md §10 (V2 device-level dropping, with
+"""Capacity and token dropping: example D1 of docs/balancing.md §10 (V2 device-level dropping, with
 and without a protected sequence), Switch capacity rounding, both drop policies, exact drop
 counts, and argument errors."""
 

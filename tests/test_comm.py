@@ -140,7 +140,7 @@ def test_sorting_network_sorts_every_01_input() -> None:
 
 
 def test_analytic_baseline_values() -> None:
-    # C(224, 8) / C(256, 8) = 0.3381685; 8 * (1 - 0.3381685) = 5.29 (peers.md, DeepEP)
+    # C(224, 8) / C(256, 8) = 0.3381685; 8 * (1 - 0.3381685) = 5.29 (docs/metrics.md §3, DeepEP)
     assert expected_groups_uniform(256, 8, 8) == pytest.approx(5.294652, abs=1e-6)
     assert expected_groups_uniform(8, 8, 8) == 8.0  # every expert, every group
     assert expected_groups_uniform(8, 1, 3) == 1.0

@@ -402,6 +402,9 @@ def test_cli_prepares_and_reports_errors(tmp_path: Path, synthetic_dir: Path) ->
     ok = CliRunner().invoke(app, ["data", "--config", str(cfg), "--out", str(out)])
     assert ok.exit_code == 0, ok.output
     assert digests(out) == digests(synthetic_dir)
+    # progress goes through `logging` to stderr; stdout holds the one result line
+    assert f"[moebench.data.build] wrote {out / 'manifest.json'}" in ok.stderr
+    assert ok.stdout.startswith(f"{out}: synthetic, vocab_size 300") and ok.stdout.count("\n") == 1
     bad = CliRunner().invoke(
         app, ["data", "--config", str(cfg), "--set", "data.vocab_size=7", "--out", str(out)]
     )

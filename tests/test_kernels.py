@@ -280,7 +280,9 @@ def test_supports_and_errors():
     assert not supports(wide, torch.zeros(4, 64))
     with pytest.raises(ValueError, match=r"top_k=33 is invalid for the fused router"):
         route_fused(torch.zeros(4, 64), wide)
-    many = RouterConfig(num_experts=128, top_k=2, score_fn="softmax", num_groups=64)
+    many = RouterConfig(
+        num_experts=128, top_k=2, score_fn="softmax", num_groups=64, group_limit=1
+    )
     assert not supports(many, torch.zeros(4, 128))
 
 

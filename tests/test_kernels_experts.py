@@ -16,9 +16,10 @@ import torch
 
 from moebench.kernels import experts as ex
 from moebench.kernels.experts import (
+    expert_ffn,
     expert_loop,
     grouped_experts,
-    grouped_experts_gate_up,
+    permute_rows,
     plan_dispatch,
     swiglu,
     swiglu_packed,
@@ -48,28 +49,45 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def _gate_up(x, experts, weights, w_gate, w_up, w_down, triton_kernels=None):
-    """`grouped_experts_gate_up` on a packed copy of the gate and up weights; differentiable
-    w.r.t. the separate weights (the test compares their gradients)."""
-    packed = torch.cat([w_gate, w_up], dim=2)
-    return grouped_experts_gate_up(x, experts, weights, packed, w_down, triton_kernels)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("T", "H", "Fh", "E", "K"), [(1, 8, 16, 4, 1), (61, 32, 16, 8, 3)])
-@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("triton_kernels", [False, True])
-def test_grouped_experts_match_loop(T, H, Fh, E, K, dtype, packed, triton_kernels):
+def test_grouped_experts_match_loop(T, H, Fh, E, K, dtype, triton_kernels):
+    """triton_kernels=True is the CUDA path: Triton row movement and gate/up packed into one
+    grouped GEMM with the packed SwiGLU kernel (`expert_ffn`)."""
     x, experts, weights, ws, dy = _problem(T, H, Fh, E, K, dtype)
     outs = []
-    grouped = _gate_up if packed else grouped_experts
-    for fn in (functools.partial(grouped, triton_kernels=triton_kernels), expert_loop):
+    for fn in (functools.partial(grouped_experts, triton_kernels=triton_kernels), expert_loop):
         leaves = [t.clone().requires_grad_() for t in (x, weights, *ws)]
         y = fn(leaves[0], experts, *leaves[1:])
         outs.append((y, *torch.autograd.grad(y, leaves, dy)))
     for name, a, b in zip(("y", "dx", "dw", "dgate", "dup", "ddown"), *outs, strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         assert _rel(a, b) < REL[dtype], name
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_expert_ffn_packed_and_split_paths_equal_the_segment_formula(fused):
+    x, _, _, ws, _ = _problem(14, 8, 16, 4, 1, torch.float32)
+    offsets = torch.tensor([3, 3, 9, 14], dtype=torch.int32)
+    y = expert_ffn(x, offsets, *ws, fused=fused)
+    assert y.shape == (14, 8)
+    for e, (lo, hi) in enumerate([(0, 3), (3, 3), (3, 9), (9, 14)]):
+        want = (torch.nn.functional.silu(x[lo:hi] @ ws[0][e]) * (x[lo:hi] @ ws[1][e])) @ ws[2][e]
+        torch.testing.assert_close(y[lo:hi], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("triton_kernels", [False, True])
+def test_permute_rows_backward_is_the_inverse_gather(triton_kernels):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 5, generator=gen).requires_grad_()
+    perm = torch.randperm(7, generator=gen)
+    inverse = torch.argsort(perm)
+    y = permute_rows(x, perm, inverse, triton_kernels)
+    torch.testing.assert_close(y, x[perm])
+    g = torch.randn(7, 5, generator=gen)
+    (dx,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(dx, g[inverse])
 
 
 def test_plan_dispatch_is_a_stable_sort_by_expert():
@@ -128,5 +146,5 @@ def test_shape_errors_name_the_argument():
         grouped_experts(x, experts, weights, ws[0], ws[1], ws[2].transpose(1, 2))
     with pytest.raises(ValueError, match=r"weights_TK shape=\(5, 3\)"):
         grouped_experts(x, experts, torch.rand(5, 3), *ws)
-    with pytest.raises(ValueError, match=r"w_gate_up_EH2F shape=\(4, 8, 31\)"):
-        grouped_experts_gate_up(x, experts, weights, torch.zeros(4, 8, 31), ws[2])
+    with pytest.raises(ValueError, match=r"w_up_EHF shape=\(4, 8, 31\)"):
+        grouped_experts(x, experts, weights, ws[0], torch.zeros(4, 8, 31), ws[2])

@@ -1,5 +1,5 @@
-"""Tests of moebench.metrics: balancing.md L4 MaxVio numbers, load counting with drops,
-groups per token against a Python reference, and MaxVio properties (balancing.md §11.6).
+"""Tests of moebench.metrics: docs/balancing.md §10 L4 MaxVio numbers, load counting with drops,
+groups per token against a Python reference, and MaxVio properties (docs/balancing.md §11.6).
 
 Legend: T tokens, K experts per token, E routed experts, L layers.
 """
@@ -26,7 +26,7 @@ SETTINGS = settings(max_examples=150, deadline=None)
 
 
 def test_l4_max_vio_numbers() -> None:
-    """balancing.md L4: batch MaxVio 1.0 and 0.5 (mean 0.75), global MaxVio 0.25."""
+    """docs/balancing.md §10, L4: batch MaxVio 1.0 and 0.5 (mean 0.75), global MaxVio 0.25."""
     assert max_vio(torch.tensor([12, 6, 3, 3])) == 1.0
     a, b = torch.tensor([8, 4, 2, 2]), torch.tensor([2, 4, 6, 4])
     assert max_vio(a) == 1.0 and max_vio(b) == 0.5

@@ -86,6 +86,46 @@ def test_strategy_override_merges_over_base() -> None:
     assert free.tracking.uri == study.tracking.uri and free.tracking.experiment == "default"
 
 
+@pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
+def test_shipped_studies_keep_their_gate_rule(path: Path) -> None:
+    """The committed runs normalised sigmoid gates and not softmax ones; the per-score-function
+    default of `router.normalize` gives every shipped grid point the same rule."""
+    study = load_study(path)
+    for strategy in study.strategies:
+        r = study.run_config(next(iter(study.datasets)), strategy, study.seeds[0]).router
+        assert r.normalize is (r.score_fn == "sigmoid"), strategy
+        assert r.group_limit is not None, strategy  # every shipped study states its M
+
+
+def test_unset_normalize_follows_the_score_function() -> None:
+    """Unset: sigmoid with K > 1 normalises (V3, Megatron), softmax does not (Switch, V2);
+    a strategy switching to sigmoid over a softmax base gets the sigmoid default."""
+    assert RunConfig().router.normalize is False
+    assert RunConfig(router={"score_fn": "sigmoid"}).router.normalize is True
+    assert RunConfig(router={"score_fn": "sigmoid", "top_k": 1}).router.normalize is False
+    assert RunConfig(router={"score_fn": "sigmoid", "normalize": False}).router.normalize is False
+    assert RunConfig(router={"normalize": True}).router.normalize is True
+    study = study_from_dict(minimal(strategies={"sig": {"router": {"score_fn": "sigmoid"}}}))
+    assert study.run_config("shakespeare", "sig", 0).router.normalize is True
+    assert "normalize: true" in yaml.safe_dump(
+        study.run_config("shakespeare", "sig", 0).model_dump(mode="json")
+    )  # the resolved config states the rule the run used
+
+
+def test_unset_group_limit_means_no_limit() -> None:
+    """`limit: node` without `group_limit` keeps all nodes (M = G), as peers read it."""
+    from moebench.model.moe import router_config
+
+    cfg = RunConfig(router={"limit": "node"})
+    assert cfg.router.group_limit is None
+    runtime = router_config(cfg)
+    assert runtime.group_limit == cfg.topology.num_nodes and not runtime.group_limited
+    # M = G with K < M is plain top-K, whatever the group score
+    cfg = RunConfig(router={"limit": "node", "top_k": 2, "group_limit": 4,
+                            "group_score": "topk_sum"})
+    assert not router_config(cfg).group_limited
+
+
 @pytest.mark.parametrize(
     ("strategies", "message"),
     [

@@ -334,7 +334,8 @@ CASES = [
          ("checkpoint", "last.pt cannot be read", "delete it to restart")),
     # --- moebench data ---------------------------------------------------------------------
     Case("unknown_data_source", lambda c: ["data", "--out", str(c.out), *sets("data.source=wiki")],
-         ("data.source", "'wiki'", "'shakespeare', 'cpython', 'synthetic', 'file' or 'hf'")),
+         ("data.source", "'wiki'",
+          "'shakespeare', 'cpython', 'synthetic', 'file', 'hf' or 'mixed'")),
     Case("file_source_without_path", lambda c: c.data_cmd(*sets("data.source=file")),
          ("data.path is required when data.source='file'",)),
     Case("text_file_missing", lambda c: c.text_source("corpus.txt", None),

@@ -1,4 +1,4 @@
-"""Unit tests of moebench.routing: every hand-worked example of routing.md §8 (with the
+"""Unit tests of moebench.routing: every hand-worked example of docs/routing.md §8 (with the
 wrong answers it names asserted not to come out), ties, dtypes, gradients, validation,
 presets and Layout.
 
@@ -28,7 +28,7 @@ from moebench.routing import (
     selection_key,
 )
 
-# routing.md §8, Examples 1-2: softmax logits and their scores.
+# docs/routing.md §8, Examples 1-2: softmax logits and their scores.
 EX1_LOGITS = [2.0, 0.0, 1.5, 1.4, 0.5, 1.8, 0.2, 0.1]
 EX1_SCORES = [
     0.27416745, 0.03710453, 0.16629096, 0.15046629,
@@ -373,13 +373,44 @@ def test_router_config_rejects(kwargs: dict, fragments: list[str]) -> None:
 
 
 def test_group_limit_ignored_without_groups() -> None:
-    """num_groups=1 means no limit; group_limit is then ignored (contracts.md)."""
+    """num_groups=1 means no limit; group_limit is then ignored (docs/routing.md §5)."""
     cfg = RouterConfig(16, 4, "softmax", num_groups=1, group_limit=2)
     assert not cfg.group_limited
     logits_TE = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
     assert torch.equal(
         route(logits_TE, cfg).experts, route(logits_TE, RouterConfig(16, 4, "softmax")).experts
     )
+
+
+def test_defaults_a_peers_user_expects() -> None:
+    """Unset fields: softmax, no group limit, gates normalised for sigmoid with K > 1 only
+    (docs/routing.md §3, §5)."""
+    plain = RouterConfig(8, 2)
+    assert (plain.score_fn, plain.num_groups, plain.group_limit) == ("softmax", 1, 1)
+    assert plain.normalize is False and not plain.group_limited
+    assert RouterConfig(8, 2, "sigmoid").normalize is True
+    assert RouterConfig(8, 1, "sigmoid").normalize is False  # one normalised gate is 1
+    assert RouterConfig(8, 2, "sigmoid", normalize=False).normalize is False
+    assert RouterConfig(8, 2, "sigmoid") == RouterConfig(8, 2, "sigmoid", normalize=True)
+
+
+def test_unset_group_limit_is_no_limit() -> None:
+    """`RouterConfig(num_groups=8)` alone keeps all 8 groups: plain top-K."""
+    logits_TE = torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
+    cfg = RouterConfig(16, 4, "sigmoid", num_groups=8)
+    assert cfg.group_limit == 8 and not cfg.group_limited
+    plain = RouterConfig(16, 4, "sigmoid")
+    assert torch.equal(route(logits_TE, cfg).experts, route(logits_TE, plain).experts)
+
+
+@pytest.mark.parametrize("rule", ["max", "top2_sum", "topk_sum"])
+def test_m_equal_g_with_k_below_m_is_plain_top_k(rule: str) -> None:
+    """M = G limits nothing, so K < M (topk_sum: K // M = 0) and one expert per group
+    (top2_sum) are accepted and give plain top-K."""
+    logits_TE = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+    cfg = RouterConfig(8, 2, "softmax", num_groups=8, group_limit=8, group_score=rule)
+    assert not cfg.group_limited
+    assert torch.equal(route(logits_TE, cfg).experts, route(logits_TE, RouterConfig(8, 2)).experts)
 
 
 @pytest.mark.parametrize(

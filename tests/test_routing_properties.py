@@ -1,4 +1,4 @@
-"""Hypothesis property tests of moebench.routing: the invariants of routing.md §9, and group
+"""Hypothesis property tests of moebench.routing: the invariants of docs/routing.md §9, and group
 selection equal to a brute-force reference (every subset of M groups, per-token loop) for
 every group-scoring rule.
 
@@ -41,7 +41,7 @@ def cases(
     binding: bool = False,
 ) -> Case:
     """A valid RouterConfig plus logits [T, E] and a bias of the drawn kind. With
-    `binding`, the group limit can bind: 1 < G, M < G, K > M (routing.md Example 2b)."""
+    `binding`, the group limit can bind: 1 < G, M < G, K > M (docs/routing.md Example 2b)."""
     G = draw(st.sampled_from([2, 3, 4, 6, 8] if binding else [1, 2, 3, 4, 6, 8]))
     epg = draw(st.integers(2 if binding else 1, 6))
     E = G * epg
@@ -72,7 +72,7 @@ def cases(
         "none": None,
         "small": base + 0.1 * torch.randn(E, generator=gen),
         # large negative biases on a random half of the experts: the case that breaks
-        # 0.0 masking (routing.md §6.3, Example 6)
+        # 0.0 masking (docs/routing.md §6.3, Example 6)
         "neg": torch.where(
             torch.rand(E, generator=gen) < 0.5, -1000.0 * torch.rand(E, generator=gen), base
         ),

@@ -5,6 +5,7 @@ the CLI's errors and the learning-rate schedule."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import signal
 import subprocess
@@ -87,7 +88,9 @@ STRATEGIES: dict[str, dict[str, Any]] = {
                   "balance": {"expert_alpha": 0.003, "device_alpha": 0.05, "comm_alpha": 0.02}},
     "seq_aux": {"router": {"score_fn": "sigmoid", "normalize": True},
                 "balance": {"seq_alpha": 1e-3, "aux_counts": "actual"}},
-    "global_aux": {"balance": {"global_alpha": 0.01}},
+    "global_aux": {"balance": {"global_alpha": 0.01}, "train": {"grad_accum": 2}},
+    "z_loss": {"router": {"score_fn": "sigmoid", "normalize": True},
+               "balance": {"global_alpha": 1e-3, "z_alpha": 1e-3}},
     "aux_free": {"router": {"score_fn": "sigmoid", "normalize": True},
                  "balance": {"bias": {"enabled": True, "rate": 1e-3}},
                  "train": {"grad_accum": 2}},
@@ -211,7 +214,7 @@ def test_same_config_and_seed_give_identical_files(shakespeare_dir: Path,
 
 
 def test_killed_and_resumed_run_equals_uninterrupted_run(
-    shakespeare_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    shakespeare_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     over = {"balance": {"bias": {"enabled": True}, "expert_alpha": 0.01},
             "train": {"steps": 60, "log_every": 3, "ckpt_every": 10, "eval_every": 25}}
@@ -232,8 +235,9 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(
     killed_at = torch.load(ckpt / CKPT_NAME, weights_only=True)["step"]
     assert 10 <= killed_at < 60
 
-    train(cfg, out, ckpt)  # the same run, resumed in this process (saves a torch import)
-    assert f"resuming from step {killed_at}" in capsys.readouterr().err
+    with caplog.at_level(logging.INFO, logger="moebench"):
+        train(cfg, out, ckpt)  # the same run, resumed in this process (saves a torch import)
+    assert f"resuming from step {killed_at}" in caplog.text
 
     train(cfg, tmp_path / "straight", tmp_path / "ckpt_straight")
     straight = tmp_path / "straight"

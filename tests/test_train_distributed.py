@@ -98,12 +98,15 @@ def test_launch_from_torchrun_srun_and_plain_environments() -> None:
         Launch.from_env(rank_env(4, 1))
 
 
-def test_world_size_must_match_the_topology_and_split_the_batch(tmp_path: Path) -> None:
+def test_world_size_must_divide_the_experts_and_split_the_batch(tmp_path: Path) -> None:
+    """The modelled topology (4 devices) is independent of the world size: any divisor of
+    the 16 experts that splits the batch runs."""
     cfg = tiny_cfg(tmp_path)
-    check_world(cfg, 1)
-    check_world(cfg, 4)
-    with pytest.raises(ValueError, match=r"started 2 processes; allowed: 1, or .* = 4"):
-        check_world(cfg, 2)
+    for world in (1, 2, 4):
+        check_world(cfg, world)
+    with pytest.raises(ValueError, match=r"started 3 processes; allowed: a divisor of "
+                                         r"router\.num_experts=16 \(\[1, 2, 4, 8, 16\]\)"):
+        check_world(cfg, 3)
     with pytest.raises(ValueError, match=r"train\.batch_size=6 .* multiple of 4"):
         check_world(tiny_cfg(tmp_path, batch_size=6), 4)
 
@@ -189,7 +192,8 @@ def test_measured_all_to_all_equals_the_accounting(dist_run: Path) -> None:
         assert measured["copies"] == predicted["copies"]
         assert min(measured["bytes"]["dispatch"].values()) > 0  # NVLink and IB both used
         assert a2a["elem_bytes"] == {"dispatch": 4, "combine": 4}  # float32 on CPU
-        assert set(measured["seconds"]) == {"counts", "dispatch", "combine"}
+        assert set(measured["seconds"]) == {"permute", "counts", "dispatch", "experts",
+                                            "combine", "unpermute"}
         assert predicted["modeled_us"]["dispatch"] > 0
 
 

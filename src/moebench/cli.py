@@ -3,9 +3,41 @@ library. Snakemake rules call exactly these commands, so every stage runs the sa
 
 from __future__ import annotations
 
+import logging
+import sys
+from typing import TextIO
+
 import typer
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+
+
+class StderrHandler(logging.StreamHandler):
+    """A plain handler on whatever `sys.stderr` is when a record is emitted (test runners
+    swap it per command), so stdout stays free for results."""
+
+    @property
+    def stream(self) -> TextIO:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: TextIO) -> None:
+        """The stream is always the current sys.stderr."""
+
+
+def configure_logging() -> None:
+    """INFO progress of every `moebench.*` module on stderr, one `[module] message` line each;
+    calling it again replaces the handler instead of adding one."""
+    handler = StderrHandler()
+    handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+    logger = logging.getLogger("moebench")
+    logger.handlers = [handler]
+    logger.setLevel(logging.INFO)
+
+
+@app.callback()
+def _logging() -> None:
+    configure_logging()
 
 
 def main() -> None:
@@ -28,10 +60,12 @@ app.command("mlflow-init")(mlflow_init)
 app.command("aggregate")(aggregate)
 app.command("where")(where)
 
-from moebench.comm.cli import comm, comm_replay  # noqa: E402
+from moebench.comm.cli import comm, comm_replay, placement, placement_replay  # noqa: E402
 
 app.command("comm")(comm)
 app.command("comm-replay")(comm_replay)
+app.command("placement")(placement)
+app.command("placement-replay")(placement_replay)
 
 from moebench.kernels.cli import kernels  # noqa: E402
 

@@ -12,7 +12,7 @@ import difflib
 import math
 import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -24,6 +24,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+if TYPE_CHECKING:
+    from moebench.model import TransformerConfig
+    from moebench.routing import Layout, RouterConfig
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 """Study, dataset and strategy names become path parts and Snakemake wildcards."""
@@ -44,12 +48,17 @@ def _finite(v: float, name: str) -> float:
 class DataConfig(Strict):
     """Where the token streams come from (see `moebench.data`)."""
 
-    source: Literal["shakespeare", "cpython", "synthetic", "file", "hf"] = "shakespeare"
+    source: Literal["shakespeare", "cpython", "synthetic", "file", "hf", "mixed"] = Field(
+        "shakespeare", description="mixed: Shakespeare + CPython + synthetic topics, each "
+        "window from one domain (moebench.data.sources)"
+    )
     path: str | None = Field(None, description="text file for source=file")
     hf_name: str | None = Field(None, description="Hugging Face dataset name for source=hf")
     vocab_size: int = Field(1024, ge=260, le=262144, description="byte-level BPE vocabulary")
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="documents held out")
-    max_bytes: int | None = Field(None, gt=0, description="cap on corpus bytes (fast tests)")
+    max_bytes: int | None = Field(
+        None, gt=0, description="cap on corpus bytes (fast tests); per domain for mixed"
+    )
     # synthetic source: topics drawn from Zipf(skew); each topic is a Markov source
     synthetic_topics: int = Field(16, ge=1)
     synthetic_skew: float = Field(1.2, ge=0.0, description="Zipf exponent over topics")
@@ -76,7 +85,6 @@ class ModelConfig(Strict):
     n_shared_experts: int = Field(1, ge=0)
     expert_hidden: int = Field(64, ge=1)
     init_std: float = Field(0.02, gt=0.0)
-    expert_impl: Literal["loop", "grouped"] = "grouped"
 
     @model_validator(mode="after")
     def _shape(self) -> ModelConfig:
@@ -102,6 +110,12 @@ class TopologyConfig(Strict):
         return self.num_nodes * self.gpus_per_node
 
 
+def default_normalize(score_fn: str, top_k: int) -> bool:
+    """Whether gates are divided by their sum when `normalize` is unset: yes for sigmoid with
+    K > 1 (DeepSeek-V3, Megatron-Core), no for softmax (Switch, V2); docs/routing.md §3."""
+    return score_fn == "sigmoid" and top_k != 1
+
+
 class RouterSettings(Strict):
     """Router options; `limit` picks what a group is (device for V2, node for V3)."""
 
@@ -109,9 +123,13 @@ class RouterSettings(Strict):
     top_k: int = Field(4, ge=1)
     score_fn: Literal["softmax", "sigmoid"] = "softmax"
     limit: Literal["none", "device", "node"] = "none"
-    group_limit: int = Field(2, ge=1, description="M: max devices/nodes per token")
+    group_limit: int | None = Field(
+        None, ge=1, description="M: max devices/nodes per token; null = all (no limit)"
+    )
     group_score: Literal["max", "top2_sum", "topk_sum"] = "max"
-    normalize: bool = False
+    normalize: bool | None = Field(
+        None, description="divide the K gates by their sum; null = yes for sigmoid with K > 1"
+    )
     route_scale: float = Field(1.0, gt=0.0)
 
 
@@ -144,7 +162,11 @@ class BalanceConfig(Strict):
     device_alpha: float = Field(0.0, ge=0.0, description="[V2] eq. 26")
     comm_alpha: float = Field(0.0, ge=0.0, description="[V2] eq. 29")
     seq_alpha: float = Field(0.0, ge=0.0, description="[V3] eq. 17, per sequence")
-    global_alpha: float = Field(0.0, ge=0.0, description="[V3] §4.5.3 batch-wise form")
+    global_alpha: float = Field(
+        0.0, ge=0.0, description="[V3] §4.5.3 batch-wise form; f from the optimizer step's "
+        "running count over micro-batches and ranks (docs/global_loss.md)"
+    )
+    z_alpha: float = Field(0.0, ge=0.0, description="[ST-MoE] eq. 5 router z-loss")
     aux_counts: Literal["literal", "actual"] = Field(
         "literal", description="f_i from the plain unbiased top-K or the routing performed"
     )
@@ -152,7 +174,8 @@ class BalanceConfig(Strict):
     capacity: CapacityConfig = CapacityConfig()
 
     @field_validator(
-        "switch_alpha", "expert_alpha", "device_alpha", "comm_alpha", "seq_alpha", "global_alpha"
+        "switch_alpha", "expert_alpha", "device_alpha", "comm_alpha", "seq_alpha", "global_alpha",
+        "z_alpha",
     )
     @classmethod
     def _alpha_finite(cls, v: float, info: Any) -> float:
@@ -177,6 +200,10 @@ class TrainConfig(Strict):
     eval_batches: int = Field(8, ge=1)
     log_every: int = Field(10, ge=1)
     ckpt_every: int = Field(50, ge=1)
+    keep_ckpt: bool = Field(
+        True, description="keep the last checkpoint once the run is complete; false deletes "
+        "it after summary.json is written (saves disk in large studies)"
+    )
     trace_tokens: int = Field(4096, ge=1, description="validation tokens in routing_trace")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(1, ge=1, description="torch CPU threads (1 = bitwise reproducible)")
@@ -206,6 +233,23 @@ class RunConfig(Strict):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_normalize(cls, data: Any) -> Any:
+        """An unset `router.normalize` takes `default_normalize` of the run's score function,
+        so config.resolved.yaml states the gate rule the run used."""
+        if not isinstance(data, dict):
+            return data
+        router = data.get("router", {})
+        if isinstance(router, BaseModel):
+            router = router.model_dump()
+        if not isinstance(router, dict) or router.get("normalize") is not None:
+            return data
+        fields = RouterSettings.model_fields
+        score_fn = router.get("score_fn", fields["score_fn"].default)
+        top_k = router.get("top_k", fields["top_k"].default)
+        return {**data, "router": {**router, "normalize": default_normalize(score_fn, top_k)}}
+
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         r, t = self.router, self.topology
@@ -221,16 +265,16 @@ class RunConfig(Strict):
                     f"(allowed: multiples of {n})"
                 )
         groups = self.num_groups
-        if r.limit != "none" and r.group_limit > groups:
+        if r.limit != "none" and r.group_limit is not None and r.group_limit > groups:
             raise ValueError(
                 f"router.group_limit={r.group_limit} exceeds the {groups} "
                 f"{r.limit}s of the topology (allowed: 1..{groups})"
             )
-        if r.limit != "none" and r.top_k > r.group_limit * (r.num_experts // groups):
+        reachable = (r.group_limit or groups) * (r.num_experts // groups)
+        if r.limit != "none" and r.top_k > reachable:
             raise ValueError(
                 f"router.top_k={r.top_k} exceeds group_limit x experts per {r.limit} "
-                f"= {r.group_limit * (r.num_experts // groups)} "
-                f"(allowed: 1..{r.group_limit * (r.num_experts // groups)})"
+                f"= {reachable} (allowed: 1..{reachable})"
             )
         if self.balance.bias.rule == "multiplicative" and r.score_fn != "sigmoid":
             raise ValueError("balance.bias.rule='multiplicative' needs router.score_fn='sigmoid'")
@@ -244,6 +288,61 @@ class RunConfig(Strict):
             "device": self.topology.num_devices,
             "node": self.topology.num_nodes,
         }[self.router.limit]
+
+    def router_config(self) -> RouterConfig:
+        """The router of every MoE layer: groups are devices (limit=device, [V2] §2.2.2) or
+        nodes (limit=node, [V3] §2.1.2) of the topology; "mul" bias for the multiplicative
+        rule."""
+        from moebench.routing import RouterConfig
+
+        r = self.router
+        return RouterConfig(
+            num_experts=r.num_experts,
+            top_k=r.top_k,
+            score_fn=r.score_fn,
+            num_groups=self.num_groups,
+            group_limit=r.group_limit if self.num_groups > 1 else 1,
+            group_score=r.group_score,
+            normalize=r.normalize,
+            route_scale=r.route_scale,
+            bias_mode="mul" if self.balance.bias.rule == "multiplicative" else "add",
+        )
+
+    def layout(self) -> Layout:
+        """The modelled expert placement: contiguous blocks of experts per GPU."""
+        from moebench.routing import Layout
+
+        t = self.topology
+        return Layout.contiguous(self.router.num_experts, t.num_nodes, t.gpus_per_node)
+
+    def transformer_config(self, vocab_size: int) -> TransformerConfig:
+        """The decoder this run trains, for a vocabulary of `vocab_size`: the config composes
+        the model's own config, the model never reads the run config."""
+        from moebench.model import MoEConfig, TransformerConfig
+
+        m, r = self.model, self.router
+        moe = MoEConfig(
+            d_model=m.d_model,
+            expert_hidden=m.expert_hidden,
+            n_shared_experts=m.n_shared_experts,
+            router=self.router_config(),
+            layout=self.layout(),
+            balance=self.balance,
+            comm_limit=(r.group_limit or self.num_groups) if r.limit == "device"
+            else min(r.top_k, self.topology.num_devices),
+        )
+        return TransformerConfig(
+            vocab_size=vocab_size,
+            max_seq_len=self.train.seq_len,
+            d_model=m.d_model,
+            n_layers=m.n_layers,
+            n_heads=m.n_heads,
+            n_dense_layers=m.n_dense_layers,
+            dense_hidden=m.dense_hidden,
+            init_std=m.init_std,
+            moe=moe,
+            drop_seed=self.seed + 1,
+        )
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -456,6 +555,12 @@ class TrainResources(JobResources):
         "device of the topology (srun under SLURM, torchrun locally)",
     )
     nodes: int = Field(1, ge=1, description="SLURM nodes per run")
+    runs_per_gpu: int = Field(
+        1,
+        ge=1,
+        description="training runs sharing one GPU under the local executor: `--resources "
+        "gpu=G` admits G x runs_per_gpu concurrent runs (SLURM jobs still request `gpu` each)",
+    )
 
 
 class StudyResources(Strict):

@@ -2,7 +2,7 @@
 
 MaxVio ([LF] eq. 4) = (max_i Load_i - Load_bar) / Load_bar, with Load_bar the load of a
 perfectly balanced router, i.e. the mean load over experts. Per-batch and global MaxVio
-differ only in which tokens are counted (balancing.md §8): compute it on the loads of
+differ only in which tokens are counted (docs/metrics.md §1): compute it on the loads of
 the batch, or on loads summed over the whole evaluation set, never by averaging ratios
 of one into the other. The model-level number averages over MoE layers ([LF] §4.1).
 
@@ -32,16 +32,20 @@ def expert_load(
             f"experts_TK dtype={experts_TK.dtype} shape={tuple(experts_TK.shape)} is invalid; "
             "allowed: an integer tensor [T, K]"
         )
-    if bool(((experts_TK < 0) | (experts_TK >= num_experts)).any()):  # one device sync
+    outside = (experts_TK < 0) | (experts_TK >= num_experts)
+    if experts_TK.is_cuda:  # a device-side assert: the same check without a host sync
+        torch._assert_async(~outside.any(), f"experts_TK holds ids outside 0..{num_experts - 1}")
+    elif bool(outside.any()):
         raise ValueError(
             f"experts_TK holds ids in [{int(experts_TK.min())}, {int(experts_TK.max())}]; "
             f"allowed: 0..{num_experts - 1} (num_experts={num_experts})"
         )
     ids = experts_TK.reshape(-1).long()
+    ones = torch.ones_like(ids)
     if keep_TK is not None:
         _check_keep(keep_TK, experts_TK.shape)
-        ids = ids[keep_TK.reshape(-1)]
-    return torch.bincount(ids, minlength=num_experts)
+        ones = keep_TK.reshape(-1).long()
+    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, ones)
 
 
 def max_vio(load_E: torch.Tensor) -> float:

@@ -120,7 +120,8 @@ def comm_args() -> str:
 
 def resources_of(stage: str) -> dict[str, int | str]:
     """Snakemake resources of a stage from the study's `resources:` section; a distributed
-    training declares its tasks and nodes and launches through `mpi` (srun)."""
+    training declares its tasks and nodes and launches through `mpi` (srun); runs sharing
+    a GPU take a `gpu_slots` unit instead of a whole `gpu` (see `share_gpus`)."""
     spec = getattr(STUDY.resources, stage)
     out: dict[str, int | str] = {
         "mem_mb": spec.mem_mb,
@@ -130,7 +131,28 @@ def resources_of(stage: str) -> dict[str, int | str]:
     }
     if getattr(spec, "tasks", 1) > 1:
         out |= {"tasks": spec.tasks, "nodes": spec.nodes, "mpi": "srun"}
+    if GPU_SHARING and stage == "train" and spec.gpu:
+        out |= {"gpu": 0, "gpu_slots": 1}
     return out
+
+
+def share_gpus() -> bool:
+    """Several training runs per GPU (`resources.train.runs_per_gpu` > 1, not under SLURM,
+    whose jobs each request their GPUs): `--resources gpu=G` then admits
+    G x runs_per_gpu training runs at once, each holding one `gpu_slots` unit (Snakemake
+    resources are integers, so a run cannot hold a fraction of a `gpu`). Without
+    `--resources gpu=...` nothing limits them, as for a whole-GPU run."""
+    runs = STUDY.resources.train.runs_per_gpu
+    plugin = workflow.executor_plugin
+    if runs == 1 or (plugin is not None and plugin.name == "slurm"):
+        return False
+    given = workflow.global_resources
+    if "gpu" in given and "gpu_slots" not in given:
+        workflow.register_resource("gpu_slots", given.get("gpu").value * runs)
+    return True
+
+
+GPU_SHARING = share_gpus()
 
 
 def train_launcher(wildcards, resources) -> str:

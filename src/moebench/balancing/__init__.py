@@ -1,5 +1,5 @@
 """Load balancing for MoE routers: auxiliary losses, the aux-loss-free bias, capacity and token
-dropping (shared/reference/balancing.md). Losses return the unweighted term (1 at perfect
+dropping (docs/balancing.md). Losses return the unweighted term (1 at perfect
 balance); the caller multiplies by alpha."""
 
 from moebench.balancing.bias import (
@@ -26,6 +26,7 @@ from moebench.balancing.losses import (
     literal_topk,
     seq_loss,
     switch_loss,
+    z_loss,
 )
 
 __all__ = [
@@ -48,4 +49,5 @@ __all__ = [
     "seq_loss",
     "switch_loss",
     "update_bias",
+    "z_loss",
 ]

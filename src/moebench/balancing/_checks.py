@@ -45,6 +45,12 @@ def check_experts(
         raise ValueError(f"{name}.dtype={experts_TK.dtype} is invalid; allowed: an integer dtype")
     if experts_TK.numel() == 0:
         return
+    if experts_TK.is_cuda:  # a device-side assert: the same check without a host sync
+        ok = experts_TK.min() >= 0
+        if num_experts is not None:
+            ok = ok & (experts_TK.max() < num_experts)
+        torch._assert_async(ok, f"{name} holds expert ids outside [0, {num_experts})")
+        return
     lo, hi = int(experts_TK.min()), int(experts_TK.max())
     if lo < 0 or (num_experts is not None and hi >= num_experts):
         allowed = "ids >= 0" if num_experts is None else f"ids in [0, {num_experts})"

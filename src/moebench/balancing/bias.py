@@ -1,7 +1,7 @@
 """Aux-loss-free balancing: the per-expert selection bias and its update ([V3] §2.1.2, [LF] Alg. 1
 and App. C), plus a controller that does the bookkeeping a training loop needs.
 
-The bias only changes which experts are SELECTED (routing.md §4); it never enters a gate value
+The bias only changes which experts are SELECTED (docs/routing.md §4); it never enters a gate value
 and is never trained by gradient. After each optimizer step it moves toward balance using the
 loads of that step's whole (global) batch.
 
@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from moebench.balancing._checks import check_experts, check_int, check_number
+from moebench.metrics import expert_load
 
 Rule = Literal["sign", "proportional", "multiplicative"]
 RULES: tuple[str, ...] = ("sign", "proportional", "multiplicative")
@@ -99,7 +100,7 @@ class BiasController:
     - `recenter` (torchtitan): after each update subtract the per-layer mean (additive rules)
       or divide by it (multiplicative; our analogue). Neither changes any selection.
     Loads are counts of the routing actually performed, dropped assignments excluded when
-    `keep_TK` is given (balancing.md §6.1: the load the bias must correct).
+    `keep_TK` is given (docs/balancing.md §6.1: the load the bias must correct).
     `bias_LE` is float32 and updated in place, so a reference to it stays current."""
 
     def __init__(
@@ -154,15 +155,13 @@ class BiasController:
         ):
             raise ValueError(f"layer={layer!r} is invalid; allowed: 0 <= layer < {self.num_layers}")
         check_experts(experts_TK, self.num_experts)
-        ids = experts_TK
-        if keep_TK is not None:
-            if keep_TK.shape != experts_TK.shape or keep_TK.dtype != torch.bool:
-                raise ValueError(
-                    f"keep_TK has shape {tuple(keep_TK.shape)}, dtype {keep_TK.dtype}; "
-                    f"allowed: bool of shape {tuple(experts_TK.shape)}"
-                )
-            ids = experts_TK[keep_TK]
-        load_E = torch.bincount(ids.reshape(-1).long(), minlength=self.num_experts)
+        if keep_TK is not None and (keep_TK.shape != experts_TK.shape
+                                    or keep_TK.dtype != torch.bool):
+            raise ValueError(
+                f"keep_TK has shape {tuple(keep_TK.shape)}, dtype {keep_TK.dtype}; "
+                f"allowed: bool of shape {tuple(experts_TK.shape)}"
+            )
+        load_E = expert_load(experts_TK, self.num_experts, keep_TK)  # no host sync
         self.counts_LE[layer] += load_E.to(self.counts_LE.device)
 
     @torch.no_grad()

@@ -1,7 +1,7 @@
 """Capacity factors and token dropping: Switch-style per-expert capacity ([Switch] §2.2 eq. 3)
 and DeepSeek-V2 device-level dropping ([V2] §2.2.4). Every function returns a keep mask aligned
 with the routing; the exact number of dropped assignments is `(~keep_TK).sum()`. A dropped
-assignment contributes nothing (its gate is zeroed by the caller; balancing.md §7.3).
+assignment contributes nothing (its gate is zeroed by the caller; docs/balancing.md §7.3).
 
 Legend: T tokens, E routed experts, K experts per token, D devices, A = T*K assignments
 (flattened token-major: assignment t*K + k is slot k of token t).
@@ -110,7 +110,7 @@ def protected_sequences(
 ) -> Tensor:
     """Per-token mask of the sequences exempt from device dropping: each sequence is protected
     independently with probability `fraction` (a seeded Bernoulli; V2 protects about 10% of
-    training sequences, [V2] §2.2.4; the selection rule is our convention, balancing.md §7.3)."""
+    training sequences, [V2] §2.2.4; the selection rule: our convention, docs/balancing.md §7.3)."""
     check_int(num_tokens, "num_tokens", 0)
     check_int(seq_len, "seq_len", 1)
     if num_tokens % seq_len:
@@ -139,7 +139,7 @@ def device_drop(
     Assignments of protected tokens (`protected_T`, bool [T], e.g. `protected_sequences`)
     count toward the budget but are never dropped, so such a device may stay over budget.
     Under-budget devices receive nothing extra (no re-routing). Units, granularity and the
-    protection rule are moebench conventions (balancing.md §7.3). `affinity_TK` is s_{i,t},
+    protection rule are moebench conventions (docs/balancing.md §7.3). `affinity_TK` is s_{i,t},
     aligned [T, K] or scores [T, E]. Call it in training only (V2 drops nothing at eval)."""
     check_experts(experts_TK)
     affinity_A = _aligned_affinity(experts_TK, affinity_TK, "affinity_TK").reshape(-1)

@@ -1,7 +1,7 @@
 """Auxiliary load-balancing losses: Switch/GShard, DeepSeek-V2 expert/device/communication level,
-DeepSeek-V3 sequence-wise and global-batch.
+DeepSeek-V3 sequence-wise and global-batch; plus the ST-MoE router z-loss (`z_loss`).
 
-Every loss is a dot product sum_i f_i * P_i (shared/reference/balancing.md §1): f counts the hard
+Every loss is a dot product sum_i f_i * P_i (docs/balancing.md §1): f counts the hard
 selection and is a constant (built from integer ids, so it carries no gradient), P is a mean
 routing score and carries the whole gradient. Each function returns the UNWEIGHTED term, scaled
 so that a perfectly uniform router gives exactly 1; the caller multiplies by its alpha. Scores
@@ -34,7 +34,7 @@ def literal_topk(scores_TE: Tensor, k: int) -> Tensor:
     the lower expert index (stable sort). Returns int64 [T, k].
 
     Pass its result as `experts_TK` for the literal f-counts, or the routing actually performed
-    (`Routing.experts`) for the "actual" reading; balancing.md §5 says which is which."""
+    (`Routing.experts`) for the "actual" reading; docs/balancing.md §5 says which is which."""
     if not isinstance(scores_TE, Tensor) or scores_TE.dim() != 2:
         desc = tuple(scores_TE.shape) if isinstance(scores_TE, Tensor) else type(scores_TE).__name__
         raise ValueError(f"scores_TE={desc} is invalid; allowed: a 2-D tensor [T, E]")
@@ -115,7 +115,7 @@ def switch_loss(scores_TE: Tensor, experts_TK: Tensor, counts_E: Tensor | None =
 
     E * sum_i f_i P_i over the whole batch, with f_i = count_i / (K T) (the usual top-k
     generalisation of eq. 5, which is the top-1 fraction for K = 1) and P_i = mean router
-    probability. Numerically this is `expert_loss` with seq_len=None (balancing.md §2). Equals 1
+    probability. Numerically `expert_loss` with seq_len=None (docs/balancing.md §2). Equals 1
     for a uniform router; GShard's paper form is 1/E^2 times smaller (see `gshard_loss`).
     `counts_E`: selection counts of the whole batch when these tokens are only part of it
     (all-reduced over data-parallel ranks), as in `global_loss`; P stays local."""
@@ -202,7 +202,7 @@ def seq_loss(scores_TE: Tensor, experts_TK: Tensor, seq_len: int | None = None) 
 
     As `expert_loss` but P_i averages s' = s / sum over all E (eq. 19), so sigmoid scores are on
     the right scale (for softmax scores s' = s). Per sequence of `seq_len` tokens, then mean
-    over sequences (our convention, balancing.md §5); None = the whole batch as one scope, i.e.
+    over sequences (our convention, docs/balancing.md §5); None = the whole batch as one scope, i.e.
     the batch-wise loss of [V3] §4.5.3. For the literal reading of eq. 18 pass
     `literal_topk(scores_TE, K)` as `experts_TK`; for the "actual" reading the routing used."""
     return _expert_term(scores_TE, experts_TK, seq_len, normalise=True)
@@ -214,7 +214,8 @@ def global_loss(scores_TE: Tensor, experts_TK: Tensor, counts_E: Tensor | None =
     sum_i f_i P_i with P_i = mean over THESE tokens of s' (eq. 19) and f_i = E * c_i / sum_j c_j,
     which is E/(K T) * c_i when c counts all K*T assignments of the batch. `counts_E` lets the
     caller pass selection counts summed (all-reduced) over micro-batches and ranks, so that f
-    describes the global batch while P, and the gradient, stay local. None: counts from
+    describes the global batch while P, and the gradient, stay local (the training loop passes
+    the running count of the optimizer step, docs/global_loss.md). None: counts from
     `experts_TK` (then this equals `seq_loss(scores_TE, experts_TK, None)`)."""
     if counts_E is None:
         return _expert_term(scores_TE, experts_TK, None, normalise=True)
@@ -231,10 +232,23 @@ def _counts_term(
     counts = torch.as_tensor(counts_E, device=scores.device).detach().to(scores.dtype)
     if counts.shape != (E,):
         raise ValueError(f"counts_E has shape {tuple(counts.shape)}; allowed: ({E},)")
-    total = float(counts.sum())
-    if not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()) or total <= 0:
-        raise ValueError(
-            f"counts_E={counts.tolist()} is invalid; allowed: finite, >= 0, positive sum"
-        )
+    total = counts.sum()
+    valid = torch.isfinite(counts).all() & (counts >= 0).all() & (total > 0)
+    allowed = "allowed: finite, >= 0, positive sum"
+    if counts.is_cuda:  # a device-side assert: the same check without a host sync
+        torch._assert_async(valid, f"counts_E is invalid; {allowed}")
+    elif not bool(valid):
+        raise ValueError(f"counts_E={counts.tolist()} is invalid; {allowed}")
     f_E = counts * (E / total)
     return (f_E * scores.mean(dim=0)).sum()
+
+
+def z_loss(logits_TE: Tensor) -> Tensor:
+    """ST-MoE router z-loss without its coefficient ([ST-MoE] Zoph et al. 2022, eq. 5):
+    mean over tokens of (logsumexp_i logits_{t,i})^2, in float32 (float64 if given). It
+    penalises large router logits (numerical stability), not imbalance; 0 only if every
+    token's logsumexp is 0."""
+    if not isinstance(logits_TE, Tensor) or logits_TE.dim() != 2 or logits_TE.shape[1] < 1:
+        desc = tuple(logits_TE.shape) if isinstance(logits_TE, Tensor) else type(logits_TE).__name__
+        raise ValueError(f"logits_TE={desc} is invalid; allowed: a 2-D tensor [T, E], E >= 1")
+    return torch.logsumexp(_real(logits_TE), dim=-1).square().mean()

@@ -12,7 +12,7 @@ from moebench.comm.accounting import (
     token_stats,
     traffic,
 )
-from moebench.comm.alltoall import AllToAll, DispatchPlan, combine, dispatch, ep_moe, run_experts
+from moebench.comm.alltoall import A2AStats, AllToAll, PhaseTimer, exchange_counts
 from moebench.comm.replay import (
     STRATEGIES,
     Trace,
@@ -26,22 +26,20 @@ from moebench.comm.topology import Topology
 __all__ = [
     "DISPATCHERS",
     "STRATEGIES",
+    "A2AStats",
     "AllToAll",
-    "DispatchPlan",
+    "PhaseTimer",
     "TokenStats",
     "Topology",
     "Trace",
     "Traffic",
-    "combine",
     "comm_summary",
-    "dispatch",
-    "ep_moe",
+    "exchange_counts",
     "expected_groups_uniform",
     "gpu_time_s",
     "read_trace",
     "replay_layers",
     "replay_synthetic",
-    "run_experts",
     "summarize",
     "token_stats",
     "traffic",

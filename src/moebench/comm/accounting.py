@@ -9,7 +9,7 @@ Conventions (ours; stated because no source fixes them):
   the sequence length).
 - A copy to the token's own GPU costs no link bytes (the diagonal of every matrix is 0).
 - "per_expert": one copy per (token, expert) pair, sent straight to the expert's GPU (plain
-  all-to-all, e.g. torchtitan and Megatron's all-to-all dispatcher; peers.md). Two experts on
+  all-to-all, e.g. torchtitan and Megatron's all-to-all dispatcher; docs/peers.md). Two experts on
   one GPU cost two copies.
 - "dedup": V3's scheme ([V3] §3.2.2): one IB copy per distinct remote target node, to the GPU
   with the source's in-node index on that node, then one NVLink copy from that relay to
@@ -61,7 +61,7 @@ R = TypeVar("R")
 
 def expected_groups_uniform(num_experts: int, num_groups: int, top_k: int) -> float:
     """Expected distinct groups per token when k of E experts are drawn uniformly without
-    replacement, E/G experts per group: G * (1 - C(E - E/G, k) / C(E, k)) (peers.md, DeepEP;
+    replacement, E/G experts per group: G * (1 - C(E - E/G, k) / C(E, k)) (docs/metrics.md §3;
     5.29 nodes for E=256, G=8, k=8)."""
     if num_groups < 1 or num_experts % num_groups or not 1 <= top_k <= num_experts:
         raise ValueError(

@@ -86,6 +86,9 @@ def comm(
         write_json(out / "comm.json", summary)
     except (ValueError, OSError) as err:
         raise _fail("comm", err) from None
+    if not rows:
+        typer.echo(f"{out}: no MoE layer (dense model): empty comm.parquet, null comm.json")
+        return
     typer.echo(
         f"{out}: {summary['num_layers']} layers on {topo.name}: "
         f"{summary['nodes_per_token']:.3f} nodes/token, "
@@ -166,3 +169,124 @@ def comm_replay(
     except (ValueError, OSError) as err:
         raise _fail("comm-replay", err) from None
     typer.echo(markdown(rows, REPLAY_COLUMNS))
+
+
+Redundant = Annotated[
+    str | None, typer.Option(help="comma list of redundant experts R (default: 0 and one per GPU)")
+]
+
+
+def _redundant(text: str | None) -> tuple[int, ...] | None:
+    """--redundant "0,8" as (0, 8); ValueError naming the option unless integers >= 0."""
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = (-1,)
+    if any(v < 0 for v in values):
+        raise ValueError(f"--redundant={text!r} is invalid; allowed: a comma list of integers >= 0")
+    return values
+
+
+def _write_placement(rows: list[dict[str, Any]], out: Path, header: str) -> str:
+    """`out` (summary Parquet), its `.md` twin, `<stem>.layers.parquet` (every fitted layer)
+    and the figure `<stem>.png` / `.svg`; returns the Markdown."""
+    from moebench.comm.placement_study import figure, markdown, summary
+
+    table = summary(rows)
+    text = markdown(table, header)
+    write_parquet(out.with_suffix(".layers.parquet"), pa.Table.from_pylist(rows))
+    write_parquet(out, pa.Table.from_pandas(table, preserve_index=False))
+    write_text(out.with_suffix(".md"), text)
+    figure(table, out.with_suffix(""))
+    return text
+
+
+def placement(
+    runs: Annotated[Path, typer.Option(help="a study's run folder (<dataset>/<strategy>/seed~n)")],
+    out: Annotated[
+        Path, typer.Option(help="summary Parquet; .md, .layers.parquet, .png, .svg beside")
+    ],
+    redundant: Redundant = None,
+    hidden: Hidden = None,
+    dispatch_bytes: DispatchBytes = 1.0,
+    combine_bytes: CombineBytes = 2.0,
+    nvlink_gbps: NvlinkGbps = 160.0,
+    ib_gbps: IbGbps = 50.0,
+) -> None:
+    """Fit every placement rule (contiguous, EPLB, search) on the first half of each run's
+    routing trace and judge it on the second: busiest/mean GPU load, nodes, IB / NVLink
+    bytes per token, modeled all-to-all time, per strategy, rule and R."""
+    from moebench.comm.placement_study import trace_rows
+
+    try:
+        check_writable_dir(out.parent, "--out")
+        kwargs = {
+            "dispatch_bytes": dispatch_bytes,
+            "combine_bytes": combine_bytes,
+            "nvlink_gbps": nvlink_gbps,
+            "ib_gbps": ib_gbps,
+        }
+        if hidden is not None:
+            kwargs["hidden"] = hidden
+        rows = trace_rows(runs, _redundant(redundant), **kwargs)
+        text = _write_placement(
+            rows, out, f"Placement judged on held-out trace tokens of {runs}.\n\n"
+        )
+    except (ValueError, OSError) as err:
+        raise _fail("placement", err) from None
+    typer.echo(text)
+
+
+def placement_replay(
+    out: Annotated[
+        Path, typer.Option(help="summary Parquet; .md, .layers.parquet, .png, .svg beside")
+    ],
+    nodes: Annotated[int, typer.Option(help="nodes")] = 8,
+    gpus_per_node: Annotated[int, typer.Option(help="GPUs per node")] = 8,
+    experts: Annotated[int, typer.Option(help="routed experts E")] = 256,
+    top_k: Annotated[int, typer.Option(help="experts per token K")] = 8,
+    group_limit: Annotated[int, typer.Option(help="M nodes of node-limited routing")] = 4,
+    redundant: Annotated[str, typer.Option(help="comma list of redundant experts R")] = "0,32",
+    seeds: Annotated[str, typer.Option(help="comma list of seeds")] = "0,1,2",
+    tokens_per_gpu: Annotated[int, typer.Option(help="tokens per source GPU")] = 1024,
+    skew: Annotated[float, typer.Option(help="std of the per-expert logit offset")] = 0.25,
+    bias_steps: Annotated[int, typer.Option(help="aux-free bias updates")] = 300,
+    bias_rate: Annotated[float, typer.Option(help="bias update rate")] = 1e-3,
+    hidden: Annotated[int, typer.Option(help="elements per token copy")] = 7168,
+) -> None:
+    """Placement rules fitted and judged on synthetic routing at cluster scale (default V3):
+    uniform (the noise floor), skewed unrestricted, skewed node-limited without and with
+    the aux-free bias."""
+    from moebench.comm.placement_study import synthetic_rows
+
+    try:
+        check_writable_dir(out.parent, "--out")
+        try:
+            seed_list = tuple(int(s) for s in seeds.split(","))
+        except ValueError:
+            raise ValueError(
+                f"--seeds={seeds!r} is invalid; allowed: a comma list of integers"
+            ) from None
+        topo = Topology.build(experts, nodes, gpus_per_node, hidden=hidden)
+        rows = synthetic_rows(
+            topo,
+            _redundant(redundant),
+            seed_list,
+            tokens_per_gpu,
+            top_k,
+            group_limit,
+            skew,
+            bias_steps,
+            bias_rate,
+        )
+        text = _write_placement(
+            rows,
+            out,
+            f"Placement judged on held-out synthetic tokens, {topo.name}, E={experts}, "
+            f"k={top_k}, skew={skew}, {tokens_per_gpu} tokens per GPU (half fit, half judged).\n\n",
+        )
+    except (ValueError, OSError) as err:
+        raise _fail("placement-replay", err) from None
+    typer.echo(text)

@@ -65,7 +65,8 @@ class Trace:
 
 def read_trace(path: str | Path) -> Trace:
     """Read `routing_trace.parquet`; ValueError unless every (layer, token, slot) of a
-    [L, T, K] grid appears exactly once."""
+    [L, T, K] grid appears exactly once. A dense model's trace (metadata num_layers = 0, no
+    rows) reads as experts [0, num_tokens, K]."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"trace={path} does not exist; allowed: a routing_trace.parquet file")
@@ -86,6 +87,8 @@ def read_trace(path: str | Path) -> Trace:
     col = {c: table.column(c).to_numpy().astype(np.int64) for c in ("layer", "token", "slot")}
     expert = table.column("expert").to_numpy()
     K = int(meta["top_k"])
+    if meta.get("num_layers") == 0 and len(expert) == 0:
+        return Trace(np.zeros((0, int(meta["num_tokens"]), K), np.int16), meta)
     L = int(col["layer"].max()) + 1 if len(expert) else 0
     T = int(col["token"].max()) + 1 if len(expert) else 0
     flat = (col["layer"] * T + col["token"]) * K + col["slot"]
@@ -121,7 +124,8 @@ def replay_layers(
 def comm_summary(rows: list[dict[str, Any]], topo: Topology) -> dict[str, Any]:
     """comm.json: mean over layers of the per-layer figures (bytes and time per MoE layer),
     "dedup" plain and "per_expert" with the suffix `_per_expert` (GPUs and nodes per token
-    do not depend on the dispatcher: no suffixed copy), plus the topology used."""
+    do not depend on the dispatcher: no suffixed copy), plus the topology used. Without
+    rows (a dense model: no MoE layer, no all-to-all) every figure is null."""
     out: dict[str, Any] = {
         "num_nodes": topo.num_nodes,
         "gpus_per_node": topo.gpus_per_node,
@@ -138,8 +142,8 @@ def comm_summary(rows: list[dict[str, Any]], topo: Topology) -> dict[str, Any]:
         suffix = "" if name == "dedup" else f"_{name}"
         mine = [r for r in rows if r["dispatcher"] == name]
         for key in SUMMARY_KEYS if name == "dedup" else SUMMARY_KEYS[2:]:  # GPUs/nodes: once
-            out[key + suffix] = float(np.mean([r[key] for r in mine]))
-    out["tokens"] = rows[0]["tokens"]
+            out[key + suffix] = float(np.mean([r[key] for r in mine])) if mine else None
+    out["tokens"] = rows[0]["tokens"] if rows else None
     return out
 
 

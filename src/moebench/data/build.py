@@ -13,7 +13,10 @@ tokenizer ("byte_bpe" | "synthetic_wordlevel"), tokenizer_file, tokenizer_sha256
 tokenizer_vocab_size (entries trained), vocab_size (id space = config vocab_size: every id is
 below it), eos_id, dtype, versions, splits.<train|val>.{file, n_tokens, n_docs, bytes
 (UTF-8 bytes of the documents' text; null for synthetic), bytes_per_token, sha256, doc_ids},
-and for the synthetic source `synthetic` (topic_probs, topic_counts per split).
+and for the synthetic source `synthetic` (topic_probs, topic_counts per split). A `mixed`
+corpus stores each split domain by domain and adds splits.<split>.domains: one
+{domain, start, end, n_docs} per domain, the token range [start, end) its documents fill;
+`TokenStream` keeps every window inside one range, so every window has one domain.
 
 Legend: N documents, L tokens per synthetic document.
 """
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,13 @@ import tokenizers
 from tokenizers import Tokenizer
 
 from moebench.config import DataConfig
-from moebench.data.sources import assign_val, load_documents, source_fingerprint
+from moebench.data.sources import (
+    Document,
+    assign_val,
+    domain_of,
+    load_documents,
+    source_fingerprint,
+)
 from moebench.data.synthetic import synthetic_corpus
 from moebench.data.tokenizer import (
     EOS_ID,
@@ -49,6 +58,8 @@ from moebench.io import (
     write_text,
 )
 
+logger = logging.getLogger(__name__)
+
 FORMAT = 1
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -62,11 +73,7 @@ class SplitData:
     doc_ids: list[str]
     tokens: np.ndarray
     n_bytes: int | None
-
-
-def log(msg: str) -> None:
-    """Progress line on stderr (stdout stays free for results)."""
-    print(f"[moebench data] {msg}", file=sys.stderr, flush=True)
+    domains: list[dict[str, Any]] | None = None
 
 
 def bin_file(split: str) -> str:
@@ -118,37 +125,58 @@ def reusable_manifest(out: Path, ident: dict[str, Any]) -> dict[str, Any] | None
 
 def text_splits(cfg: DataConfig, seed: int) -> tuple[Tokenizer, str, dict[str, SplitData]]:
     """Documents -> split by document -> BPE trained on train -> encoded streams."""
-    log(
+    logger.info(
         f"loading source {cfg.source!r}"
         + (f" (max_bytes={cfg.max_bytes})" if cfg.max_bytes else "")
     )
-    docs = load_documents(cfg)
-    is_val = assign_val([d.id for d in docs], cfg.val_fraction, seed)
-    by_split = {
-        "train": [d for d, v in zip(docs, is_val, strict=True) if not v],
-        "val": [d for d, v in zip(docs, is_val, strict=True) if v],
-    }
+    docs = load_documents(cfg, seed)
+    groups: dict[str, list[Document]] = {}  # one group, or one per domain of `mixed`
+    for d in docs:
+        groups.setdefault(domain_of(d.id) if cfg.source == "mixed" else "", []).append(d)
+    by_split: dict[str, list[Document]] = {"train": [], "val": []}
+    for group in groups.values():
+        is_val = assign_val([d.id for d in group], cfg.val_fraction, seed)
+        for d, v in zip(group, is_val, strict=True):
+            by_split["val" if v else "train"].append(d)
     n_bytes = {k: sum(len(d.text.encode("utf-8")) for d in v) for k, v in by_split.items()}
-    log(
+    logger.info(
         f"{len(docs)} documents: train {len(by_split['train'])} ({n_bytes['train']} bytes), "
         f"val {len(by_split['val'])} ({n_bytes['val']} bytes)"
     )
-    log(f"training byte-level BPE (vocab_size={cfg.vocab_size}) on the train split")
+    logger.info(f"training byte-level BPE (vocab_size={cfg.vocab_size}) on the train split")
     tok = train_bpe([d.text for d in by_split["train"]], cfg.vocab_size)
     dtype = token_dtype(cfg.vocab_size)
     splits = {}
     for name, split_docs in by_split.items():
-        log(f"encoding {name}")
+        logger.info(f"encoding {name}")
         tokens = encode_documents(tok, [d.text for d in split_docs], dtype)
-        splits[name] = SplitData([d.id for d in split_docs], tokens, n_bytes[name])
+        domains = domain_ranges(tok, split_docs) if cfg.source == "mixed" else None
+        splits[name] = SplitData([d.id for d in split_docs], tokens, n_bytes[name], domains)
     return tok, "byte_bpe", splits
+
+
+def domain_ranges(tok: Tokenizer, docs: list[Document]) -> list[dict[str, Any]]:
+    """{domain, start, end, n_docs} of each domain's run of consecutive documents in the
+    encoded stream (each document's ids plus its EOS)."""
+    lengths = [len(e.ids) + 1 for e in tok.encode_batch([d.text for d in docs],
+                                                       add_special_tokens=False)]
+    ranges: list[dict[str, Any]] = []
+    start = 0
+    for doc, n in zip(docs, lengths, strict=True):
+        domain = domain_of(doc.id)
+        if not ranges or ranges[-1]["domain"] != domain:
+            ranges.append({"domain": domain, "start": start, "end": start, "n_docs": 0})
+        ranges[-1]["end"] += n
+        ranges[-1]["n_docs"] += 1
+        start += n
+    return ranges
 
 
 def synthetic_splits(
     cfg: DataConfig, seed: int
 ) -> tuple[Tokenizer, str, dict[str, SplitData], dict[str, Any]]:
     """Zipf-topic Markov documents split by document; ids are written as generated."""
-    log(
+    logger.info(
         f"generating {cfg.synthetic_docs} synthetic documents x {cfg.synthetic_doc_tokens} "
         f"tokens ({cfg.synthetic_topics} topics, skew {cfg.synthetic_skew})"
     )
@@ -181,7 +209,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path, seed: int) -> dict[str, Any]:
     check_writable_dir(out, "out_dir")
     ident = identity(cfg, seed)
     if (manifest := reusable_manifest(out, ident)) is not None:
-        log(f"{out} is up to date (manifest, sizes and sha256 match); nothing to do")
+        logger.info(f"{out} is up to date (manifest, sizes and sha256 match); nothing to do")
         return manifest
 
     extra: dict[str, Any] = {}  # built before touching `out`: bad input leaves it as it was
@@ -213,8 +241,9 @@ def prepare(cfg: DataConfig, out_dir: str | Path, seed: int) -> dict[str, Any]:
             "bytes_per_token": None if s.n_bytes is None else s.n_bytes / n_tokens,
             "sha256": hashlib.sha256(payload).hexdigest(),
             "doc_ids": s.doc_ids,
+            **({"domains": s.domains} if s.domains is not None else {}),
         }
-        log(f"wrote {bin_file(name)}: {n_tokens} tokens, {len(s.doc_ids)} documents")
+        logger.info(f"wrote {bin_file(name)}: {n_tokens} tokens, {len(s.doc_ids)} documents")
 
     manifest = {
         **ident,
@@ -231,5 +260,5 @@ def prepare(cfg: DataConfig, out_dir: str | Path, seed: int) -> dict[str, Any]:
         **({"synthetic": extra} if extra else {}),
     }
     write_json(out / MANIFEST, manifest)
-    log(f"wrote {out / MANIFEST}")
+    logger.info(f"wrote {out / MANIFEST}")
     return manifest

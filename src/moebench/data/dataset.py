@@ -8,6 +8,13 @@ n_tokens x itemsize, every id < vocab_size, optionally SHA-256) and serves
 A window is seq_len + 1 consecutive tokens; tokens are its first seq_len, targets its last
 seq_len (targets[:, i] = tokens[:, i + 1]). Windows may cross document boundaries (EOS).
 
+A split of a `mixed` corpus is cut into domain ranges (manifest `domains`), and every window
+lies inside one: `batch` draws uniformly among all such windows; `iter_eval` takes each
+range's consecutive windows and interleaves the domains (the k-th window of every domain,
+in domain order, then the (k+1)-th), so any prefix of the evaluation is stratified by
+domain; `eval_domains` gives each evaluation window's domain index. Without domain ranges
+the whole split is one range and both behave as described above.
+
 Legend: B batch (windows), S sequence length.
 """
 
@@ -136,6 +143,9 @@ class TokenStream:
         if verify and sha256_file(self.path) != meta["sha256"]:
             raise ValueError(f"token file {self.path}: sha256 differs from the manifest; {_RERUN}")
         self.tokens = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
+        ranges = meta.get("domains") or [{"domain": None, "start": 0, "end": self.n_tokens}]
+        self.domains: list[str] = [r["domain"] for r in ranges if r["domain"] is not None]
+        self._ranges = [(r["start"], r["end"]) for r in ranges]
         if (top := int(self.tokens.max())) >= self.vocab_size:
             raise ValueError(
                 f"token file {self.path} holds token id {top} >= vocab_size={self.vocab_size}: "
@@ -157,10 +167,12 @@ class TokenStream:
     def _check_window(self, batch_size: int, seq_len: int) -> None:
         _check_positive("batch_size", batch_size)
         _check_positive("seq_len", seq_len)
-        if seq_len + 1 > self.n_tokens:
+        shortest = min(end - start for start, end in self._ranges)
+        if seq_len + 1 > shortest:
+            where = "" if not self.domains else " in its shortest domain"
             raise ValueError(
                 f"seq_len={seq_len} needs seq_len + 1 = {seq_len + 1} tokens, split "
-                f"{self.split!r} of {self.data_dir} has {self.n_tokens}"
+                f"{self.split!r} of {self.data_dir} has {shortest}{where}"
             )
 
     def _windows(self, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,36 +183,57 @@ class TokenStream:
     def batch(
         self, generator: torch.Generator, batch_size: int, seq_len: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`batch_size` windows at offsets uniform in [0, n_tokens - seq_len - 1].
+        """`batch_size` windows drawn uniformly among all windows inside one domain range
+        (without domains: offsets uniform in [0, n_tokens - seq_len - 1]).
 
-        The offsets come from `torch.randint(..., generator=generator)` (a CPU generator);
+        The draws come from `torch.randint(..., generator=generator)` (a CPU generator);
         returns (tokens_BS, targets_BS), int64 on CPU.
         """
         self._check_window(batch_size, seq_len)
-        starts_B = torch.randint(
-            0, self.n_tokens - seq_len, (batch_size,), generator=generator
-        ).numpy()
+        fits_R = np.array([end - start - seq_len for start, end in self._ranges])
+        draws_B = torch.randint(0, int(fits_R.sum()), (batch_size,), generator=generator).numpy()
+        first_R = np.cumsum(fits_R) - fits_R  # draws below first_R[r] + fits_R[r]: range r
+        range_B = np.searchsorted(first_R, draws_B, side="right") - 1
+        starts_B = np.array([s for s, _ in self._ranges])[range_B] + draws_B - first_R[range_B]
         return self._windows(starts_B, seq_len)
 
+    def _eval_starts(self, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """Start and domain-range index of every evaluation window, in evaluation order:
+        range r's starts start_r, start_r + S, ... while a window fits, interleaved."""
+        starts, ranges, ranks = [], [], []
+        for r, (start, end) in enumerate(self._ranges):
+            n = (end - start - 1) // seq_len
+            starts.append(start + seq_len * np.arange(n))
+            ranges.append(np.full(n, r))
+            ranks.append(np.arange(n))
+        order = np.lexsort((np.concatenate(ranges), np.concatenate(ranks)))
+        return np.concatenate(starts)[order], np.concatenate(ranges)[order]
+
     def num_windows(self, seq_len: int) -> int:
-        """Consecutive evaluation windows: starts 0, S, 2S, ... while a window fits."""
-        return (self.n_tokens - 1) // seq_len
+        """Consecutive evaluation windows (per domain range): starts 0, S, 2S, ... while a
+        window fits."""
+        return sum((end - start - 1) // seq_len for start, end in self._ranges)
+
+    def eval_domains(self, seq_len: int) -> np.ndarray:
+        """int64 [windows]: index into `domains` of every evaluation window, in `iter_eval`
+        order (all 0 without domains)."""
+        return self._eval_starts(seq_len)[1]
 
     def iter_eval(
         self, batch_size: int, seq_len: int, max_batches: int | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(tokens_BS, targets_BS) of consecutive windows from the start of the split.
 
-        Windows start at multiples of seq_len; the last batch holds the remaining windows
+        Windows start at multiples of seq_len (per domain range, interleaved: see the module
+        docstring); the last batch holds the remaining windows
         (may be smaller than batch_size); at most `max_batches` batches (None = all).
         """
         self._check_window(batch_size, seq_len)
         if max_batches is not None:
             _check_positive("max_batches", max_batches)
-        n_windows = self.num_windows(seq_len)
-        n_batches = math.ceil(n_windows / batch_size)
+        starts_W = self._eval_starts(seq_len)[0]
+        n_batches = math.ceil(len(starts_W) / batch_size)
         if max_batches is not None:
             n_batches = min(n_batches, max_batches)
         for b in range(n_batches):
-            window_ids = np.arange(b * batch_size, min((b + 1) * batch_size, n_windows))
-            yield self._windows(window_ids * seq_len, seq_len)
+            yield self._windows(starts_W[b * batch_size : (b + 1) * batch_size], seq_len)

@@ -15,9 +15,15 @@ of a Hugging Face dataset), so validation text never shares a document with trai
 - hf: a Hugging Face dataset `name` or `name:config` (train split, streamed), one document
   per row of its "text" column (else its first string column). Needs `datasets` and a
   network; `datasets` is imported lazily and is not a dependency of moebench.
+- mixed: three domains, `MIXED_DOMAINS`, each document's id prefixed with its domain
+  ("shakespeare/<genre>/<play>", "cpython/<path>", "synthetic/<n>"): the two corpora above
+  and the synthetic topic documents (`moebench.data.synthetic`, drawn from the data seed)
+  written as text in the synthetic tokenizer's spelling, "s<id> s<id> ...". The split is
+  made per domain, so each domain holds out `val_fraction` of its documents.
 
 `max_bytes` keeps documents in source order until the cap; the document that crosses it is
-cut at a character boundary, so the corpus holds at most `max_bytes` UTF-8 bytes.
+cut at a character boundary, so the corpus holds at most `max_bytes` UTF-8 bytes (for
+`mixed`, each domain holds at most `max_bytes`).
 """
 
 from __future__ import annotations
@@ -32,11 +38,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moebench.config import DataConfig
+from moebench.data.synthetic import synthetic_corpus
 
 FILE_DOC_BYTES = 8192
 FILE_DOC_MAX_BYTES = 4 * FILE_DOC_BYTES
 CPYTHON_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
-TEXT_SOURCES = ("shakespeare", "cpython", "file", "hf")
+TEXT_SOURCES = ("shakespeare", "cpython", "file", "hf", "mixed")
+MIXED_DOMAINS = ("shakespeare", "cpython", "synthetic")
+"""The domains of source `mixed`, in the order their documents are stored."""
 
 
 @dataclass(frozen=True)
@@ -157,8 +166,37 @@ def cap_bytes(docs: Iterable[Document], max_bytes: int | None) -> list[Document]
     return out
 
 
-def load_documents(cfg: DataConfig) -> list[Document]:
-    """The documents of a text source, capped by `cfg.max_bytes`; empty ones are dropped."""
+def synthetic_text_documents(cfg: DataConfig, seed: int) -> Iterator[Document]:
+    """The synthetic topic documents of `cfg` (vocabulary `cfg.vocab_size`) as text."""
+    corpus = synthetic_corpus(cfg, seed)
+    for doc_id, ids_L in zip(corpus.doc_ids, corpus.tokens, strict=True):
+        yield Document(doc_id, " ".join(f"s{i}" for i in ids_L.tolist()))
+
+
+def mixed_documents(cfg: DataConfig, seed: int) -> Iterator[Document]:
+    """The documents of every domain of `MIXED_DOMAINS` in turn, ids prefixed with the
+    domain; each domain capped by `cfg.max_bytes`."""
+    sources = {
+        "shakespeare": shakespeare_documents(),
+        "cpython": cpython_documents(),
+        "synthetic": synthetic_text_documents(cfg, seed),
+    }
+    for domain in MIXED_DOMAINS:
+        for doc in cap_bytes(sources[domain], cfg.max_bytes):
+            yield Document(doc.id if doc.id.startswith(f"{domain}/") else f"{domain}/{doc.id}",
+                           doc.text)
+
+
+def domain_of(doc_id: str) -> str:
+    """The domain of a `mixed` document: the first part of its id."""
+    return doc_id.split("/", 1)[0]
+
+
+def load_documents(cfg: DataConfig, seed: int = 0) -> list[Document]:
+    """The documents of a text source, capped by `cfg.max_bytes`; empty ones are dropped.
+    `seed` draws the synthetic domain of `mixed` (no other source is random)."""
+    if cfg.source == "mixed":
+        return [d for d in mixed_documents(cfg, seed) if d.text]
     if cfg.source == "shakespeare":
         docs = shakespeare_documents()
     elif cfg.source == "cpython":
@@ -192,6 +230,10 @@ def source_fingerprint(cfg: DataConfig) -> str:
         return f"file sha256 {digest}"
     if cfg.source == "hf":
         return f"hf {cfg.hf_name} (unversioned)"
+    if cfg.source == "mixed":
+        parts = [source_fingerprint(cfg.model_copy(update={"source": d}))
+                 for d in MIXED_DOMAINS]
+        return "mixed: " + "; ".join(parts)
     return "moebench synthetic v1"
 
 

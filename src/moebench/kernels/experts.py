@@ -2,7 +2,7 @@
 
     y_t = sum_k w_tk * FFN_{e_tk}(x_t),   FFN_e(x) = (silu(x W_gate[e]) * (x W_up[e])) W_down[e]
 
-([DeepSeekMoE] eq. 3-5 routed part; SwiGLU [Shazeer 2020] eq. 6.) The T*K (token, expert)
+([DSMoE] eq. 3-5 routed part; SwiGLU [Shazeer 2020] eq. 6.) The T*K (token, expert)
 assignments are sorted by expert (stable, so tokens keep their order inside an expert), the
 rows of x are copied once into that order, the matrix products of every expert run as one
 `torch._grouped_mm` each (row offsets = cumulative expert counts), and the expert outputs
@@ -19,13 +19,14 @@ two Triton kernels, one program per token, that touch each row once:
   (Without the kernels: index_select, a batched product and a sum over K.)
 - SwiGLU (`swiglu`): one Triton kernel forward (read h, u; write a) and one backward (read
   h, u, da; write dh, du), instead of five to seven eager element-wise kernels.
-- gate and up in one weight (`grouped_experts_gate_up`, w_gate_up_EH2F = [W_gate | W_up]):
+- gate and up in one operand (`expert_ffn`, on CUDA: [W_gate | W_up] concatenated per call):
   one grouped GEMM gives [h | u], SwiGLU reads both halves in place and writes [dh | du],
   so the input gradient is one grouped GEMM instead of two plus an addition of [A, H].
 
-Weight shapes (one tensor per projection, experts stacked first):
-`w_gate_EHF` [E, H, F], `w_up_EHF` [E, H, F] (or `w_gate_up_EH2F` [E, H, 2F], gate first),
-`w_down_EFH` [E, F, H]; x W means x @ W.
+`expert_ffn` is the one local computation of the routed experts: `grouped_experts` (one
+device) and the expert-parallel path (`moebench.model.moe`, after the all-to-all) both call
+it. Weight shapes (one tensor per projection, experts stacked first): `w_gate_EHF`
+[E, H, F], `w_up_EHF` [E, H, F], `w_down_EFH` [E, F, H]; x W means x @ W.
 
 Legend: T tokens, K experts per token, A = T*K assignments, E experts, H hidden, F expert
 hidden.
@@ -42,7 +43,7 @@ from torch.nn import functional as F
 
 
 @dataclass(frozen=True)
-class DispatchPlan:
+class ExpertPlan:
     """Sort of the T*K assignments by expert.
 
     `order` [A]: flat assignment (t*K + k) at sorted position i; `token` [A]: its token;
@@ -57,16 +58,18 @@ class DispatchPlan:
     counts: torch.Tensor
 
 
-def plan_dispatch(experts_TK: torch.Tensor, num_experts: int) -> DispatchPlan:
-    """Stable sort of the assignments by expert id (ties keep token order)."""
+def plan_dispatch(experts_TK: torch.Tensor, num_experts: int) -> ExpertPlan:
+    """Stable sort of the assignments by expert id (ties keep token order). No host sync:
+    the counts are a scatter-add, not `bincount` (which reads the maximum id on the host)."""
     K = experts_TK.shape[1]
-    flat_A = experts_TK.reshape(-1)
+    flat_A = experts_TK.reshape(-1).long()
     order_A = torch.sort(flat_A, stable=True).indices
     pos_A = torch.empty_like(order_A)
     pos_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
-    counts_E = torch.bincount(flat_A, minlength=num_experts)
+    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=flat_A.device)
+    counts_E.scatter_add_(0, flat_A, torch.ones_like(flat_A))
     offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
-    return DispatchPlan(order_A, order_A // K, pos_A, offsets_E, counts_E)
+    return ExpertPlan(order_A, order_A // K, pos_A, offsets_E, counts_E)
 
 
 @triton.jit
@@ -190,7 +193,8 @@ class _Dispatch(torch.autograd.Function):
         if ctx.triton_kernels:
             return _gather_sum(g_AH, pos_A, T), None, None, None, None
         g_TKH = g_AH.index_select(0, pos_A).view(T, ctx.K, -1)
-        return g_TKH.sum(1, dtype=torch.float32).to(g_AH.dtype), None, None, None, None
+        acc = torch.promote_types(g_AH.dtype, torch.float32)  # float32 at least
+        return g_TKH.sum(1, dtype=acc).to(g_AH.dtype), None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -340,11 +344,10 @@ def swiglu_packed(hu: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
 
 
 def _grouped_mm_native(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether `torch._grouped_mm` runs these operands (CPU: any float; CUDA: bf16, sm90+)."""
+    """Whether `torch._grouped_mm` runs these operands: CUDA bf16 on sm90+ only (on CPU its
+    backward failed for some shapes in torch 2.13, and the segment loop is deterministic)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if a.device.type == "cpu":
-        return True
     return (
         a.is_cuda
         and a.dtype == b.dtype == torch.bfloat16
@@ -359,8 +362,34 @@ def grouped_mm(a_AX: torch.Tensor, b_EXY: torch.Tensor, offsets_E: torch.Tensor)
     if _grouped_mm_native(a_AX, b_EXY):
         return torch._grouped_mm(a_AX, b_EXY, offs=offsets_E)
     bounds = [0, *offsets_E.tolist()]
-    parts = [a_AX[bounds[e] : bounds[e + 1]] @ b_EXY[e] for e in range(b_EXY.shape[0])]
-    return torch.cat(parts, 0)
+    parts = [a_AX[bounds[e] : bounds[e + 1]] @ b_EXY[e]
+             for e in range(b_EXY.shape[0]) if bounds[e + 1] > bounds[e]]
+    return torch.cat(parts, 0) if parts else a_AX.new_zeros(0, b_EXY.shape[-1])
+
+
+def expert_ffn(
+    xs_AH: torch.Tensor,
+    offsets_E: torch.Tensor,
+    w_gate_EHF: torch.Tensor,
+    w_up_EHF: torch.Tensor,
+    w_down_EFH: torch.Tensor,
+    fused: bool | None = None,
+) -> torch.Tensor:
+    """The routed experts' local computation on rows sorted by expert (rows of expert e end
+    at `offsets_E[e]`): (silu(x W_gate[e]) * x W_up[e]) W_down[e]. One function for one GPU,
+    for CPU and for the rows an expert-parallel rank receives.
+
+    `fused` (default: on CUDA): gate and up packed into one [E, H, 2F] operand, one grouped
+    GEMM for both, the Triton SwiGLU reading [h | u] in place; else one matmul per segment.
+    Every row belongs to an expert: `offsets_E[-1]` is the row count."""
+    if fused is None:
+        fused = xs_AH.is_cuda
+    if fused:
+        hu_A2F = grouped_mm(xs_AH, torch.cat((w_gate_EHF, w_up_EHF), dim=2), offsets_E)
+        return grouped_mm(swiglu_packed(hu_A2F, fused=True), w_down_EFH, offsets_E)
+    h_AF = grouped_mm(xs_AH, w_gate_EHF, offsets_E)
+    u_AF = grouped_mm(xs_AH, w_up_EHF, offsets_E)
+    return grouped_mm(swiglu(h_AF, u_AF, fused=False), w_down_EFH, offsets_E)
 
 
 def _check_shapes(x_TH, experts_TK, weights_TK, weights: dict[str, torch.Tensor]) -> None:
@@ -368,14 +397,13 @@ def _check_shapes(x_TH, experts_TK, weights_TK, weights: dict[str, torch.Tensor]
     experts [T, K] and the first weight stack's expert count E and width F."""
     T, H = x_TH.shape
     first = next(iter(weights.values()))
-    E, Fh = first.shape[0], first.shape[2] // (2 if "w_gate_up_EH2F" in weights else 1)
+    E, Fh = first.shape[0], first.shape[2]
     K = experts_TK.shape[-1]
     allowed = {
         "experts_TK": (T, K),
         "weights_TK": (T, K),
         "w_gate_EHF": (E, H, Fh),
         "w_up_EHF": (E, H, Fh),
-        "w_gate_up_EH2F": (E, H, 2 * Fh),
         "w_down_EFH": (E, Fh, H),
     }
     tensors = {"experts_TK": experts_TK, "weights_TK": weights_TK, **weights}
@@ -384,17 +412,6 @@ def _check_shapes(x_TH, experts_TK, weights_TK, weights: dict[str, torch.Tensor]
             raise ValueError(
                 f"{name} shape={tuple(tensor.shape)} is invalid; allowed: {allowed[name]}"
             )
-
-
-def _routed(x_TH, experts_TK, weights_TK, num_experts, ffn, triton_kernels) -> torch.Tensor:
-    """Dispatch by expert, `ffn(xs_AH, offsets_E) -> o_AH`, combine with the gates."""
-    if triton_kernels is None:
-        triton_kernels = x_TH.is_cuda
-    K = experts_TK.shape[1]
-    plan = plan_dispatch(experts_TK, num_experts)
-    xs_AH = _Dispatch.apply(x_TH, plan.token, plan.pos, K, triton_kernels)
-    o_AH = ffn(xs_AH, plan.offsets, triton_kernels)
-    return _Combine.apply(o_AH, weights_TK, plan.pos, plan.order, triton_kernels)
 
 
 def grouped_experts(
@@ -410,7 +427,8 @@ def grouped_experts(
 
     Differentiable w.r.t. x, the gates and the three weight stacks. `experts_TK` int64 in
     [0, E); gates enter in float32 (the combine accumulates in float32). `triton_kernels`:
-    Triton row movement and SwiGLU (default: on CUDA; the interpreter runs them on CPU).
+    Triton row movement, packed gate/up GEMM and SwiGLU (`expert_ffn`; default: on CUDA;
+    the interpreter runs them on CPU). No host sync on CUDA.
     """
     _check_shapes(
         x_TH,
@@ -418,38 +436,35 @@ def grouped_experts(
         weights_TK,
         {"w_gate_EHF": w_gate_EHF, "w_up_EHF": w_up_EHF, "w_down_EFH": w_down_EFH},
     )
+    if triton_kernels is None:
+        triton_kernels = x_TH.is_cuda
+    plan = plan_dispatch(experts_TK, w_gate_EHF.shape[0])
+    xs_AH = dispatch_rows(x_TH, plan, triton_kernels)
+    o_AH = expert_ffn(xs_AH, plan.offsets, w_gate_EHF, w_up_EHF, w_down_EFH, triton_kernels)
+    return combine_rows(o_AH, weights_TK, plan, triton_kernels)
 
-    def ffn(xs_AH, offsets_E, fused):
-        h_AF = grouped_mm(xs_AH, w_gate_EHF, offsets_E)
-        u_AF = grouped_mm(xs_AH, w_up_EHF, offsets_E)
-        return grouped_mm(swiglu(h_AF, u_AF, fused), w_down_EFH, offsets_E)
 
-    return _routed(x_TH, experts_TK, weights_TK, w_gate_EHF.shape[0], ffn, triton_kernels)
+def dispatch_rows(x_TH: torch.Tensor, plan: ExpertPlan, triton_kernels: bool) -> torch.Tensor:
+    """[A, H]: the K copies of every row of x in the plan's order (the dispatch permute);
+    differentiable, backward sums the copies without atomics."""
+    K = plan.pos.numel() // max(x_TH.shape[0], 1)
+    return _Dispatch.apply(x_TH, plan.token, plan.pos, K, triton_kernels)
 
 
-def grouped_experts_gate_up(
-    x_TH: torch.Tensor,
-    experts_TK: torch.Tensor,
-    weights_TK: torch.Tensor,
-    w_gate_up_EH2F: torch.Tensor,
-    w_down_EFH: torch.Tensor,
-    triton_kernels: bool | None = None,
-) -> torch.Tensor:
-    """`grouped_experts` with the gate and up projections stored as one weight
-    w_gate_up_EH2F = [W_gate | W_up] ([E, H, 2F], gate in the first F columns): one grouped
-    GEMM each way for both (see the module docstring). Same result and arguments otherwise."""
-    _check_shapes(
-        x_TH,
-        experts_TK,
-        weights_TK,
-        {"w_gate_up_EH2F": w_gate_up_EH2F, "w_down_EFH": w_down_EFH},
-    )
+def combine_rows(o_AH: torch.Tensor, weights_TK: torch.Tensor, plan: ExpertPlan,
+                 triton_kernels: bool) -> torch.Tensor:
+    """[T, H]: y_t = sum_k w_tk o[pos(t, k)], accumulated in float32 (the combine unpermute);
+    differentiable w.r.t. o and the gates."""
+    return _Combine.apply(o_AH, weights_TK, plan.pos, plan.order, triton_kernels)
 
-    def ffn(xs_AH, offsets_E, fused):
-        hu_A2F = grouped_mm(xs_AH, w_gate_up_EH2F, offsets_E)
-        return grouped_mm(swiglu_packed(hu_A2F, fused), w_down_EFH, offsets_E)
 
-    return _routed(x_TH, experts_TK, weights_TK, w_gate_up_EH2F.shape[0], ffn, triton_kernels)
+def permute_rows(x_NH: torch.Tensor, perm_N: torch.Tensor, inverse_N: torch.Tensor,
+                 triton_kernels: bool | None = None) -> torch.Tensor:
+    """x[perm] whose backward is the inverse gather g[inverse] (no atomics): `_Dispatch`
+    with one slot per row. `inverse_N` is the inverse permutation of `perm_N`."""
+    if triton_kernels is None:
+        triton_kernels = x_NH.is_cuda
+    return _Dispatch.apply(x_NH, perm_N, inverse_N, 1, triton_kernels)
 
 
 def expert_loop(

@@ -1,7 +1,7 @@
 """Fused Triton router: one pass over the logits computes the scores, bias, group limit, top-K,
 gates and the per-expert load histogram; a second kernel gives the gates' logit gradient.
 
-Semantics are exactly `moebench.routing.route` (routing.md §7):
+Semantics are exactly `moebench.routing.route` (docs/routing.md §7):
 
     s      = softmax(z) | sigmoid(z)                      float32 ([V2] eq. 22, [V3] eq. 15)
     key    = s + b | s * b                                ([V3] eq. 16, [LF] §4.3)

@@ -1,30 +1,26 @@
-"""The DeepSeekMoE decoder (`MoETransformer`) and its MoE layer (`MoELayer`)."""
+"""The DeepSeekMoE decoder (`MoETransformer`, built from its `TransformerConfig`) and its MoE
+layer (`MoELayer`, built from its `MoEConfig`)."""
 
 from moebench.model.moe import (
     AUX_NAMES,
     ExpertParallel,
-    LayerComm,
     LayerRouting,
+    MoEConfig,
     MoELayer,
-    NonFiniteRouterError,
     RoutedExperts,
     SwiGLU,
-    router_config,
-    run_layout,
 )
-from moebench.model.transformer import ModelOutput, MoETransformer
+from moebench.model.transformer import ModelOutput, MoETransformer, TransformerConfig
 
 __all__ = [
     "AUX_NAMES",
     "ExpertParallel",
-    "LayerComm",
     "LayerRouting",
+    "MoEConfig",
     "MoELayer",
     "MoETransformer",
     "ModelOutput",
-    "NonFiniteRouterError",
     "RoutedExperts",
     "SwiGLU",
-    "router_config",
-    "run_layout",
+    "TransformerConfig",
 ]

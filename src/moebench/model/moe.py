@@ -4,38 +4,42 @@
 
 The residual u_t is added by the transformer block, not here ([V3-code] `MoE`/`Block`).
 The N_s shared experts are one SwiGLU of width N_s * expert_hidden, the same function as
-N_s experts with concatenated weights ([V3-code]; routing.md §1). The router is a bias-free
-linear layer computed in float32 (hidden state and weight cast to float32, autocast off:
-[HF-V2], [Switch] §2.4); selection and gates come from `moebench.routing.route`, the
-aux-loss-free bias only selects ([V3] eq. 16). Capacity dropping (training only, [Switch]
-eq. 3, [V2] §2.2.4) zeroes the gate of a dropped assignment without renormalising the rest
-(balancing.md §7.3). Each layer returns its alpha-weighted balance losses (balancing.md §1:
-the model's aux loss is their sum over MoE layers).
+N_s experts with concatenated weights ([V3-code]; docs/routing.md §1). The router is a
+bias-free linear layer computed in float32 (hidden state and weight cast to float32,
+autocast off: [HF-V2], [Switch] §2.4); selection and gates come from `moebench.routing.route`
+(or, on CUDA, the fused Triton router `moebench.kernels.route_fused`, which computes the same
+selection), the aux-loss-free bias only selects ([V3] eq. 16). Capacity dropping (training
+only, [Switch] eq. 3, [V2] §2.2.4) zeroes the gate of a dropped assignment without
+renormalising the rest (docs/balancing.md §7.3). Each layer returns its alpha-weighted
+balance losses (docs/balancing.md §1: the model's aux loss is their sum over MoE layers).
 
-Two expert paths compute the same function:
-- "loop": the reference, one gather / SwiGLU / scatter per expert.
-- "grouped": assignments sorted by expert (stable, so token order is kept within an
-  expert), then one grouped GEMM per projection: `moebench.kernels.experts.grouped_experts`
-  (torch._grouped_mm) on CUDA, a loop over the sorted contiguous segments on CPU.
+One routed-expert implementation (`RoutedExperts`), whatever the device:
+- one device: `moebench.kernels.grouped_experts` on CUDA (assignments sorted by expert,
+  Triton row movement, gate and up in one grouped GEMM, no host sync); on CPU the kept
+  assignments sorted by expert (stable), one matmul per expert segment, an ordered
+  `index_add_` (deterministic, bitwise reproducible);
+- expert parallelism (`MoETransformer.shard_experts(ExpertParallel)`): the same local
+  computation (`moebench.kernels.expert_ffn`) wrapped in two all-to-alls. The assignments
+  are sorted by (owning rank, local expert), dropped ones last; the kept rows travel in the
+  compute dtype (bf16 under autocast) to their rank by `moebench.comm.alltoall`, are regrouped
+  by local expert there, run as one grouped GEMM, and come back to be summed with the gates.
+  Capacity is then per rank and micro-batch: T in [Switch] eq. 3 (and the V2 device budget)
+  counts this rank's tokens, as every rank drops before it dispatches. The batch-wide
+  losses (switch, global) take f from the selection counts all-reduced over the ranks
+  (global: also summed over the optimizer step's micro-batches so far), P from the rank's
+  own tokens, so the mean over ranks of the rank losses is the loss of the whole batch; the
+  per-sequence losses need nothing (ranks hold whole sequences).
 
-Expert parallelism (`MoETransformer.shard_experts(ExpertParallel)`, used by distributed
-training): rank r keeps only the experts the layout places on GPU r. The kept assignments,
-sorted by expert as in the grouped path, travel to their expert's rank and back through
-`moebench.comm.ep_moe` (the "per_expert" dispatcher: one row per (token, expert) pair,
-all_to_all_single with autograd), whatever `impl` says; each received expert batch runs
-as one SwiGLU. Capacity is then per rank and micro-batch: T in [Switch] eq. 3 (and the V2
-device budget) counts this rank's tokens, as every rank drops before it dispatches. The
-batch-wide losses (switch, global) take f from the selection counts all-reduced over the
-ranks, P from the rank's own tokens, so the mean over ranks of the rank losses is the loss
-of the whole batch; the per-sequence losses need nothing (ranks hold whole sequences).
+No host synchronisation in the forward on one GPU: the finiteness of the router logits is
+returned as a device flag (`LayerRouting.finite`) that the trainer checks once per step.
 
 Legend: T tokens, H d_model, F expert hidden width, E routed experts, K experts per token,
-B sequences, S sequence length, A kept (token, slot) assignments.
+B sequences, S sequence length, A kept (token, slot) assignments, W expert-parallel ranks,
+L local experts of a rank, R rows a rank receives.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -54,65 +58,115 @@ from moebench.balancing import (
     literal_topk,
     seq_loss,
     switch_loss,
+    z_loss,
 )
-from moebench.comm.alltoall import DispatchPlan, ep_moe
-from moebench.config import RunConfig
-from moebench.kernels.experts import grouped_experts
-from moebench.routing import Layout, RouterConfig, route
+from moebench.comm.alltoall import A2AStats, AllToAll, PhaseTimer, exchange_counts
+from moebench.config import BalanceConfig
+from moebench.kernels import (
+    combine_rows,
+    dispatch_rows,
+    expert_ffn,
+    grouped_experts,
+    permute_rows,
+    plan_dispatch,
+    route_fused,
+    supports,
+)
+from moebench.metrics import expert_load
+from moebench.routing import Layout, RouterConfig, Routing, route
+from moebench.routing.router import scores as affinities
 
-AUX_NAMES = ("switch", "expert", "device", "comm", "seq", "global")
+AUX_NAMES = ("switch", "expert", "device", "comm", "seq", "global", "z")
 
 
-class NonFiniteRouterError(FloatingPointError):
-    """Router logits of MoE layer `layer` (0-based among MoE layers) hold NaN or inf."""
+@dataclass(frozen=True)
+class MoEConfig:
+    """One DeepSeekMoE layer: widths, the router, the expert placement (whose devices are
+    the router's groups under device-limited routing) and the balancing settings."""
 
-    def __init__(self, layer: int) -> None:
-        super().__init__(f"router logits of MoE layer {layer} contain NaN or inf")
-        self.layer = layer
+    d_model: int
+    expert_hidden: int
+    n_shared_experts: int
+    router: RouterConfig
+    layout: Layout
+    balance: BalanceConfig
+    comm_limit: int
+    """M of the V2 communication loss ([V2] eq. 30): the device limit under device-limited
+    routing, else min(K, D), the most devices a token can reach (our convention)."""
 
 
 @dataclass(frozen=True)
 class LayerRouting:
     """What one MoE layer routed: `experts_TK` int64, gate `weights_TK` float32 (zero where
-    dropped), `keep_TK` bool (False = dropped by capacity), unbiased `scores_TE` float32;
-    `comm`: what its all-to-all did, under expert parallelism (else None)."""
+    dropped), `keep_TK` bool (False = dropped by capacity), unbiased `scores_TE` float32,
+    `finite`: 0-dim bool, whether the router logits were finite; `comm`: what its all-to-all
+    did, under expert parallelism (else None)."""
 
     experts_TK: Tensor  # noqa: N815 (contract field names)
     weights_TK: Tensor  # noqa: N815 (contract field names)
     keep_TK: Tensor  # noqa: N815 (contract field names)
     scores_TE: Tensor  # noqa: N815 (contract field names)
-    comm: LayerComm | None = None
-
-
-@dataclass(frozen=True)
-class LayerComm:
-    """One expert-parallel MoE layer's all-to-all: the `DispatchPlan` (split sizes, bytes sent
-    per phase and link, forward wall times) and the bytes per element of what crossed the
-    links in each phase (dispatch: the layer input; combine: the experts' output)."""
-
-    plan: DispatchPlan
-    dispatch_elem_bytes: int
-    combine_elem_bytes: int
+    finite: Tensor
+    comm: A2AStats | None = None
 
 
 @dataclass(frozen=True)
 class ExpertParallel:
-    """Expert parallelism over the ranks of `group` (None = the default group), whose size
-    is `layout.num_devices`: rank `rank` holds the experts the layout places on GPU `rank`
-    (and, data parallel, its share of every batch's sequences)."""
+    """Expert parallelism over the `world_size` ranks of `group` (None = the default group).
+
+    The modelled `layout` (its devices and nodes define routing groups and the byte
+    accounting) is independent of the world size: the experts, in the layout's device-major
+    order, are cut into `world_size` contiguous blocks, one per rank, so a rank holds whole
+    modelled devices when world_size divides the device count. Any divisor of the expert
+    count works, and the same study trains on 1, 2 or 8 GPUs with identical routing."""
 
     layout: Layout
     rank: int
+    world_size: int
     group: dist.ProcessGroup | None = None
 
+    def __post_init__(self) -> None:
+        E, W = self.layout.num_experts, self.world_size
+        if W < 1 or E % W:
+            raise ValueError(f"world_size={W} is invalid; allowed: a divisor of the {E} experts")
+        if not 0 <= self.rank < W:
+            raise ValueError(f"rank={self.rank} is invalid; allowed: 0..{W - 1}")
+
     @property
-    def world_size(self) -> int:
-        return self.layout.num_devices
+    def experts_per_rank(self) -> int:
+        return self.layout.num_experts // self.world_size
+
+    @property
+    def expert_order(self) -> Tensor:
+        """int64 [E]: expert ids in device-major order (the order ranks split them in)."""
+        E = self.layout.num_experts
+        key_E = self.layout.device_of_expert.long() * E + torch.arange(E)
+        return torch.argsort(key_E)
+
+    @property
+    def slot_of_expert(self) -> Tensor:
+        """int64 [E]: position of each expert in `expert_order` (rank = slot // L)."""
+        slot_E = torch.empty(self.layout.num_experts, dtype=torch.long)
+        slot_E[self.expert_order] = torch.arange(self.layout.num_experts)
+        return slot_E
+
+    def experts_of(self, rank: int) -> list[int]:
+        """Global ids of rank `rank`'s experts, in the order its weights store them."""
+        L = self.experts_per_rank
+        return self.expert_order[rank * L : (rank + 1) * L].tolist()
 
     @property
     def local_experts(self) -> list[int]:
-        """Global ids of this rank's experts, ascending."""
-        return torch.nonzero(self.layout.device_of_expert == self.rank).flatten().tolist()
+        return self.experts_of(self.rank)
+
+    def rank_layout(self) -> Layout:
+        """The real ranks as a layout of W devices, for the bytes that really cross links:
+        ranks in the same modelled node share a node when W is a multiple of the modelled
+        node count; otherwise every rank is its own node."""
+        nodes = self.layout.num_nodes
+        if self.world_size % nodes:
+            nodes = self.world_size
+        return Layout.contiguous(self.layout.num_experts, nodes, self.world_size // nodes)
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         """Sum `tensor` over the ranks, in place; returns it."""
@@ -120,169 +174,179 @@ class ExpertParallel:
         return tensor
 
 
-def router_config(cfg: RunConfig) -> RouterConfig:
-    """The `RouterConfig` of a run: groups are devices (limit=device, [V2] §2.2.2) or nodes
-    (limit=node, [V3] §2.1.2) of the topology; "mul" bias for the multiplicative rule."""
-    r = cfg.router
-    return RouterConfig(
-        num_experts=r.num_experts,
-        top_k=r.top_k,
-        score_fn=r.score_fn,
-        num_groups=cfg.num_groups,
-        group_limit=r.group_limit if cfg.num_groups > 1 else 1,
-        group_score=r.group_score,
-        normalize=r.normalize,
-        route_scale=r.route_scale,
-        bias_mode="mul" if cfg.balance.bias.rule == "multiplicative" else "add",
-    )
-
-
-def run_layout(cfg: RunConfig) -> Layout:
-    """Expert placement of the run's topology (contiguous blocks of experts per GPU)."""
-    t = cfg.topology
-    return Layout.contiguous(cfg.router.num_experts, t.num_nodes, t.gpus_per_node)
-
-
 class SwiGLU(nn.Module):
-    """w2(silu(w1 x) * w3 x) [Shazeer 2020]: the dense FFN and the shared experts."""
+    """w_down(silu(w_gate x) * w_up x) [Shazeer 2020]: the dense FFN and the shared experts."""
 
     def __init__(self, d_model: int, hidden: int) -> None:
         super().__init__()
-        self.w1 = nn.Linear(d_model, hidden, bias=False)
-        self.w3 = nn.Linear(d_model, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, d_model, bias=False)
+        self.w_gate = nn.Linear(d_model, hidden, bias=False)
+        self.w_up = nn.Linear(d_model, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
-def _sorted_assignments(
-    experts_TK: Tensor, gates_TK: Tensor, keep_TK: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Kept (token, slot) assignments sorted by expert, stable (token order kept within an
-    expert): their token ids tok_A, expert ids expert_A and gates gate_A."""
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The autocast dtype on CUDA when autocast is on, else x's dtype."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return x.dtype
+
+
+def sorted_experts_cpu(x_TH: Tensor, experts_TK: Tensor, gates_TK: Tensor, keep_TK: Tensor,
+                       w_gate_EHF: Tensor, w_up_EHF: Tensor, w_down_EFH: Tensor) -> Tensor:
+    """The CPU routed-expert path: kept assignments sorted by expert (stable), `expert_ffn`
+    on the segments, then an ordered float32 `index_add_` (deterministic on CPU)."""
     T, K = experts_TK.shape
     flat_keep = keep_TK.reshape(-1)
-    expert_A = experts_TK.reshape(-1)[flat_keep]
-    gate_A = gates_TK.reshape(-1)[flat_keep]
-    tok_A = torch.arange(T, device=experts_TK.device).repeat_interleave(K)[flat_keep]
-    order_A = torch.sort(expert_A, stable=True).indices
-    return tok_A[order_A], expert_A[order_A], gate_A[order_A]
-
-
-def _segment_mm(x_AH: Tensor, w_EHF: Tensor, counts: list[int]) -> Tensor:
-    """Rows of x sorted by expert times each expert's matrix: one matmul per segment (CPU
-    `torch._grouped_mm` needs 16-byte-aligned strides and its backward failed for some
-    shapes in torch 2.13; this works for any shape and is deterministic)."""
-    parts = [seg @ w_EHF[e] for e, seg in enumerate(x_AH.split(counts)) if counts[e]]
-    return torch.cat(parts) if parts else x_AH.new_zeros(0, w_EHF.shape[-1])
+    order_A = torch.sort(experts_TK.reshape(-1)[flat_keep], stable=True).indices
+    tok_A = torch.arange(T).repeat_interleave(K)[flat_keep][order_A]
+    expert_A = experts_TK.reshape(-1)[flat_keep][order_A]
+    counts_E = torch.bincount(expert_A, minlength=w_gate_EHF.shape[0])
+    y_AH = expert_ffn(x_TH[tok_A], counts_E.cumsum(0), w_gate_EHF, w_up_EHF, w_down_EFH)
+    gate_A = gates_TK.reshape(-1)[flat_keep][order_A]
+    out_TH = torch.zeros(x_TH.shape, dtype=torch.float32)
+    out_TH.index_add_(0, tok_A, y_AH.float() * gate_A[:, None])
+    return out_TH.to(x_TH.dtype)
 
 
 class RoutedExperts(nn.Module):
     """E SwiGLU experts of width F stored as stacked matrices (what a grouped GEMM needs):
-    w1, w3 [E, H, F] and w2 [E, F, H]; expert e computes (silu(x w1_e) * x w3_e) w2_e.
-    After `shard`, row j of the matrices is expert `expert_ids[j]` (this rank's experts)."""
+    w_gate, w_up [E, H, F] and w_down [E, F, H]; expert e computes
+    (silu(x w_gate_e) * x w_up_e) w_down_e. After `shard`, row j of the matrices is expert
+    `expert_ids[j]` (this rank's experts)."""
 
     def __init__(self, num_experts: int, d_model: int, hidden: int) -> None:
         super().__init__()
-        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, hidden))
-        self.w3 = nn.Parameter(torch.empty(num_experts, d_model, hidden))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, d_model))
+        self.w_gate = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+        self.w_up = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+        self.w_down = nn.Parameter(torch.empty(num_experts, hidden, d_model))
         self.expert_ids = list(range(num_experts))
+        self.ep: ExpertParallel | None = None
 
-    def shard(self, expert_ids: list[int]) -> None:
-        """Keep only the experts `expert_ids` (global ids), as new parameters."""
-        index = torch.tensor(expert_ids, dtype=torch.long, device=self.w1.device)
-        for name in ("w1", "w3", "w2"):
+    def shard(self, ep: ExpertParallel) -> None:
+        """Keep only this rank's experts (as new parameters) and compute expert-parallel."""
+        index = torch.tensor(ep.local_experts, dtype=torch.long, device=self.w_gate.device)
+        for name in ("w_gate", "w_up", "w_down"):
             full = getattr(self, name).detach()
             setattr(self, name, nn.Parameter(full.index_select(0, index).clone()))
-        self.expert_ids = list(expert_ids)
+        self.expert_ids = ep.local_experts
+        self.ep = ep
 
-    def _swiglu(self, j: int, x_AH: Tensor) -> Tensor:
-        """Stored expert j on the rows x_AH."""
-        return (F.silu(x_AH @ self.w1[j]) * (x_AH @ self.w3[j])) @ self.w2[j]
+    def _weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        return tuple(w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down))  # type: ignore[return-value]
 
-    def forward_loop(self, x_TH: Tensor, experts_TK: Tensor, gates_TK: Tensor,
-                     keep_TK: Tensor) -> Tensor:
-        """Reference path: for each expert, gather its kept tokens, apply it, scatter-add."""
-        out_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
-        for e in range(self.w1.shape[0]):
-            tok_A, slot_A = ((experts_TK == e) & keep_TK).nonzero(as_tuple=True)
-            if tok_A.numel() == 0:
-                continue
-            y_AH = self._swiglu(e, x_TH[tok_A])
-            out_TH.index_add_(0, tok_A, y_AH.float() * gates_TK[tok_A, slot_A, None])
-        return out_TH.to(x_TH.dtype)
+    def forward(self, x_TH: Tensor, experts_TK: Tensor, gates_TK: Tensor, keep_TK: Tensor,
+                timer: PhaseTimer | None = None) -> tuple[Tensor, A2AStats | None]:
+        """sum_k gate_tk FFN_{e_tk}(x_t) [T, H] in x's dtype, and the all-to-all's
+        statistics under expert parallelism (collective then: every rank calls it)."""
+        if self.ep is not None:
+            return self._forward_ep(x_TH, experts_TK, gates_TK, keep_TK, timer)
+        if x_TH.is_cuda:  # dropped assignments are computed with a zero gate: no host sync
+            dtype = _compute_dtype(x_TH)
+            y_TH = grouped_experts(x_TH.to(dtype), experts_TK, gates_TK, *self._weights(dtype))
+            return y_TH.to(x_TH.dtype), None
+        return sorted_experts_cpu(x_TH, experts_TK, gates_TK, keep_TK, self.w_gate, self.w_up,
+                                  self.w_down), None
 
-    def forward_grouped(self, x_TH: Tensor, experts_TK: Tensor, gates_TK: Tensor,
-                        keep_TK: Tensor) -> Tensor:
-        """Grouped path: assignments sorted by expert, one grouped GEMM per projection.
-
-        CUDA: `moebench.kernels.experts.grouped_experts` (torch._grouped_mm + fused SwiGLU;
-        operands cast to the autocast dtype, dropped assignments carry a zero gate). CPU: the
-        kept assignments sorted by expert (stable), one matmul per contiguous segment."""
-        if x_TH.is_cuda:
-            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") \
-                else x_TH.dtype
-            w1, w3, w2 = (w.to(dtype) for w in (self.w1, self.w3, self.w2))
-            y_TH = grouped_experts(x_TH.to(dtype), experts_TK, gates_TK, w1, w3, w2)
-            return y_TH.to(x_TH.dtype)
-        tok_A, expert_A, gate_A = _sorted_assignments(experts_TK, gates_TK, keep_TK)
-        counts = torch.bincount(expert_A, minlength=self.w1.shape[0]).tolist()
-        x_AH = x_TH[tok_A]
-        h_AF = F.silu(_segment_mm(x_AH, self.w1, counts)) * _segment_mm(x_AH, self.w3, counts)
-        y_AH = _segment_mm(h_AF, self.w2, counts)
-        out_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
-        out_TH.index_add_(0, tok_A, y_AH.float() * gate_A[:, None])
-        return out_TH.to(x_TH.dtype)
-
-    def forward_ep(self, x_TH: Tensor, experts_TK: Tensor, gates_TK: Tensor, keep_TK: Tensor,
-                   ep: ExpertParallel) -> tuple[Tensor, LayerComm]:
-        """Expert-parallel path (collective: every rank of `ep.group` calls it): each kept
-        assignment, sorted by expert, is one row sent to its expert's rank by
-        `moebench.comm.ep_moe`, which returns gate * expert output; rows are summed per token
-        in the same order as the grouped path. Returns the output and what was sent."""
-        tok_A, expert_A, gate_A = _sorted_assignments(experts_TK, gates_TK, keep_TK)
-        fns = {e: functools.partial(self._swiglu, j) for j, e in enumerate(self.expert_ids)}
-        y_AH, plan = ep_moe(x_TH[tok_A], expert_A[:, None], gate_A[:, None], ep.layout, fns,
-                            ep.group)
-        out_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
-        out_TH.index_add_(0, tok_A, y_AH.float())
-        return out_TH.to(x_TH.dtype), LayerComm(plan, x_TH.element_size(), y_AH.element_size())
+    def _forward_ep(self, x_TH: Tensor, experts_TK: Tensor, gates_TK: Tensor, keep_TK: Tensor,
+                    timer: PhaseTimer | None) -> tuple[Tensor, A2AStats]:
+        """permute -> dispatch -> `expert_ffn` on this rank's experts -> combine -> unpermute
+        (see the module docstring). One host sync: the split sizes of the all-to-all."""
+        ep = self.ep
+        assert ep is not None
+        T, K = experts_TK.shape
+        E, W, L = ep.layout.num_experts, ep.world_size, ep.experts_per_rank
+        timer = timer or PhaseTimer(x_TH.device, enabled=False)
+        dtype = _compute_dtype(x_TH)
+        fused = x_TH.is_cuda
+        with timer("permute"):
+            slot_E = ep.slot_of_expert.to(x_TH.device)
+            key_TK = torch.where(keep_TK, slot_E[experts_TK], E)  # dropped: last, never sent
+            plan = plan_dispatch(key_TK, E + 1)
+            xs_AH = dispatch_rows(x_TH.to(dtype), plan, fused)
+        with timer("counts"):
+            stats = exchange_counts(plan.counts[:E].view(W, L), ep.group)
+        with timer("dispatch"):
+            recv_RH = AllToAll.apply(xs_AH[: stats.sent_rows], stats.recv_rows_W,
+                                     stats.send_rows_W, ep.group)
+        with timer("experts"):
+            # rows arrive grouped by source rank, each source's rows sorted by local expert:
+            # regroup them by local expert (stable: source order kept within an expert)
+            R = stats.received_rows
+            expert_R = torch.arange(L, device=x_TH.device).repeat(W).repeat_interleave(
+                stats.recv_counts_WL.reshape(-1), output_size=R)
+            by_expert_R = torch.sort(expert_R, stable=True).indices
+            inverse_R = torch.empty_like(by_expert_R)
+            inverse_R[by_expert_R] = torch.arange(R, device=x_TH.device)
+            h_RH = permute_rows(recv_RH, by_expert_R, inverse_R, fused)
+            offsets_L = stats.recv_counts_WL.sum(0).cumsum(0).to(torch.int32)
+            o_RH = expert_ffn(h_RH, offsets_L, *self._weights(dtype))
+            back_RH = permute_rows(o_RH, inverse_R, by_expert_R, fused)
+        with timer("combine"):
+            o_sent_AH = AllToAll.apply(back_RH, stats.send_rows_W, stats.recv_rows_W, ep.group)
+        with timer("unpermute"):
+            o_AH = torch.cat((o_sent_AH, o_sent_AH.new_zeros(T * K - stats.sent_rows,
+                                                             o_sent_AH.shape[1])))
+            y_TH = combine_rows(o_AH, gates_TK, plan, fused)
+        stats.account(ep.rank_layout(), ep.rank, x_TH.shape[1] * torch.finfo(dtype).bits // 8,
+                      timer)
+        return y_TH.to(x_TH.dtype), stats
 
 
 class MoELayer(nn.Module):
     """Shared experts + routed experts of one DeepSeekMoE layer (see the module docstring).
 
     `index` is the layer's position among the MoE layers (what bias rows, traces and error
-    messages refer to). `impl` selects the expert path ("loop" or "grouped").
-    """
+    messages refer to)."""
 
-    def __init__(self, cfg: RunConfig, index: int) -> None:
+    def __init__(self, cfg: MoEConfig, index: int) -> None:
         super().__init__()
-        m, r = cfg.model, cfg.router
+        self.cfg = cfg
         self.index = index
-        self.impl = m.expert_impl
         self.balance = cfg.balance
-        self.router_cfg = router_config(cfg)
+        self.router_cfg = cfg.router
         self.device_of_expert_E: Tensor
         self.register_buffer(
-            "device_of_expert_E", run_layout(cfg).device_of_expert.clone(), persistent=False
+            "device_of_expert_E", cfg.layout.device_of_expert.clone(), persistent=False
         )
-        # Comm loss M ([V2] eq. 30): the device limit when routing is device-limited, else
-        # the most devices a token can reach (min(K, D)); our convention for other limits.
-        D = cfg.topology.num_devices
-        self.comm_limit = r.group_limit if r.limit == "device" else min(r.top_k, D)
-        self.router = nn.Linear(m.d_model, r.num_experts, bias=False)
-        hidden_shared = m.n_shared_experts * m.expert_hidden
-        self.shared = SwiGLU(m.d_model, hidden_shared) if hidden_shared else None
-        self.experts = RoutedExperts(r.num_experts, m.d_model, m.expert_hidden)
-        self.ep: ExpertParallel | None = None
+        self.comm_limit = cfg.comm_limit
+        self.router = nn.Linear(cfg.d_model, cfg.router.num_experts, bias=False)
+        hidden_shared = cfg.n_shared_experts * cfg.expert_hidden
+        self.shared = SwiGLU(cfg.d_model, hidden_shared) if hidden_shared else None
+        self.experts = RoutedExperts(cfg.router.num_experts, cfg.d_model, cfg.expert_hidden)
+        # The fused router computes the reference selection exactly where `supports` holds.
+        probe = torch.empty(0, cfg.router.num_experts)
+        self.fused_router = supports(cfg.router, probe)
+        # The global loss's running count: selections of the optimizer step's micro-batches
+        # so far, summed over ranks; `reset_global_counts` once per step (docs/global_loss.md).
+        self.global_counts_E: Tensor
+        self.register_buffer("global_counts_E",
+                             torch.zeros(cfg.router.num_experts, dtype=torch.int64),
+                             persistent=False)
+
+    @property
+    def ep(self) -> ExpertParallel | None:
+        return self.experts.ep
+
+    def reset_global_counts(self) -> None:
+        """Start a new optimizer step's running count for the global-batch loss."""
+        self.global_counts_E.zero_()
 
     def router_logits(self, x_TH: Tensor) -> Tensor:
         """float32 [T, E] logits u_t^T e_i with hidden and weight in float32, autocast off."""
         with torch.autocast(x_TH.device.type, enabled=False):
             return F.linear(x_TH.float(), self.router.weight.float())
+
+    def route(self, logits_TE: Tensor, bias_E: Tensor | None) -> Routing:
+        """The routing of finite logits: the fused Triton router on CUDA, else the reference
+        (`moebench.routing.route`); the caller checks finiteness (`LayerRouting.finite`)."""
+        if logits_TE.is_cuda and self.fused_router:
+            fused = route_fused(logits_TE, self.router_cfg, bias_E)
+            return Routing(fused.experts, fused.weights,
+                           affinities(logits_TE, self.router_cfg.score_fn))
+        return route(logits_TE, self.router_cfg, bias_E, check_values=False)
 
     def _keep(self, experts_TK: Tensor, scores_TE: Tensor, protected_T: Tensor | None
               ) -> Tensor:
@@ -300,14 +364,17 @@ class MoELayer(nn.Module):
         return device_drop(experts_TK, scores_TE, self.device_of_expert_E, cap.factor,
                            protected_T)
 
-    def aux_losses(self, scores_TE: Tensor, experts_TK: Tensor, seq_len: int) -> dict[str, Tensor]:
-        """alpha-weighted balance losses of this layer, only those with alpha > 0.
+    def aux_losses(self, scores_TE: Tensor, experts_TK: Tensor, seq_len: int,
+                   logits_TE: Tensor) -> dict[str, Tensor]:
+        """alpha-weighted auxiliary losses of this layer, only those with alpha > 0.
 
         f counts `experts_TK` (the routing performed) for aux_counts="actual", or the plain
-        unbiased top-K ([V3] eq. 18 read literally) for "literal"; balancing.md §5.
+        unbiased top-K ([V3] eq. 18 read literally) for "literal"; docs/balancing.md §5.
         Sequence-level scopes ([V2] eq. 23-31 and [V3] eq. 17 with T = one sequence) use
-        `seq_len`; switch and global use the whole micro-batch (of all ranks: f from the
-        counts all-reduced over them under expert parallelism)."""
+        `seq_len`; switch uses the whole micro-batch (of all ranks: f from the counts
+        all-reduced over them under expert parallelism); global takes f from the running
+        count of the optimizer step (this micro-batch added, all ranks; docs/global_loss.md);
+        z (the router z-loss) the raw `logits_TE`."""
         b = self.balance
         alphas = {name: getattr(b, f"{name}_alpha") for name in AUX_NAMES}
         if not any(alphas.values()):
@@ -316,47 +383,44 @@ class MoELayer(nn.Module):
             experts_TK = literal_topk(scores_TE, self.router_cfg.top_k)
         dev_E = self.device_of_expert_E
         counts_E = None
-        if self.ep is not None and (alphas["switch"] or alphas["global"]):
-            E = self.router_cfg.num_experts
-            counts_E = self.ep.all_reduce_sum(torch.bincount(experts_TK.reshape(-1), minlength=E))
+        if (self.ep is not None and alphas["switch"]) or alphas["global"]:
+            counts_E = expert_load(experts_TK, self.router_cfg.num_experts)  # no host sync
+            if self.ep is not None:
+                counts_E = self.ep.all_reduce_sum(counts_E)
+        if alphas["global"]:
+            self.global_counts_E += counts_E
         terms = {
-            "switch": lambda: switch_loss(scores_TE, experts_TK, counts_E),
+            "switch": lambda: switch_loss(scores_TE, experts_TK,
+                                          counts_E if self.ep is not None else None),
             "expert": lambda: expert_loss(scores_TE, experts_TK, seq_len),
             "device": lambda: device_loss(scores_TE, experts_TK, dev_E, seq_len),
             "comm": lambda: comm_loss(scores_TE, experts_TK, dev_E, self.comm_limit, seq_len),
             "seq": lambda: seq_loss(scores_TE, experts_TK, seq_len),
-            "global": lambda: global_loss(scores_TE, experts_TK, counts_E),
+            "global": lambda: global_loss(scores_TE, experts_TK, self.global_counts_E),
+            "z": lambda: z_loss(logits_TE),
         }
         return {name: alpha * terms[name]() for name, alpha in alphas.items() if alpha > 0}
 
     def forward(self, x_BSH: Tensor, bias_E: Tensor | None = None,
-                protected_T: Tensor | None = None
+                protected_T: Tensor | None = None, timer: PhaseTimer | None = None
                 ) -> tuple[Tensor, LayerRouting, dict[str, Tensor]]:
         """Returns (shared + routed output [B, S, H], the routing, alpha-weighted aux losses).
 
-        `protected_T` marks tokens exempt from device-level dropping. Raises
-        `NonFiniteRouterError` when the router output holds NaN or inf."""
+        `protected_T` marks tokens exempt from device-level dropping; `timer` times the
+        expert-parallel phases. Non-finite logits are routed as zeros and flagged
+        (`LayerRouting.finite`), so the caller decides when to look (one sync per step)."""
         B, S, H = x_BSH.shape
         x_TH = x_BSH.reshape(B * S, H)
         logits_TE = self.router_logits(x_TH)
-        try:
-            routing = route(logits_TE, self.router_cfg, bias_E)
-        except ValueError:  # route() refuses NaN/inf logits; say which layer it was
-            if not bool(torch.isfinite(logits_TE).all()):
-                raise NonFiniteRouterError(self.index) from None
-            raise
+        finite = torch.isfinite(logits_TE).all()
+        routing = self.route(torch.where(finite, logits_TE, 0.0), bias_E)
         keep_TK = self._keep(routing.experts, routing.scores, protected_T)
         gates_TK = routing.weights * keep_TK
-        comm = None
-        if self.ep is not None:
-            y_TH, comm = self.experts.forward_ep(x_TH, routing.experts, gates_TK, keep_TK,
-                                                 self.ep)
-        else:
-            forward = (self.experts.forward_loop if self.impl == "loop"
-                       else self.experts.forward_grouped)
-            y_TH = forward(x_TH, routing.experts, gates_TK, keep_TK)
+        y_TH, comm = self.experts(x_TH, routing.experts, gates_TK, keep_TK, timer)
         if self.shared is not None:
             y_TH = y_TH + self.shared(x_TH)
-        aux = self.aux_losses(routing.scores, routing.experts, S) if self.training else {}
-        layer = LayerRouting(routing.experts, gates_TK.detach(), keep_TK, routing.scores, comm)
+        aux = (self.aux_losses(routing.scores, routing.experts, S, logits_TE)
+               if self.training else {})
+        layer = LayerRouting(routing.experts, gates_TK.detach(), keep_TK, routing.scores,
+                             finite, comm)
         return y_TH.reshape(B, S, H), layer, aux

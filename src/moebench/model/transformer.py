@@ -21,8 +21,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moebench.balancing import protected_sequences
-from moebench.config import RunConfig
-from moebench.model.moe import ExpertParallel, LayerRouting, MoELayer, SwiGLU
+from moebench.comm.alltoall import PhaseTimer
+from moebench.model.moe import ExpertParallel, LayerRouting, MoEConfig, MoELayer, SwiGLU
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """The decoder's shape; `moe` configures every MoE layer (the FFN of each layer after the
+    first `n_dense_layers`). `drop_seed` seeds the draw of the sequences protected from
+    device-level dropping."""
+
+    vocab_size: int
+    max_seq_len: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_dense_layers: int
+    dense_hidden: int
+    init_std: float
+    moe: MoEConfig
+    drop_seed: int = 1
 
 
 @dataclass
@@ -80,45 +98,44 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
-    def __init__(self, cfg: RunConfig, ffn: nn.Module) -> None:
+    def __init__(self, d_model: int, n_heads: int, ffn: nn.Module) -> None:
         super().__init__()
-        m = cfg.model
-        self.attn_norm = nn.RMSNorm(m.d_model)
-        self.attn = Attention(m.d_model, m.n_heads)
-        self.ffn_norm = nn.RMSNorm(m.d_model)
+        self.attn_norm = nn.RMSNorm(d_model)
+        self.attn = Attention(d_model, n_heads)
+        self.ffn_norm = nn.RMSNorm(d_model)
         self.ffn = ffn
 
 
 class MoETransformer(nn.Module):
-    """Decoder-only LM of `cfg.model` with `cfg.router` routed experts per MoE layer."""
+    """Decoder-only LM of `cfg` (see the module docstring)."""
 
-    def __init__(self, cfg: RunConfig, vocab_size: int) -> None:
+    def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
-        m = cfg.model
-        head_dim = m.d_model // m.n_heads
+        head_dim = cfg.d_model // cfg.n_heads
         if head_dim % 2:
             raise ValueError(
                 f"model.d_model / model.n_heads = {head_dim} must be even for RoPE; "
-                f"got d_model={m.d_model}, n_heads={m.n_heads}"
+                f"got d_model={cfg.d_model}, n_heads={cfg.n_heads}"
             )
-        if vocab_size < 1:
-            raise ValueError(f"vocab_size={vocab_size} is invalid; allowed: >= 1")
-        self.max_seq_len = cfg.train.seq_len
-        self.capacity = cfg.balance.capacity
+        if cfg.vocab_size < 1:
+            raise ValueError(f"vocab_size={cfg.vocab_size} is invalid; allowed: >= 1")
+        self.cfg = cfg
+        self.max_seq_len = cfg.max_seq_len
+        self.capacity = cfg.moe.balance.capacity
         # Draws the sequences protected from device-level dropping ([V2] §2.2.4: ~10%,
-        # a seeded Bernoulli per sequence, balancing.md §7.3); part of a checkpoint.
-        self.drop_generator = torch.Generator().manual_seed(cfg.seed + 1)
-        self.embed = nn.Embedding(vocab_size, m.d_model)
+        # a seeded Bernoulli per sequence, docs/balancing.md §7.3); part of a checkpoint.
+        self.drop_generator = torch.Generator().manual_seed(cfg.drop_seed)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList()
-        for i in range(m.n_layers):
-            dense = i < m.n_dense_layers
-            ffn = (SwiGLU(m.d_model, m.dense_hidden) if dense
-                   else MoELayer(cfg, index=i - m.n_dense_layers))
-            self.blocks.append(Block(cfg, ffn))
+        for i in range(cfg.n_layers):
+            dense = i < cfg.n_dense_layers
+            ffn = (SwiGLU(cfg.d_model, cfg.dense_hidden) if dense
+                   else MoELayer(cfg.moe, index=i - cfg.n_dense_layers))
+            self.blocks.append(Block(cfg.d_model, cfg.n_heads, ffn))
         self.moe_layers = [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
         self.ep: ExpertParallel | None = None
-        self.norm = nn.RMSNorm(m.d_model)
-        self.head = nn.Linear(m.d_model, vocab_size, bias=False)
+        self.norm = nn.RMSNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         cos_SF, sin_SF = rope_tables(self.max_seq_len, head_dim)
         self.cos_SF: Tensor
         self.sin_SF: Tensor
@@ -126,18 +143,11 @@ class MoETransformer(nn.Module):
         self.register_buffer("sin_SF", sin_SF, persistent=False)
         for name, p in self.named_parameters():
             if not name.endswith("norm.weight"):
-                nn.init.normal_(p, mean=0.0, std=m.init_std)
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std)
 
     @property
     def num_moe_layers(self) -> int:
         return len(self.moe_layers)
-
-    def set_expert_impl(self, impl: str) -> None:
-        """Switch every MoE layer to the "loop" or "grouped" expert path."""
-        if impl not in ("loop", "grouped"):
-            raise ValueError(f"impl={impl!r} is invalid; allowed: 'loop', 'grouped'")
-        for layer in self.moe_layers:
-            layer.impl = impl
 
     def shard_experts(self, ep: ExpertParallel) -> None:
         """Keep only this rank's routed experts in every MoE layer and route through the
@@ -148,8 +158,7 @@ class MoETransformer(nn.Module):
             raise ValueError("shard_experts was already called; allowed: once per model")
         self.ep = ep
         for layer in self.moe_layers:
-            layer.experts.shard(ep.local_experts)
-            layer.ep = ep
+            layer.experts.shard(ep)
 
     def _protected(self, B: int, S: int, device: torch.device) -> Tensor | None:
         """bool [T]: tokens of the sequences exempt from device-level dropping, the same
@@ -164,10 +173,11 @@ class MoETransformer(nn.Module):
         return drawn_T[r * B * S : (r + 1) * B * S].to(device)
 
     def forward(self, tokens_BS: Tensor, targets_BS: Tensor | None = None,
-                bias_LE: Tensor | None = None) -> ModelOutput:
+                bias_LE: Tensor | None = None, timer: PhaseTimer | None = None) -> ModelOutput:
         """Logits, cross-entropy (if `targets_BS`), balance losses and per-layer routing.
 
-        `bias_LE` is the aux-loss-free bias, one row per MoE layer (None = no bias)."""
+        `bias_LE` is the aux-loss-free bias, one row per MoE layer (None = no bias); `timer`
+        times the expert-parallel phases (summed over layers)."""
         B, S = tokens_BS.shape
         if self.max_seq_len < S:
             raise ValueError(
@@ -186,7 +196,7 @@ class MoETransformer(nn.Module):
             h = block.ffn_norm(x)
             if isinstance(block.ffn, MoELayer):
                 bias_E = None if bias_LE is None else bias_LE[block.ffn.index]
-                y, routing, layer_aux = block.ffn(h, bias_E, protected_T)
+                y, routing, layer_aux = block.ffn(h, bias_E, protected_T, timer)
                 layers.append(routing)
                 for name, value in layer_aux.items():
                     aux[name] = aux[name] + value if name in aux else value

@@ -131,6 +131,7 @@ def _draw(
             )
             for strategy in d_st["strategy"]
         }
+        loads = {s: v for s, v in loads.items() if v[1].size}  # a dense model has no load
         path = {name: figure_file(study, dataset, name, root) for name in FIGURE_TITLES}
         figures.maxvio_curves(curves[curves["dataset"] == dataset], path["maxvio_batch"])
         figures.load_heatmaps(loads, path["load_heatmap"])

@@ -4,6 +4,7 @@ Heavy imports (mlflow, matplotlib, pandas) happen inside the commands that need 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -16,6 +17,7 @@ from moebench.report.study import SCHEMA_FILE
 
 StudyFile = Annotated[Path, typer.Option("--study", help="study YAML (configs/*.yaml)")]
 ResultsDir = Annotated[Path, typer.Option("--results", help="results root holding runs/")]
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -113,14 +115,14 @@ def _log_parent(
 
     parent_file = paths.parent_run_file(cfg.study, results)
     if not parent_file.is_file():
-        typer.echo(f"no MLflow parent run ({parent_file} missing): not logged", err=True)
+        logger.warning(f"no MLflow parent run ({parent_file} missing): not logged")
         return
     assert cfg.tracking.uri is not None
     artifacts = [p for p in files if p.suffix in (".md", ".csv", ".png", ".svg")]
     try:
         log_study(cfg.tracking.uri, parent_file.read_text().strip(), means, artifacts)
     except Exception as err:  # MLflow only mirrors the files just written: warn, do not fail
-        typer.echo(f"warning: not logged to MLflow at {cfg.tracking.uri}: {err}", err=True)
+        logger.warning(f"not logged to MLflow at {cfg.tracking.uri}: {err}")
 
 
 def where(

@@ -1,5 +1,5 @@
 """Every path of a study, in one place: the Snakemake rules and the `moebench` commands both
-build file names from here, so the run-directory contract (see contracts.md) is spelled once.
+build file names from here, so the run-directory contract (docs/run-directory.md) is spelled once.
 
 All paths are relative to the project root (Snakemake's working directory)."""
 

@@ -6,7 +6,7 @@ never by strategy name. A `Claim` compares two settings; it is checked on the tw
 that reproduce them, with the paired difference over seeds: reproduced / not resolved /
 contradicted (docs/statistics.md). The published models are 1B-3.4B parameters trained on
 10^11 tokens; ours are orders of magnitude smaller, so only directions and the size of gaps
-are comparable, never absolute values."""
+are comparable, never absolute values. The numbers and their tables: docs/published.md."""
 
 from __future__ import annotations
 

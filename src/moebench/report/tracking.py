@@ -1,6 +1,6 @@
 """MLflow for a study: the experiment and its parent run are created once, before training
 jobs write to the store concurrently (several processes creating a fresh sqlite store at
-once race on its schema migration, see ECOSYSTEM.md). Training runs log themselves as
+once race on its schema migration). Training runs log themselves as
 children (`tracking.parent_run_id`, passed by the train rule); aggregation logs the study's
 tables and figures to the parent and closes it. Files stay the source of truth."""
 

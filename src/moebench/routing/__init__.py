@@ -1,6 +1,6 @@
 """Routing: affinity scores, (group-limited) top-K selection, gates, presets, expert layout.
 
-Public API (see contracts.md): `RouterConfig`, `preset`, `PRESETS`, `scores`, `route`,
+Public API (README "Public API"): `RouterConfig`, `preset`, `PRESETS`, `scores`, `route`,
 `Routing`, `Layout`; lower-level steps `selection_key`, `group_mask`, `select_experts`,
 `gate_weights` are exported for kernels and tests that check one step at a time.
 """

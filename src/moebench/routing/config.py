@@ -1,7 +1,7 @@
 """Router configuration (`RouterConfig`) and the published presets (`preset`).
 
-Every option maps to one line of the reference algorithm in
-`shared/reference/routing.md` §7; the presets come from `hyperparameters.md` §8.
+Every option maps to one line of the reference algorithm in `docs/routing.md` §7; the
+presets are the published configurations of `docs/published.md` §6.
 
 Legend: E routed experts, K experts per token (top-k), G groups (devices for V2
 device-limited routing, nodes for V3 node-limited routing), M = `group_limit`.
@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from moebench.config import default_normalize
 
 SCORE_FNS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum", "topk_sum")
@@ -37,19 +39,20 @@ def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """What the router computes for one MoE layer (routing.md §7).
+    """What the router computes for one MoE layer (docs/routing.md §7).
 
     - `score_fn`: affinity s = softmax over all E logits ([V2] eq. 22) or per-expert
       sigmoid ([V3] eq. 15).
     - `num_groups`, `group_limit`: group-limited routing; expert i is in group
       i // (E / G) (contiguous blocks, as the official code's view [V3-code]); at most M
-      groups are used per token ([V2] §2.2.2 devices, [V3] §2.1.2 nodes). `num_groups=1`
-      means no limit and `group_limit` is then ignored; `group_limit == num_groups` is
-      also unrestricted.
+      groups are used per token ([V2] §2.2.2 devices, [V3] §2.1.2 nodes). An unset
+      `group_limit` means M = G, no limit (as Megatron-Core and the DeepSeek code read an
+      unset limit); `num_groups=1` means no limit and `group_limit` is then ignored.
     - `group_score`: how a group is ranked: "max" (V2, [HF-V2]), "top2_sum" (the V3 code's
       hard-coded sum of the top-2 scores [V3-code]) or "topk_sum" (sum of the top K // M,
       the paper's K_r/M reading; Megatron's rule; our convention for non-integer K/M).
-    - `normalize`: divide the selected gates by their sum ([V3] eq. 13); `route_scale`
+    - `normalize`: divide the selected gates by their sum ([V3] eq. 13); unset, it is on for
+      sigmoid with K > 1 and off for softmax (`default_normalize`); `route_scale`
       multiplies the gates afterwards ([V3-code] `route_scale`, [HF-V2]
       `routed_scaling_factor`).
     - `bias_mode`: how the aux-loss-free bias enters selection: "add" ranks by s + b
@@ -59,11 +62,11 @@ class RouterConfig:
 
     num_experts: int
     top_k: int
-    score_fn: str
+    score_fn: str = "softmax"
     num_groups: int = 1
-    group_limit: int = 1
+    group_limit: int | None = None
     group_score: str = "max"
-    normalize: bool = False
+    normalize: bool | None = None
     route_scale: float = 1.0
     bias_mode: str = "add"
 
@@ -78,6 +81,8 @@ class RouterConfig:
         _check_choice("score_fn", self.score_fn, SCORE_FNS)
         _check_choice("group_score", self.group_score, GROUP_SCORES)
         _check_choice("bias_mode", self.bias_mode, BIAS_MODES)
+        if self.normalize is None:  # frozen: resolve the per-score-function default once
+            object.__setattr__(self, "normalize", default_normalize(self.score_fn, self.top_k))
         if not isinstance(self.normalize, bool):
             raise ValueError(f"normalize={self.normalize!r} is invalid; allowed: True, False")
         scale = self.route_scale
@@ -88,6 +93,8 @@ class RouterConfig:
         ):
             raise ValueError(f"route_scale={scale!r} is invalid; allowed: a finite number > 0")
         _check_int("num_groups", self.num_groups, 1)
+        if self.group_limit is None:
+            object.__setattr__(self, "group_limit", self.num_groups)
         _check_int("group_limit", self.group_limit, 1)
         if self.num_experts % self.num_groups:
             divisors = [d for d in range(1, self.num_experts + 1) if self.num_experts % d == 0]
@@ -109,6 +116,8 @@ class RouterConfig:
                 f"{self.group_limit} x {self.experts_per_group} = {reachable}; "
                 f"allowed: 1..{reachable}"
             )
+        if not self.group_limited:  # M = G: plain top-K, the group score is never used
+            return
         if self.group_score == "top2_sum" and self.experts_per_group < 2:
             raise ValueError(
                 f"group_score='top2_sum' needs >= 2 experts per group, got "
@@ -187,7 +196,7 @@ PRESETS: tuple[str, ...] = tuple(_PRESETS)
 def preset(name: str, **overrides: Any) -> RouterConfig:
     """The published router of `name` (see `PRESETS`), with fields replaced by `overrides`.
 
-    The presets are hyperparameters.md §8 / routing.md §7: "switch" (softmax top-1),
+    The presets are docs/published.md §6 / docs/routing.md §7: "switch" (softmax top-1),
     "gshard" (softmax top-2, normalized), "v2" (160 experts, 8 devices, M=3, max, x16),
     "v2-lite" (softmax top-6 of 64), "v3" (sigmoid top-8 of 256, 8 nodes, M=4, top-2 sum,
     normalized, x2.5), "wang" (sigmoid top-6 of 64; normalization and scale UNVERIFIED).

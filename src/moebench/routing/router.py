@@ -1,4 +1,4 @@
-"""Top-K routing with optional group limit and aux-loss-free bias (routing.md §7, vectorized).
+"""Top-K routing with optional group limit and aux-loss-free bias (docs/routing.md §7, vectorized).
 
     s      = softmax(z) | sigmoid(z)                      float32 ([V2] eq. 22, [V3] eq. 15)
     key    = s + b  ("add", [V3] eq. 16)  |  s * b  ("mul", [LF] §4.3)
@@ -16,7 +16,7 @@ Conventions (ours; no source specifies them):
   smallest normal float32 only so that the degenerate case sum(w) = 0 (every selected
   sigmoid underflowed, logits below about -103) gives zero gates instead of NaN; any
   positive sum is unaffected. (HF and Megatron add 1e-20 instead.)
-- Dropped groups are masked with -inf, never 0.0 ([V3-code] commit 1398800; routing.md §6.3).
+- Dropped groups are masked with -inf, never 0.0 ([V3-code] commit 1398800; docs/routing.md §6.3).
 
 Legend: T tokens, E routed experts, K experts per token, G groups.
 """
@@ -42,7 +42,7 @@ class Routing:
 
 
 def scores(logits_TE: torch.Tensor, score_fn: str) -> torch.Tensor:
-    """Affinities s [T, E] in float32 whatever the logits dtype (routing.md §2, [Switch] §2.4).
+    """Affinities s [T, E] in float32 whatever the logits dtype (docs/routing.md §2, [Switch] §2.4).
 
     "softmax" normalizes over all E routed experts ([V2] eq. 22); "sigmoid" is per expert
     ([V3] eq. 15), so its scores do not sum to 1.
@@ -63,11 +63,13 @@ def _stable_topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def selection_key(
-    scores_TE: torch.Tensor, bias_E: torch.Tensor | None, cfg: RouterConfig
+    scores_TE: torch.Tensor, bias_E: torch.Tensor | None, cfg: RouterConfig,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """float32 [T, E]: what ranks groups and experts: s + b ("add") or s * b ("mul").
 
-    `bias_E` is checked here (shape [E], finite) and used in float32 ([V3-code] 4592be4).
+    `bias_E` is checked here (shape [E]; finite unless `check_values` is False, which saves
+    a host sync) and used in float32 ([V3-code] 4592be4).
     """
     if bias_E is None:
         return scores_TE
@@ -76,7 +78,7 @@ def selection_key(
             f"bias_E shape={tuple(bias_E.shape)} is invalid; allowed: ({cfg.num_experts},)"
         )
     bias_E = bias_E.to(device=scores_TE.device, dtype=torch.float32)
-    if not bool(torch.isfinite(bias_E).all()):
+    if check_values and not bool(torch.isfinite(bias_E).all()):
         raise ValueError("bias_E contains NaN or inf; allowed: finite values only")
     return scores_TE + bias_E if cfg.bias_mode == "add" else scores_TE * bias_E
 
@@ -127,13 +129,16 @@ def gate_weights(
 
 
 def route(
-    logits_TE: torch.Tensor, cfg: RouterConfig, bias_E: torch.Tensor | None = None
+    logits_TE: torch.Tensor, cfg: RouterConfig, bias_E: torch.Tensor | None = None,
+    check_values: bool = True,
 ) -> Routing:
-    """Route T tokens over E routed experts (routing.md §7).
+    """Route T tokens over E routed experts (docs/routing.md §7).
 
     `logits_TE` is the router output u_t^T e_i ([T, E], any float dtype, finite);
     `bias_E` is the aux-loss-free bias ([V3] eq. 16): it selects experts and ranks groups
-    but never enters a gate. Raises ValueError for a wrong shape or NaN/inf logits.
+    but never enters a gate. Raises ValueError for a wrong shape or NaN/inf logits or bias;
+    `check_values=False` skips the two value checks (each a host sync on a GPU), for
+    callers that check finiteness themselves (the MoE layer, once per step).
     """
     if logits_TE.dim() != 2 or logits_TE.shape[1] != cfg.num_experts:
         raise ValueError(
@@ -141,18 +146,9 @@ def route(
         )
     if not logits_TE.dtype.is_floating_point:
         raise ValueError(f"logits_TE dtype={logits_TE.dtype} is invalid; allowed: a floating dtype")
-    if not bool(torch.isfinite(logits_TE).all()):
+    if check_values and not bool(torch.isfinite(logits_TE).all()):
         raise ValueError("logits_TE contains NaN or inf; allowed: finite values only")
     scores_TE = scores(logits_TE, cfg.score_fn)
-    # Fused Triton path on CUDA (moebench.kernels, kernels helper): same selection (ties to
-    # the lower index), gates equal to rounding, experts in the same (descending key) order.
-    if logits_TE.is_cuda:
-        from moebench.kernels.router import route_fused, supports
-
-        if supports(cfg, logits_TE, bias_E):
-            selection_key(scores_TE[:0], bias_E, cfg)  # validates bias_E as the reference does
-            fused = route_fused(logits_TE, cfg, bias_E)
-            return Routing(fused.experts, fused.weights, scores_TE)
     with torch.no_grad():
-        experts_TK = select_experts(selection_key(scores_TE, bias_E, cfg), cfg)
+        experts_TK = select_experts(selection_key(scores_TE, bias_E, cfg, check_values), cfg)
     return Routing(experts_TK, gate_weights(scores_TE, experts_TK, cfg), scores_TE)

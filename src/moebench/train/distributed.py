@@ -70,12 +70,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moebench.comm.accounting import summarize, traffic
+from moebench.comm.alltoall import LINKS, PHASES, A2AStats, PhaseTimer
 from moebench.comm.topology import Topology
 from moebench.config import RunConfig
-from moebench.model import ExpertParallel, LayerComm, MoETransformer, run_layout
+from moebench.model import ExpertParallel, MoETransformer
 
-PHASES = ("dispatch", "combine")
-LINKS = ("nvlink", "ib")
 _NODE_RANGES = re.compile(r"([^,\[]+)(?:\[([^\]]*)\])?([^,]*)")
 
 
@@ -150,11 +149,12 @@ class Launch:
 
 def check_world(cfg: RunConfig, world_size: int) -> None:
     """ValueError unless `world_size` ranks can run `cfg` (see the module docstring)."""
-    devices = cfg.topology.num_devices
-    if world_size not in (1, devices):
+    E = cfg.router.num_experts
+    if E % world_size:
+        allowed = [w for w in range(1, E + 1) if E % w == 0]
         raise ValueError(
-            f"the launcher started {world_size} processes; allowed: 1, or topology.num_nodes "
-            f"x topology.gpus_per_node = {devices} (one rank per GPU of the expert layout)"
+            f"the launcher started {world_size} processes; allowed: a divisor of "
+            f"router.num_experts={E} ({allowed}): each rank holds an equal block of experts"
         )
     if cfg.train.batch_size % world_size:
         raise ValueError(
@@ -172,9 +172,8 @@ class Parallel:
         self.rank, self.world_size = launch.rank, launch.world_size
         self.device = device
         self.group = group
-        self.ep = ExpertParallel(run_layout(cfg), self.rank, group)
-        owner_E = self.ep.layout.device_of_expert
-        self.experts_of = [torch.nonzero(owner_E == r).flatten() for r in range(self.world_size)]
+        self.ep = ExpertParallel(cfg.layout(), self.rank, self.world_size, group)
+        self.experts_of = [torch.tensor(self.ep.experts_of(r)) for r in range(self.world_size)]
 
     @property
     def lead(self) -> bool:
@@ -329,69 +328,76 @@ def process_group(cfg: RunConfig, launch: Launch, device: torch.device) -> Itera
 class A2AMeter:
     """All-to-all of one optimizer step, measured and predicted (see the module docstring).
 
-    `add(layers)` after each micro-batch's forward; `record(par)` (collective) returns the
+    `add(...)` after each micro-batch's forward; `record(par)` (collective) returns the
     step's {"measured": ..., "predicted": ...} for timing.jsonl and resets."""
 
     cfg: RunConfig
     experts: list[Tensor] = field(default_factory=list)
-    comms: list[LayerComm] = field(default_factory=list)
+    stats: list[A2AStats] = field(default_factory=list)
+    timers: list[PhaseTimer] = field(default_factory=list)
 
     def add(self, experts_TK: Iterable[Tensor], keeps_TK: Iterable[Tensor],
-            comms: Iterable[LayerComm | None], rank: int, first_expert: int) -> None:
+            stats: Iterable[A2AStats | None], timer: PhaseTimer | None, rank: int,
+            first_expert: int) -> None:
         """One micro-batch's layers: routing (dropped assignments moved to `first_expert`,
-        this rank's first expert, so the prediction counts them as staying home) and comm."""
-        for experts, keep, comm in zip(experts_TK, keeps_TK, comms, strict=True):
-            if comm is None:
+        this rank's first expert, so the prediction counts them as staying home), the
+        layers' all-to-all statistics and the micro-batch's phase timer."""
+        for experts, keep, st in zip(experts_TK, keeps_TK, stats, strict=True):
+            if st is None:
                 raise ValueError(f"rank {rank}: a MoE layer ran without expert parallelism")
             self.experts.append(torch.where(keep, experts, first_expert).cpu())
-            self.comms.append(comm)
+            self.stats.append(st)
+        if timer is not None:
+            self.timers.append(timer)
 
     def record(self, par: Parallel) -> dict[str, Any]:
-        measured_s = torch.zeros(3, dtype=torch.float64, device=par.device)
+        phases = ("permute", "counts", *PHASES, "experts", "unpermute")
+        seconds = torch.zeros(len(phases), dtype=torch.float64, device=par.device)
+        for timer in self.timers:
+            timed = timer.seconds()
+            for i, phase in enumerate(phases):
+                seconds[i] += timed.get(phase, 0.0)
         sent = torch.zeros(2, 2, 2, dtype=torch.int64, device=par.device)  # phase, link, bytes|rows
-        node_W = par.ep.layout.node_of_device.tolist()
-        for comm in self.comms:
-            plan = comm.plan
-            for i, phase in enumerate(("counts", *PHASES)):
-                measured_s[i] += plan.timings_s[phase]
-            rows = {"dispatch": plan.send_counts, "combine": plan.recv_counts}
+        node_W = par.ep.rank_layout().node_of_device.tolist()
+        for st in self.stats:
+            rows = {"dispatch": st.send_rows_W, "combine": st.recv_rows_W}
             for i, phase in enumerate(PHASES):
                 for j, link in enumerate(LINKS):
-                    sent[i, j, 0] += plan.link_bytes[phase][link]
+                    sent[i, j, 0] += st.link_bytes[phase][link]
                     sent[i, j, 1] += sum(
                         n for r, n in enumerate(rows[phase]) if r != par.rank
                         and (node_W[r] == node_W[par.rank]) == (link == "nvlink"))
-        par.max(measured_s)
+        par.max(seconds)
         par.sum(sent)
         predicted = self._predict(par)
-        comm = self.comms[0]
         record = {
             "measured": {
-                "seconds": dict(zip(("counts", *PHASES), measured_s.tolist(), strict=True)),
+                "seconds": dict(zip(phases, seconds.tolist(), strict=True)),
                 "bytes": {p: {link: int(sent[i, j, 0]) for j, link in enumerate(LINKS)}
                           for i, p in enumerate(PHASES)},
                 "copies": {p: {link: int(sent[i, j, 1]) for j, link in enumerate(LINKS)}
                            for i, p in enumerate(PHASES)},
             },
             "predicted": predicted,
-            "elem_bytes": {"dispatch": comm.dispatch_elem_bytes,
-                           "combine": comm.combine_elem_bytes},
+            "elem_bytes": {p: self.stats[0].row_bytes // self.cfg.model.d_model for p in PHASES},
+            "world_size": par.world_size,
         }
         self.experts.clear()
-        self.comms.clear()
+        self.stats.clear()
+        self.timers.clear()
         return record
 
     def _predict(self, par: Parallel) -> dict[str, Any]:
-        """`moebench.comm` accounting of every (micro-batch, layer) routing of all ranks."""
+        """`moebench.comm` accounting of every (micro-batch, layer) routing of all ranks, on
+        the real ranks' layout (what really crossed a link)."""
         sizes = [len(e) for e in self.experts]
         local = torch.cat(self.experts).to(par.device)
         parts = [torch.empty_like(local) for _ in range(par.world_size)]
         dist.all_gather(parts, local, group=par.group)
         per_rank = [p.cpu().split(sizes) for p in parts]
-        comm = self.comms[0]
-        topo = Topology(par.ep.layout, hidden=self.cfg.model.d_model,
-                        dispatch_bytes=comm.dispatch_elem_bytes,
-                        combine_bytes=comm.combine_elem_bytes)
+        elem = self.stats[0].row_bytes // self.cfg.model.d_model
+        topo = Topology(par.ep.rank_layout(), hidden=self.cfg.model.d_model,
+                        dispatch_bytes=elem, combine_bytes=elem)
         copies = {link: 0 for link in LINKS}
         modeled_us = dict.fromkeys(PHASES, 0.0)
         for i in range(len(sizes)):

@@ -7,8 +7,11 @@ decay to `min_lr_frac * lr`, gradient clipping by global norm, gradient accumula
 updated exactly once per optimizer step from the loads of all its micro-batches ([V3]
 §2.1.2), with rate 0 from step floor(freeze_frac * steps) on, and is frozen in evaluation.
 
-Outputs (run directory contract in contracts.md), every file through `moebench.io`:
-- config.resolved.yaml; summary.json; routing_trace.parquet (written at the end).
+Outputs (run directory contract: docs/run-directory.md), every file through `moebench.io`:
+- config.resolved.yaml; summary.json; routing_trace.parquet (written at the end). On a
+  corpus with domains (data.source = mixed) summary.json adds `load_by_domain`: for each
+  domain, the final evaluation's per-layer, per-expert loads [L][E] of its windows (they
+  sum to `load_global`), for domain-specialisation analyses ([V3] Fig. 9).
 - metrics.jsonl: deterministic records only ({"kind": "train", ...} every log_every steps
   and at the last step, {"kind": "eval", ...} every eval_every steps and at the end). The
   wall-clock fields (tokens_per_s, mfu, elapsed_s) go to timing.jsonl instead, so the same
@@ -29,8 +32,11 @@ measured all-to-all beside the `moebench.comm` accounting's prediction; summary.
 Metrics: `load` is the per-layer, per-expert count of the routing performed (before
 capacity dropping) summed over the step's micro-batches; `maxvio_batch` the mean over
 layers of its MaxVio ([LF] eq. 4); `drop_frac` the fraction of assignments dropped by
-capacity; `aux` the alpha-weighted balance losses summed over layers (mean over
-micro-batches); `loss` = ce_loss + sum(aux). MFU = (6 * active params + 12 * layers *
+capacity; `aux` the alpha-weighted auxiliary losses summed over layers (mean over
+micro-batches); `loss` = ce_loss + sum(aux). A dense model (no MoE layer: the dense
+baseline) trains the same way; its MaxVio and drop fractions are null, its loads and
+routing trace empty. The global loss's running count is reset at the start of every
+optimizer step (docs/global_loss.md). MFU = (6 * active params + 12 * layers *
 d_model * seq_len) * tokens/s / peak bf16 FLOP/s (nanoGPT/PaLM accounting: embedding lookup
 excluded, attention counted non-causally; active params count top_k of E routed experts);
 peak is the dense bf16 tensor-core rate of the GPU (H100/H200/H800 SXM 989e12, A100
@@ -43,10 +49,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import platform
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,6 +62,7 @@ from typing import IO, Any
 import torch
 
 from moebench.balancing import BiasController, all_reduce_sum
+from moebench.comm.alltoall import PhaseTimer
 from moebench.config import RunConfig
 from moebench.data import TokenStream
 from moebench.io import (
@@ -65,8 +72,8 @@ from moebench.io import (
     write_text,
     write_yaml,
 )
-from moebench.metrics import max_vio, max_vio_layers
-from moebench.model import MoETransformer, NonFiniteRouterError
+from moebench.metrics import expert_load, max_vio, max_vio_layers
+from moebench.model import MoETransformer
 from moebench.train.checkpoint import (
     CKPT_NAME,
     identity,
@@ -76,6 +83,8 @@ from moebench.train.checkpoint import (
 )
 from moebench.train.distributed import A2AMeter, Launch, Parallel, check_world, process_group
 from moebench.train.trace import write_trace
+
+logger = logging.getLogger(__name__)
 
 TIMING_KEYS = ("elapsed_s", "mfu", "tokens_per_s")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12}
@@ -95,11 +104,6 @@ class TrainingDivergedError(RuntimeError):
                          f"last good checkpoint: {checkpoint}")
         self.step = step
         self.layer = layer
-
-
-def log(msg: str) -> None:
-    """Progress on stderr (stdout stays free for results)."""
-    print(f"[moebench train] {msg}", file=sys.stderr, flush=True)
 
 
 def resolve_device(cfg: RunConfig) -> torch.device:
@@ -203,8 +207,8 @@ def prepare(cfg: RunConfig, out: Path, ckpt_dir: Path | None = None,
     if state is not None and not matches(state, cfg):
         theirs, ours = state.get("identity", {}), identity(cfg)
         differ = sorted(k for k in ours if theirs.get(k) != ours[k])
-        log(f"ignoring checkpoint {ckpt_dir / CKPT_NAME}: written by another config "
-            f"(sections differ: {', '.join(differ)}); starting from step 0")
+        logger.info(f"ignoring checkpoint {ckpt_dir / CKPT_NAME}: written by another config "
+                    f"(sections differ: {', '.join(differ)}); starting from step 0")
         state = None
     return Run(cfg, out, ckpt_dir, device, streams[0], streams[1], state, parallel)
 
@@ -238,7 +242,8 @@ class Trainer:
         self.lead = self.par is None or self.par.lead
         self.world_size = 1 if self.par is None else self.par.world_size
         torch.manual_seed(cfg.seed)
-        self.model = MoETransformer(cfg, run.train_data.vocab_size).to(self.device)
+        model_cfg = cfg.transformer_config(run.train_data.vocab_size)
+        self.model = MoETransformer(model_cfg).to(self.device)
         total, active = self.model.param_counts()  # the whole model, before any sharding
         if self.par is not None:
             self.model.shard_experts(self.par.ep)
@@ -280,7 +285,7 @@ class Trainer:
 
     def _log(self, msg: str) -> None:
         if self.lead:
-            log(msg)
+            logger.info(msg)
 
     # ---- state -------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -364,17 +369,34 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor, step: int) -> Any:
+    def _forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor,
+                 timer: PhaseTimer | None = None) -> Any:
         bias_LE = self.bias.bias_LE if self.bias is not None else None
-        try:
-            with self._autocast():
-                out = self.model(tokens_BS.to(self.device), targets_BS.to(self.device), bias_LE)
-        except NonFiniteRouterError as err:
-            raise TrainingDivergedError(step, err.layer, self.last_ckpt) from None
-        finite = targets_BS.numel() == 0 or bool(torch.isfinite(out.loss))
-        if not (finite if self.par is None else self.par.all_true(finite)):
-            raise TrainingDivergedError(step, None, self.last_ckpt)
-        return out
+        with self._autocast():
+            return self.model(tokens_BS.to(self.device, non_blocking=True),
+                              targets_BS.to(self.device, non_blocking=True), bias_LE, timer)
+
+    @staticmethod
+    def _bad(out: Any) -> torch.Tensor:
+        """int [L + 1] on the device: 1 where a MoE layer's router logits or (last) the loss
+        were not finite; read later, so the forward needs no host sync."""
+        flags = [~r.finite for r in out.layers]
+        if out.ce_loss is not None:
+            flags.append(~torch.isfinite(out.loss))
+        else:
+            flags.append(torch.zeros((), dtype=torch.bool, device=out.logits.device))
+        return torch.stack(flags).int()
+
+    def _check_finite(self, bad_L: torch.Tensor, step: int) -> None:
+        """TrainingDivergedError naming the first non-finite router (or the loss) of any
+        rank (one host sync; collective under expert parallelism)."""
+        if self.par is not None:
+            self.par.sum(bad_L)
+        bad = bad_L.tolist()
+        if any(bad):
+            first = bad.index(next(b for b in bad if b))
+            raise TrainingDivergedError(step, first if first < len(bad) - 1 else None,
+                                        self.last_ckpt)
 
     def _rows(self, *batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """This rank's sequences of a batch (all of them in a single process)."""
@@ -392,28 +414,34 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         L, E = self.model.num_moe_layers, cfg.router.num_experts
+        for layer in self.model.moe_layers:  # the global loss counts this step's batch only
+            layer.reset_global_counts()
         load_LE = torch.zeros(L, E, dtype=torch.int64, device=self.device)
         dropped = torch.zeros((), dtype=torch.int64, device=self.device)
         ce = torch.zeros((), device=self.device)
         aux: dict[str, torch.Tensor] = {}
+        bad_L = torch.zeros(L + 1, dtype=torch.int32, device=self.device)
         meter = self.a2a if step % t.log_every == 0 or step == t.steps else None
         for _ in range(t.grad_accum):
             tokens_BS, targets_BS = self._rows(*self.run_spec.train_data.batch(
                 self.batch_generator, t.batch_size, t.seq_len))
-            out = self._forward(tokens_BS, targets_BS, step)
+            timer = PhaseTimer(self.device) if meter is not None else None
+            out = self._forward(tokens_BS, targets_BS, timer)
+            bad_L += self._bad(out)
             if meter is not None and self.par is not None:
                 meter.add((r.experts_TK for r in out.layers), (r.keep_TK for r in out.layers),
-                          (r.comm for r in out.layers), self.par.rank,
+                          (r.comm for r in out.layers), timer, self.par.rank,
                           self.par.ep.local_experts[0])
             (out.loss / t.grad_accum).backward()
             ce += out.ce_loss.detach() / t.grad_accum
             for name, value in out.aux.items():
                 aux[name] = aux.get(name, 0.0) + value.detach() / t.grad_accum
             for i, routing in enumerate(out.layers):
-                load_LE[i] += torch.bincount(routing.experts_TK.reshape(-1), minlength=E)
+                load_LE[i] += expert_load(routing.experts_TK, E)
                 dropped += (~routing.keep_TK).sum()
                 if self.bias is not None:
                     self.bias.observe(i, routing.experts_TK, routing.keep_TK, training=True)
+        self._check_finite(bad_L, step)
         if self.par is None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         else:
@@ -439,45 +467,56 @@ class Trainer:
         record = {
             "kind": "train", "step": step, "lr": lr, "ce_loss": ce_f,
             "loss": ce_f + sum(aux_f.values()), "aux": aux_f,
-            "maxvio_batch": sum(layers) / L, "maxvio_batch_layers": layers,
-            "load": load.tolist(), "drop_frac": int(dropped) / assignments,
+            "maxvio_batch": sum(layers) / L if L else None, "maxvio_batch_layers": layers,
+            "load": load.tolist(), "drop_frac": int(dropped) / assignments if L else None,
             "grad_norm": float(grad_norm),
         }
-        self.sums["maxvio_batch"] += record["maxvio_batch"]
-        self.sums["drop_frac"] += record["drop_frac"]
+        if L:  # a dense model (no MoE layer) has no load: its MaxVio and drops are null
+            self.sums["maxvio_batch"] += record["maxvio_batch"]
+            self.sums["drop_frac"] += record["drop_frac"]
         self.sums["tokens"] += t.grad_accum * t.batch_size * t.seq_len
         return record
 
     @torch.no_grad()
     def evaluate(self) -> tuple[dict[str, Any], torch.Tensor]:
         """Validation loss/perplexity/bits per byte on the first eval_batches x batch_size
-        windows of the val split, and their per-layer loads (for MaxVio_global)."""
+        windows of the val split, and their per-layer loads split by the windows' domain
+        range, int64 [D, L, E] (D = 1 without domains; summed over D: MaxVio_global)."""
         t = self.cfg.train
         self.model.eval()
-        L, E = self.model.num_moe_layers, self.cfg.router.num_experts
-        load_LE = torch.zeros(L, E, dtype=torch.int64, device=self.device)
-        nll, n = 0.0, 0
+        L, E, K = self.model.num_moe_layers, self.cfg.router.num_experts, self.cfg.router.top_k
         val = self.run_spec.val_data
-        for batch in val.iter_eval(t.batch_size, t.seq_len, t.eval_batches):
-            tokens_BS, targets_BS = self._rows(*batch)
-            out = self._forward(tokens_BS, targets_BS, self.step)
+        domain_W = torch.from_numpy(val.eval_domains(t.seq_len))
+        D = max(len(val.domains), 1)
+        load_DLE = torch.zeros(D, L, E, dtype=torch.int64, device=self.device)
+        nll, n = 0.0, 0
+        for b, batch in enumerate(val.iter_eval(t.batch_size, t.seq_len, t.eval_batches)):
+            domain_B = domain_W[b * t.batch_size : (b + 1) * t.batch_size]
+            tokens_BS, targets_BS, domain_B = self._rows(*batch, domain_B)
+            out = self._forward(tokens_BS, targets_BS)
+            self._check_finite(self._bad(out), self.step)
             if targets_BS.numel():
                 nll += float(out.ce_loss) * targets_BS.numel()
                 n += targets_BS.numel()
+            slot_B = domain_B.to(self.device)[:, None, None] * E  # domain-major bincount slots
             for i, routing in enumerate(out.layers):
-                load_LE[i] += torch.bincount(routing.experts_TK.reshape(-1), minlength=E)
+                experts_BSK = routing.experts_TK.view(*tokens_BS.shape, K)
+                slots_TK = (slot_B + experts_BSK).reshape(-1, K)  # domain d, expert e: d E + e
+                load_DLE[:, i] += expert_load(slots_TK, D * E).view(D, E)
         self.model.train()
         if self.par is not None:
             nll, n = self.par.sum_floats([nll, n])
-            self.par.sum(load_LE)
+            self.par.sum(load_DLE)
         val_loss = nll / n
-        load = load_LE.cpu()
+        load_DLE = load_DLE.cpu()
+        load = load_DLE.sum(dim=0)
         record = {
             "kind": "eval", "step": self.step, "val_loss": val_loss,
             "val_ppl": math.exp(val_loss) if val_loss < 700 else math.inf,
-            "val_bpb": val.bits_per_byte(val_loss), "maxvio_global": max_vio_layers(load),
+            "val_bpb": val.bits_per_byte(val_loss),
+            "maxvio_global": max_vio_layers(load) if L else None,
         }
-        return record, load
+        return record, load_DLE
 
     @torch.no_grad()
     def routing_trace(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -491,7 +530,8 @@ class Trainer:
         batches = self.run_spec.val_data.iter_eval(
             t.batch_size, t.seq_len, math.ceil(n_windows / t.batch_size))
         for batch in batches:
-            out = self._forward(*self._rows(*batch), self.step)
+            out = self._forward(*self._rows(*batch))
+            self._check_finite(self._bad(out), self.step)
             for i, routing in enumerate(out.layers):
                 experts[i].append(routing.experts_TK.cpu())
                 weights[i].append(routing.weights_TK.float().cpu())
@@ -502,6 +542,9 @@ class Trainer:
                                   for b in range(len(experts[i]))]
                                  for i in range(len(experts))] for k in (0, 1))
         n_tokens = min(t.trace_tokens, n_windows * t.seq_len)
+        if not experts:  # a dense model: an empty trace (no MoE layer)
+            empty_LTK = torch.zeros(0, n_tokens, self.cfg.router.top_k)
+            return empty_LTK.long(), empty_LTK
         return (torch.stack([torch.cat(e)[:n_tokens] for e in experts]),
                 torch.stack([torch.cat(w)[:n_tokens] for w in weights]))
 
@@ -524,10 +567,10 @@ class Trainer:
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in record.items() if k not in ("kind", "step")},
                                 self.step)
-        bpb = record["val_bpb"]
+        bpb, vio = record["val_bpb"], record["maxvio_global"]
         self._log(f"eval step {self.step}: val_loss {record['val_loss']:.4f} "
             f"ppl {record['val_ppl']:.2f}" + (f" bpb {bpb:.4f}" if bpb is not None else "")
-            + f" maxvio_global {record['maxvio_global']:.3f}")
+            + (f" maxvio_global {vio:.3f}" if vio is not None else ""))
         return record, load
 
     def run(self) -> dict[str, Any]:
@@ -578,15 +621,16 @@ class Trainer:
                 if tracker is not None:
                     tracker.log_metrics({k: v for k, v in {**record, **timing}.items()
                                          if k not in ("kind", "load", "step")}, step)
-                tps = timing["tokens_per_s"]
+                tps, vio = timing["tokens_per_s"], record["maxvio_batch"]
                 self._log(f"step {step}/{t.steps} loss {record['loss']:.4f} "
-                    f"maxvio {record['maxvio_batch']:.3f} tok/s {tps or 0:.0f}"
+                    + (f"maxvio {vio:.3f} " if vio is not None else "") + f"tok/s {tps or 0:.0f}"
                     + (f" mfu {timing['mfu']:.3f}" if timing["mfu"] is not None else ""))
             if step % t.eval_every == 0 and step < t.steps:
                 self._log_eval(tracker)
             if step % t.ckpt_every == 0 or step == t.steps:
                 self.save()
-        eval_record, load_global = self._log_eval(tracker)
+        eval_record, load_DLE = self._log_eval(tracker)
+        load_global = load_DLE.sum(dim=0)
         self._close_logs()
         self._rewrite_logs()
         self._close_logs()
@@ -596,6 +640,7 @@ class Trainer:
                         t.seq_len)
         train_s = self.sums["train_s"]
         tps = self.sums["tokens"] / train_s if train_s > 0 else None
+        moe = self.model.num_moe_layers > 0
         summary = {
             "study": cfg.study, "dataset": cfg.dataset, "strategy": cfg.strategy,
             "seed": cfg.seed, "steps": t.steps,
@@ -603,8 +648,8 @@ class Trainer:
             "val_bpb": eval_record["val_bpb"],
             "maxvio_global": eval_record["maxvio_global"],
             "maxvio_global_layers": [max_vio(load_E) for load_E in load_global],
-            "maxvio_batch_mean": self.sums["maxvio_batch"] / t.steps,
-            "drop_frac": self.sums["drop_frac"] / t.steps,
+            "maxvio_batch_mean": self.sums["maxvio_batch"] / t.steps if moe else None,
+            "drop_frac": self.sums["drop_frac"] / t.steps if moe else None,
             "load_global": load_global.tolist(),
             "tokens_per_s": tps,
             "mfu": (self.flops_per_token * tps / self.peak
@@ -616,10 +661,15 @@ class Trainer:
             "git_sha": git_sha(), "torch_version": torch.__version__,
             "world_size": self.world_size,
         }
+        if domains := self.run_spec.val_data.domains:  # a mixed corpus: loads per domain
+            summary["load_by_domain"] = dict(zip(domains, load_DLE.tolist(), strict=True))
         if self.lead:
             write_json(self.out / "summary.json", summary)
-        self._log(f"done: val_loss {summary['val_loss']:.4f} maxvio_global "
-            f"{summary['maxvio_global']:.3f} -> {self.out}")
+            if not t.keep_ckpt:  # complete: the run directory is all that is needed now
+                (self.run_spec.ckpt_dir / CKPT_NAME).unlink(missing_ok=True)
+        vio = summary["maxvio_global"]
+        self._log(f"done: val_loss {summary['val_loss']:.4f}"
+            + (f" maxvio_global {vio:.3f}" if vio is not None else "") + f" -> {self.out}")
         return summary
 
 
