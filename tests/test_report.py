@@ -24,7 +24,13 @@ from moebench.report import paths
 from moebench.report.aggregate import aggregate
 from moebench.report.published import SETTINGS
 from moebench.report.stats import mean_ci95, strategy_order
-from moebench.report.summary import COLUMNS, SUMMARY_SCHEMA, collect, find_runs
+from moebench.report.summary import (
+    COLUMNS,
+    SUMMARY_SCHEMA,
+    collect,
+    find_runs,
+    load_domain_loads,
+)
 from moebench.report.tables import stats_table
 
 STRATEGIES = {
@@ -397,3 +403,13 @@ def test_sweep_study_claims_and_figures(tmp_path: Path) -> None:
     md = paths.table_file("sweep", "md", tmp_path).read_text()
     assert "### Paired differences against `device_m2`" in md
     assert paths.figure_file("sweep", "shakespeare", "m_sweep", tmp_path).is_file()
+
+
+def test_empty_domain_loads_of_a_dense_model_are_skipped(results: Path) -> None:
+    path = paths.run_dir("syn", "shakespeare", "aux_free", 1, results) / "summary.json"
+    summary = json.loads(path.read_text())
+    write_json(path, summary | {"load_by_domain": {"code": [], "prose": []}})
+    loads = load_domain_loads(find_runs(results))
+    assert len(loads) == 8 and ("syn", "shakespeare", "aux_free", 1) not in loads
+    names, load_DLE = loads[("syn", "shakespeare", "aux_free", 0)]
+    assert names == ["code", "prose"] and load_DLE.shape == (2, 2, 16)
