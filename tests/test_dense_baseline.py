@@ -83,3 +83,6 @@ def test_aggregation_tabulates_the_dense_run_beside_moe(study_root: Path) -> Non
     assert df[df["strategy"] == "none"]["maxvio_global"].notna().all()
     table = paths.table_file("tiny", "md", study_root).read_text()
     assert re.search(r"\| dense\s+\|\s+2 \|", table)
+    # Paired against `none`: no MaxVio pairs for a dense model, so no verdict.
+    paired = table.split("### Paired differences")[1]
+    assert "n/a (0 pairs)" in next(x for x in paired.splitlines() if x.startswith("| dense"))

@@ -88,8 +88,10 @@ SUMMARY_SCHEMA = pa.DataFrameSchema(
     checks=[
         pa.Check(_ppl_matches_loss, name="val_ppl == exp(val_loss)"),
         pa.Check(
-            lambda df: (df["nodes_per_token"] <= df["devices_per_token"] + 1e-9)
-            | df["nodes_per_token"].isna(),
+            lambda df: (
+                (df["nodes_per_token"] <= df["devices_per_token"] + 1e-9)
+                | df["nodes_per_token"].isna()
+            ),
             name="nodes_per_token <= devices_per_token",
         ),
     ],
@@ -212,9 +214,10 @@ def balance_knobs(cfg: dict[str, Any]) -> dict[str, float]:
 
 
 def load_settings(runs: list[Path]) -> pd.DataFrame:
-    """Per run: identity, the gate, the routing limit and M, and the balance knobs, as
-    `knobs` ("global_alpha=0.001"), `knob_value` (the first knob's value, 0 without) and
-    `family` (gate, limit and knob names: runs of one family differ only in knob values)."""
+    """Per run: identity, the gate, the routing limit and M (NaN: no limit), and the balance
+    knobs, as `knobs` ("global_alpha=0.001"), `knob_value` (the first knob's value, 0
+    without) and `family` (gate, limit and knob names: runs of one family differ only in
+    knob values)."""
     rows = []
     for run in runs:
         cfg = yaml.safe_load((run / "config.resolved.yaml").read_text())
@@ -239,12 +242,12 @@ def load_domain_loads(
     runs: list[Path],
 ) -> dict[tuple[str, str, str, int], tuple[list[str], np.ndarray]]:
     """Domains and `load_DLE` (summary.json's `load_by_domain`: {domain: [[load per expert]
-    per layer]}) of each run that records it, keyed by identity; ValueError naming the run
-    if malformed."""
+    per layer]}) of each run that records loads (a dense model's lists are empty), keyed by
+    identity; ValueError naming the run if malformed."""
     out = {}
     for run in runs:
         summary = _read_json(run / "summary.json")
-        if "load_by_domain" in summary:
+        if any(summary.get("load_by_domain", {}).values()):  # a dense model: no MoE layer
             where = f"{run / 'summary.json'}: load_by_domain"
             out[tuple(summary[k] for k in IDENTITY)] = domain_loads(
                 summary["load_by_domain"], where
