@@ -114,16 +114,14 @@ def test_unset_normalize_follows_the_score_function() -> None:
 
 def test_unset_group_limit_means_no_limit() -> None:
     """`limit: node` without `group_limit` keeps all nodes (M = G), as peers read it."""
-    from moebench.model.moe import router_config
-
     cfg = RunConfig(router={"limit": "node"})
     assert cfg.router.group_limit is None
-    runtime = router_config(cfg)
+    runtime = cfg.router_config()
     assert runtime.group_limit == cfg.topology.num_nodes and not runtime.group_limited
     # M = G with K < M is plain top-K, whatever the group score
     cfg = RunConfig(router={"limit": "node", "top_k": 2, "group_limit": 4,
                             "group_score": "topk_sum"})
-    assert not router_config(cfg).group_limited
+    assert not cfg.router_config().group_limited
 
 
 @pytest.mark.parametrize(
