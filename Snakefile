@@ -1,7 +1,7 @@
 # moebench: one DAG from data to paper tables.
 #   data -> kernel check -> training runs (study x dataset x strategy x seed) -> comm
-#   profiling -> aggregation (summary.parquet, tables, figures) -> `snakemake --report`.
-# Rules only call the `moebench` CLI; the study grid comes from the config, validated
+#   profiling -> aggregation (per-study summary, tables, figures) -> `snakemake --report`.
+# Rules only call the `moebench` CLI (`python -m moebench` of Snakemake's interpreter); the study grid comes from the config, validated
 # against workflow/schemas/study.schema.json and then by pydantic (moebench.config).
 #   snakemake --cores 2                                   # the default study
 #   snakemake --cores 2 --configfile configs/test.yaml    # any other study
@@ -43,4 +43,4 @@ rule all:
     default_target: True
     input:
         rules.aggregate.output,
-        run_files((*TRAIN_FILES, *COMM_FILES)),
+        run_files(paths.RUN_FILES),

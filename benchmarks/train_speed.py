@@ -9,10 +9,12 @@ and several runs sharing one GPU. Ratios are taken between runs of this one call
 
 Each run writes its run directory under --out/runs; the table (one row per run: model,
 code, GPUs, batch, steady tokens/s = mean over the logged windows after the first two, MFU,
-final validation loss) is appended to --table as each run ends. Models: `study` (the GPU
-study's: d_model 512, 8 layers, 64 experts top-6 of width 256 + 1 shared; 35M active),
-`wide` (benchmarks/train_gpu.yaml: d_model 768, 12 layers; 120M active), `wide2048`
-(d_model 2048, expert width 1024, 64 experts top-6: the MoE layer benchmark's shape).
+final validation loss) is appended to --table as each run ends. Code `compile` is this
+checkout with `train.compile: true` (the dense parts through `torch.compile`). Models:
+`study` (the GPU study's: d_model 512, 8 layers, 64 experts top-6 of width 256 + 1
+shared; 35M active), `wide` (benchmarks/train_gpu.yaml: d_model 768, 12 layers; 120M
+active), `wide2048` (d_model 2048, expert width 1024, 64 experts top-6: the MoE layer
+benchmark's shape).
 """
 
 from __future__ import annotations
@@ -100,27 +102,38 @@ def main() -> None:
     ap.add_argument("--baseline-src", type=Path, default=None)
     ap.add_argument("--only", default="study,wide,wide2048")
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--plan", choices=("single", "scaling", "all"), default="all",
+                    help="single: 1-GPU runs of every code; scaling: 1 vs 2 GPUs of --scale-code")
+    ap.add_argument("--scale-code", default="new", choices=("new", "compile"))
+    ap.add_argument("--codes", default="baseline,new,compile", help="codes of the single plan")
+    ap.add_argument("--concurrent", type=int, default=3, help="runs sharing one GPU (study)")
     args = ap.parse_args()
     gpus = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda."
                                "device_count())"], capture_output=True, text=True).stdout)
-    codes = {"new": Path("src").resolve()}
+    codes = {"new": Path("src").resolve(), "compile": Path("src").resolve()}
     if args.baseline_src is not None:
         codes["baseline"] = args.baseline_src.resolve()
     models = args.only.split(",")
     batch = {m: MODELS[m]["train"]["batch_size"] for m in models}
     plan: list[tuple[str, str, int, int, int]] = []  # model, code, gpus, batch, concurrent
-    plan += [(m, code, 1, batch[m], 1) for m in models for code in codes]
-    if gpus >= 2:
-        plan += [(m, "new", 2, b, 1) for m in models for b in (batch[m], 2 * batch[m])]
-        if "baseline" in codes and "study" in models:
-            plan.append(("study", "baseline", 2, batch["study"], 1))
-    if "study" in models:
-        plan.append(("study", "new", 1, batch["study"], 3))
+    if args.plan in ("single", "all"):
+        chosen = [c for c in args.codes.split(",") if c in codes]
+        plan += [(m, code, 1, batch[m], 1) for m in models for code in chosen]
+        if "study" in models:
+            plan += [("study", "compile", 1, 2 * batch["study"], c) for c in (1, args.concurrent)]
+    if args.plan in ("scaling", "all") and gpus >= 2:
+        code = args.scale_code
+        plan += [(m, code, g, b, 1) for m in models
+                 for g, b in ((1, batch[m]), (2, batch[m]), (2, 2 * batch[m]))]
+        if "study" in models:
+            plan.append(("study", code, 1, batch["study"], args.concurrent))
     rows = []
     for model, code, n_gpus, batch, concurrent in plan:
         name = f"{model}-{code}-g{n_gpus}-b{batch}-c{concurrent}"
         cfg = run_config(model, args.data, args.steps, batch)
+        cfg["train"]["compile"] = code == "compile"
         if code == "baseline":
+            del cfg["train"]["compile"]
             cfg["model"]["expert_impl"] = "grouped"
             if n_gpus > 1:  # the old code needs world size == modelled devices
                 cfg["topology"] = {"num_nodes": n_gpus, "gpus_per_node": 1}

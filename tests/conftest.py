@@ -30,22 +30,35 @@ def slurm_cluster_up() -> bool:
     return res.returncode == 0 and bool({"idle", "mix", "alloc"} & set(res.stdout.split()))
 
 
+_started_here: list[bool] = []
+"""Set once this session starts the cluster; it is stopped when the session ends."""
+
+
+def _start_cluster() -> None:
+    res = subprocess.run(
+        ["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    _started_here.append(True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def slurm_controller_up_while_installed() -> Iterator[None]:
+    """Where a SLURM client is installed but its controller is down, every Snakemake call
+    waits 10 s for the SLURM plugin's `scontrol show config` to time out; so the session
+    keeps the test cluster up from the start (and stops it at the end if it started it)."""
+    if shutil.which("scontrol") and os.geteuid() == 0 and not slurm_cluster_up():
+        _start_cluster()
+    yield
+    if _started_here:
+        subprocess.run(["bash", str(CLUSTER), "stop"], check=False, timeout=60)
+
+
 @pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[None]:
+def slurm_cluster(slurm_controller_up_while_installed: None) -> None:
     """The real one-node cluster of tests/slurm/local-cluster.sh (root: apt-get, /etc/slurm,
-    daemons), started once per session if it is not up, and stopped only if started here."""
+    daemons), started (installed if needed) once per session if it is not up."""
     if os.geteuid() != 0:
         pytest.skip("the one-node SLURM cluster needs root (apt-get, /etc/slurm, daemons)")
-    started = not slurm_cluster_up()
-    if started:
-        res = subprocess.run(
-            ["bash", str(CLUSTER), "start"],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        assert res.returncode == 0, res.stdout + res.stderr
-    yield
-    if started:
-        subprocess.run(["bash", str(CLUSTER), "stop"], check=False, timeout=60)
+    if not slurm_cluster_up():
+        _start_cluster()

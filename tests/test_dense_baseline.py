@@ -6,6 +6,7 @@ beside a MoE strategy."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -15,7 +16,9 @@ from typer.testing import CliRunner
 from moebench.cli import app
 from moebench.config import DataConfig, RunConfig, deep_merge
 from moebench.data import prepare as prepare_data
+from moebench.report import paths
 from moebench.report.aggregate import aggregate
+from moebench.report.summary import find_runs
 from moebench.train import train
 
 DATA = DataConfig(source="synthetic", vocab_size=300, synthetic_docs=40, synthetic_doc_tokens=64)
@@ -73,10 +76,13 @@ def test_dense_run_has_null_balance_metrics_and_an_empty_trace(study_root: Path)
 
 
 def test_aggregation_tabulates_the_dense_run_beside_moe(study_root: Path) -> None:
-    df, _ = aggregate(study_root)
+    df, _ = aggregate("tiny", find_runs(study_root), study_root)
     dense = df[df["strategy"] == "dense"]
     assert len(dense) == 2 and dense["maxvio_global"].isna().all()
     assert dense["nodes_per_token"].isna().all() and dense["val_loss"].notna().all()
     assert df[df["strategy"] == "none"]["maxvio_global"].notna().all()
-    table = (study_root / "tables" / "tiny.md").read_text()
-    assert "| dense | 2 |" in table
+    table = paths.table_file("tiny", "md", study_root).read_text()
+    assert re.search(r"\| dense\s+\|\s+2 \|", table)
+    # Paired against `none`: no MaxVio pairs for a dense model, so no verdict.
+    paired = table.split("### Paired differences")[1]
+    assert "n/a (0 pairs)" in next(x for x in paired.splitlines() if x.startswith("| dense"))

@@ -148,6 +148,7 @@ def test_three_runs_share_one_gpu(tmp_path: Path) -> None:
     holds no whole `gpu`); the kernel check still takes the whole GPU."""
     study = yaml.safe_load(STUDY.read_text())
     study["strategies"] = {"none": {}}
+    del study["report"]  # it names the strategies left out
     config = tmp_path / "share.yaml"
     config.write_text(yaml.safe_dump(study))
     jobs, available = _dry_run(tmp_path, config, {"gpu": 1})

@@ -186,3 +186,23 @@ def test_bad_inputs_are_value_errors() -> None:
         model(tokens(), bias_LE=torch.zeros(3, 16))
     with pytest.raises(ValueError, match="must be even for RoPE"):
         build(tiny(model={"d_model": 30, "n_heads": 2}))
+
+
+@pytest.mark.slow
+def test_compiled_dense_parts_equal_eager_in_loss_and_gradients() -> None:
+    """`compile_dense` (train.compile) changes how the dense parts run, not what they compute;
+    evaluation stays eager."""
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build(tiny(balance={"seq_alpha": 1e-3}))
+        if compiled:
+            model.compile_dense()
+        x = tokens(B=2)
+        out = model(x, x)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=1e-6, msg=name)

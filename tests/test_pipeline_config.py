@@ -233,7 +233,7 @@ def test_snakemake_refuses_bad_config_before_any_job(
     res = snakemake_dry_run(tmp_path, REPO / "configs/default.yaml", bad)
     assert res.returncode != 0
     assert expected in res.stdout + res.stderr
-    assert not (tmp_path / "results").exists()
+    assert not (tmp_path / "work").exists()
 
 
 def test_distributed_tasks_must_match_the_topology() -> None:

@@ -83,21 +83,21 @@ def test_train_job_wiring(jobs: list[Any]) -> None:
     assert {
         "work/configs/default/shakespeare/aux_free/seed~1.yaml",
         "work/data/default/shakespeare/train.bin",
-        "results/kernels/default.parquet",
-        "results/mlflow/parents/default.txt",
+        "work/kernels/default.parquet",
+        "work/mlflow/parents/default.txt",
     } <= inputs
-    assert "results/runs/default/shakespeare/aux_free/seed~1/summary.json" in set(
+    assert "work/runs/default/shakespeare/aux_free/seed~1/summary.json" in set(
         map(str, train.output)
     )
     assert "--ckpt-dir work/ckpt/default/shakespeare/aux_free/seed~1" in train.shellcmd
-    assert "tracking.parent_run_id='$(cat results/mlflow/parents/default.txt)'" in train.shellcmd
+    assert "tracking.parent_run_id='$(cat work/mlflow/parents/default.txt)'" in train.shellcmd
 
 
 def test_aggregate_needs_every_run(jobs: list[Any]) -> None:
     aggregate = next(j for j in jobs if j.rule.name == "aggregate")
     comm_json = [str(f) for f in aggregate.input if str(f).endswith("comm.json")]
     assert len(comm_json) == 24
-    assert "results/tables/default.md" in set(map(str, aggregate.output))
+    assert "work/tables/default.md" in set(map(str, aggregate.output))
 
 
 def snakemake(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -56,7 +56,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_summary_passes_the_schema(built: Path) -> None:
-    df = pd.read_parquet(paths.summary_file(built / "results"))
+    df = pd.read_parquet(paths.summary_file("test", built / "work"))
     SUMMARY_SCHEMA.validate(df)
     assert sorted(zip(df["strategy"], df["seed"], strict=True)) == [
         ("aux_free", 0),
@@ -68,31 +68,32 @@ def test_summary_passes_the_schema(built: Path) -> None:
 
 
 def test_tables_figures_and_where(built: Path) -> None:
-    md = paths.table_file("test", "md", built / "results").read_text()
+    md = paths.table_file("test", "md", built / "work").read_text()
     assert re.search(r"\| aux_free\s+\|\s+2 \|", md)
     assert "### Paired differences against `aux_free`" in md
     for name in paths.FIGURES:
-        assert paths.figure_file("test", "shakespeare", name, built / "results").is_file()
+        assert paths.figure_file("test", "shakespeare", name, built / "work").is_file()
     where = subprocess.run(
-        ["moebench", "where", "--study", str(TEST_STUDY)],
+        [sys.executable, "-m", "moebench", "where", "--study", str(TEST_STUDY)],
         cwd=built,
         capture_output=True,
         text=True,
         env=env(),
         check=True,
     ).stdout
-    assert "results/tables/test.md" in where and "results/report.html" in where
-    assert "mlflow ui --backend-store-uri sqlite:///results/mlflow/mlflow.db" in where
+    assert "work/tables/test.md" in where and "work/test-report.html" in where
+    assert "reference: results/reference/test" in where
+    assert "mlflow ui --backend-store-uri sqlite:///work/mlflow/test.db" in where
 
 
 def test_aggregate_rebuild_is_byte_identical(built: Path) -> None:
     outputs = [
-        paths.summary_file(built / "results"),
-        paths.table_file("test", "md", built / "results"),
+        paths.summary_file("test", built / "work"),
+        paths.table_file("test", "md", built / "work"),
     ]
     before = [p.read_bytes() for p in outputs]
     subprocess.run(
-        ["moebench", "aggregate"],
+        [sys.executable, "-m", "moebench", "aggregate", "--study", str(TEST_STUDY)],
         cwd=built,
         capture_output=True,
         text=True,
@@ -114,23 +115,23 @@ def check_runs(runs: list[dict[str, str]]) -> None:
 
 
 def test_mlflow_sqlite_store_has_parent_and_children(built: Path) -> None:
-    uri = f"sqlite:///{built}/results/mlflow/mlflow.db"
+    uri = f"sqlite:///{built}/work/mlflow/test.db"
     check_runs(study_runs(uri, "test"))
-    parent = (built / "results/mlflow/parents/test.txt").read_text().strip()
+    parent = (built / "work/mlflow/parents/test.txt").read_text().strip()
     artifacts = {a.path for a in MlflowClient(uri).list_artifacts(parent, "tables")}
     assert {"tables/test.md", "tables/test.csv"} <= artifacts
 
 
 def test_report_html(built: Path) -> None:
-    res = snakemake(built, "--report", "results/report.html", "--configfile", str(TEST_STUDY))
+    res = snakemake(built, "--report", "work/test-report.html", "--configfile", str(TEST_STUDY))
     assert res.returncode == 0, res.stderr[-3000:]
-    html = (built / "results/report.html").read_text()
+    html = (built / "work/test-report.html").read_text()
     assert "MaxVio_batch over training steps" in html and "test-shakespeare-load_heatmap" in html
 
 
 def test_nothing_to_do_then_only_the_deleted_run_reruns(built: Path) -> None:
     assert dry_run(built, TEST_STUDY) == []
-    run = paths.run_dir("test", "shakespeare", "aux_free", 1, built / "results")
+    run = paths.run_dir("test", "shakespeare", "aux_free", 1, built / "work")
     backup = run.with_name("moved-away")
     run.rename(backup)
     try:
@@ -165,7 +166,7 @@ def mlflow_server(built: Path) -> Iterator[str]:
             "--port",
             str(port),
             "--backend-store-uri",
-            f"sqlite:///{built}/results/mlflow/mlflow.db",
+            f"sqlite:///{built}/work/mlflow/test.db",
             "--workers",
             "1",
         ],
@@ -201,7 +202,8 @@ def test_mlflow_server_finds_the_runs(built: Path, mlflow_server: str, tmp_path:
     study_file = tmp_path / "served.yaml"
     study_file.write_text(yaml.safe_dump(study))
     subprocess.run(
-        ["moebench", "mlflow-init", "--study", str(study_file), "--out", str(tmp_path / "p.txt")],
+        [sys.executable, "-m", "moebench", "mlflow-init", "--study", str(study_file),
+         "--out", str(tmp_path / "p.txt")],
         cwd=built,
         env=env(),
         check=True,

@@ -1,5 +1,6 @@
 """A SLURM run without a partition is refused at start, before any job is submitted."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -11,10 +12,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def fake_cluster(bin_dir: Path, partitions: str) -> None:
-    """`sinfo` listing `partitions`; `sbatch` that records it was called."""
+    """A whole SLURM client of its own, whatever the machine has installed: `sinfo` listing
+    `partitions`, `sbatch` that records it was called, and the `squeue`, `sacct` and
+    `scontrol` the executor plugin looks for (an empty queue, no accounting)."""
     bin_dir.mkdir()
     (bin_dir / "sinfo").write_text(f"#!/bin/sh\necho '{partitions}'\n")
     (bin_dir / "sbatch").write_text(f"#!/bin/sh\ntouch {bin_dir}/sbatch-called\nexit 1\n")
+    for name in ("squeue", "sacct", "scontrol"):
+        (bin_dir / name).write_text("#!/bin/sh\nexit 0\n")
     for f in bin_dir.iterdir():
         f.chmod(0o755)
 
@@ -22,7 +27,10 @@ def fake_cluster(bin_dir: Path, partitions: str) -> None:
 def slurm_run(tmp_path: Path, partitions: str, *extra: str) -> subprocess.CompletedProcess[str]:
     fake_cluster(tmp_path / "bin", partitions)
     shutil.copy(REPO / "configs/test.yaml", tmp_path / "study.yaml")
-    env = {"PATH": f"{tmp_path / 'bin'}:{Path(sys.executable).parent}:/usr/bin:/bin"}
+    env = {
+        "PATH": f"{tmp_path / 'bin'}:{Path(sys.executable).parent}:/usr/bin:/bin",
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+    }
     cmd = [
         sys.executable,
         "-m",
@@ -50,4 +58,4 @@ def test_no_partition_and_no_default_partition_is_refused_before_any_job(tmp_pat
     assert res.returncode != 0
     assert "slurm_partition is not set" in out and "--default-resources slurm_partition=" in out
     assert not (tmp_path / "bin/sbatch-called").exists()
-    assert not (tmp_path / "results").exists()
+    assert not (tmp_path / "work" / "runs").exists()

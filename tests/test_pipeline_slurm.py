@@ -50,7 +50,7 @@ def test_tiny_dag_runs_through_slurm(slurm_cluster: None, tmp_path: Path) -> Non
         env=os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    df = pd.read_parquet(paths.summary_file(workdir / "results"))
+    df = pd.read_parquet(paths.summary_file("slurm", workdir / "work"))
     SUMMARY_SCHEMA.validate(df)
     assert df[["study", "strategy", "seed"]].values.tolist() == [["slurm", "aux_free", 0]]
     # The cluster ran the heavy rules (local rules stay on the submitting host).
@@ -58,5 +58,5 @@ def test_tiny_dag_runs_through_slurm(slurm_cluster: None, tmp_path: Path) -> Non
     ran = {p.name for p in slurm_logs.iterdir()}
     assert {"rule_data", "rule_kernels", "rule_train", "rule_comm"} <= ran
     assert not {"rule_resolve", "rule_aggregate", "rule_data_config"} & ran
-    run = paths.run_dir("slurm", "shakespeare", "aux_free", 0, workdir / "results")
+    run = paths.run_dir("slurm", "shakespeare", "aux_free", 0, workdir / "work")
     assert json.loads((run / "summary.json").read_text())["world_size"] == 2

@@ -61,6 +61,15 @@ def test_contiguous_is_the_runs_layout() -> None:
     np.testing.assert_array_equal(p.expert_of_slot, [0, 1, -1, 2, 3, -1, 4, 5, -1, 6, 7, -1])
 
 
+def test_layout_of_a_placement_without_replicas() -> None:
+    p = eplb(np.array(EPLB_WEIGHT[0]), 0, num_groups=4, num_nodes=2, gpus_per_node=3)
+    device_E = p.layout().device_of_expert.numpy()
+    gpu_P = np.arange(len(p.expert_of_slot)) // p.slots_per_gpu
+    np.testing.assert_array_equal(device_E[p.expert_of_slot], gpu_P)
+    with pytest.raises(ValueError, match="allowed: R = 0"):
+        eplb(np.array(EPLB_WEIGHT[0]), 6, 4, 2, 3).layout()
+
+
 def test_placement_rejects_a_missing_expert() -> None:
     with pytest.raises(ValueError, match=r"experts \[1\] have no replica"):
         Placement(np.array([0, 0]), np.array([0, 1]), 2, 1, 1)
@@ -185,10 +194,13 @@ def test_placement_cli(tmp_path) -> None:
     [
         (["--redundant", "0,-1"], "--redundant='0,-1' is invalid"),
         (["--runs", "nowhere"], "runs=nowhere holds no"),
+        (["--redundant", "3"], "redundant=3 is invalid; allowed: R >= 0 with E + R = 8 + R"),
     ],
 )
 def test_placement_cli_rejects_bad_input(tmp_path, args: list[str], message: str) -> None:
-    base = {"--runs": str(tmp_path), "--out": str(tmp_path / "p.parquet")}
+    _write_run(tmp_path / "runs", "skewed", 0, "none")  # any R fits (one group)
+    _write_run(tmp_path / "runs", "node_limited", 0, "node")  # needs 2 | 8 + R
+    base = {"--runs": str(tmp_path / "runs"), "--out": str(tmp_path / "p.parquet")}
     for i in range(0, len(args), 2):
         base[args[i]] = args[i + 1]
     result = CliRunner().invoke(app, ["placement", *[x for kv in base.items() for x in kv]])

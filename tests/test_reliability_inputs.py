@@ -156,9 +156,22 @@ class Ctx:
         path.write_text(yaml.safe_dump(study))
         return path
 
+    def aggregate(self, results: Path) -> list[str]:
+        """`moebench aggregate` of study `rel` (one run: syn/aux_free/seed~0) over `results`."""
+        return ["aggregate", "--results", str(results), "--study", str(rel_study(self.root))]
+
     def resolve(self, *args: str, study: dict | None = None) -> list[str]:
         return ["resolve", "--study", str(self.study(study)), "--dataset", "syn",
                 "--out", str(self.out / "run.yaml"), *args]
+
+
+def rel_study(folder: Path) -> Path:
+    """The study file of the one run `rel/syn/aux_free/seed~0`, MLflow off."""
+    path = folder / "rel.yaml"
+    study = {"study": "rel", "seeds": [0], "datasets": {"syn": DATA.model_dump(mode="json")},
+             "strategies": {"aux_free": {}}, "tracking": {"uri": None}}
+    path.write_text(yaml.safe_dump(study))
+    return path
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -384,10 +397,10 @@ CASES = [
     Case("replay_nan_skew", lambda c: c.replay("--skew", "nan"),
          ("skew=nan", "allowed: a finite number >= 0")),
     # --- moebench aggregate -------------------------------------------------------------------
-    Case("aggregate_without_runs", lambda c: ["aggregate", "--results", str(c.root / "results")],
-         ("no complete run directories", "summary.json + comm.json")),
-    Case("aggregate_corrupt_summary", lambda c: ["aggregate", "--results", str(
-        c.run_dir({"summary.json": b'{"study": "rel"', "comm.json": b"{}"}).parents[4])],
+    Case("aggregate_without_runs", lambda c: c.aggregate(c.root / "results"),
+         ("unfinished runs of study 'rel'", "seed~0")),
+    Case("aggregate_corrupt_summary", lambda c: c.aggregate(
+        c.run_dir({"summary.json": b'{"study": "rel"', "comm.json": b"{}"}).parents[4]),
          ("cannot read", "seed~0/summary.json", "Expecting ',' delimiter")),
     Case("aggregate_unknown_study_file", lambda c: [
         "aggregate", "--results", str(c.root / "results"), "--study", str(c.root / "s.yaml")],

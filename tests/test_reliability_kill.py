@@ -30,7 +30,7 @@ from moebench.cli import app
 from moebench.data import prepare as prepare_data
 from moebench.train import TIMING_KEYS
 from moebench.train.checkpoint import CKPT_NAME
-from test_reliability_inputs import DATA, RUN
+from test_reliability_inputs import DATA, RUN, rel_study
 
 KILL_HOOK = '''"""Test-only: SIGKILL this process at one point chosen by the environment.
 
@@ -209,7 +209,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ["train", "--config", str(root / "run.yaml"), "--out", str(root / "trained"),
          "--ckpt-dir", str(root / "ckpt")],
         ["comm", "--trace", str(run / "routing_trace.parquet"), "--out", str(run)],
-        ["aggregate", "--results", str(root / "results")],
+        ["aggregate", "--results", str(root / "results"), "--study", str(rel_study(root))],
     ):
         if argv[0] == "comm":
             shutil.copytree(root / "trained", run)
@@ -291,10 +291,10 @@ def test_kill_during_aggregation_then_rerun_gives_identical_outputs(
     figures are in place."""
     results = tmp_path / "results"
     shutil.copytree(reference / "results" / "runs", results / "runs")
-    argv = ["aggregate", "--results", str(results)]
+    argv = ["aggregate", "--results", str(results), "--study", str(rel_study(tmp_path))]
     run_killed(tmp_path, argv, "write:rel.md:1")
     visible = assert_no_partial_file(results)
-    assert "tables/summary.parquet" in visible and "tables/rel.md" not in visible
+    assert "tables/rel.parquet" in visible and "tables/rel.md" not in visible
 
     assert CliRunner().invoke(app, argv).exit_code == 0
     same_files(results, reference / "results")

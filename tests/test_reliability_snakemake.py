@@ -117,7 +117,7 @@ def recovered(tmp_path_factory: pytest.TempPathFactory) -> Recovery:
     env = kill_hook_env(hook, spec=KILL_AT, only=only, once=str(hook / "killed_snakemake"),
                         action="snakemake")
     killed = snakemake(workdir, env, "--cores", "2")
-    visible = assert_no_partial_file(workdir / "results")
+    visible = assert_no_partial_file(workdir / "work")
 
     plain = kill_hook_env(hook)
     refused = snakemake(workdir, plain, "--cores", "2")
@@ -134,7 +134,7 @@ def test_failed_job_is_reported_and_leaves_no_outputs(recovered: Recovery) -> No
     assert r.failed.returncode != 0
     assert "Error in rule train" in r.failed.stderr and "seed~1" in r.failed.stderr
     assert r.victim_files_after_failure == []  # Snakemake removed the failed job's outputs
-    assert r.victim_ckpt_after_failure == 6  # checkpoints live outside results/ and stay
+    assert r.victim_ckpt_after_failure == 6  # checkpoints live outside the run directory and stay
     finished = [paths.run_dir("test", "shakespeare", s, n) / "comm.json"
                 for s in ("aux_free", "aux_loss") for n in (0, 1) if (s, n) != VICTIM[2:]]
     assert all((r.workdir / f).is_file() for f in finished)  # --keep-going ran the others
@@ -143,7 +143,7 @@ def test_failed_job_is_reported_and_leaves_no_outputs(recovered: Recovery) -> No
 def test_killed_snakemake_is_recovered_by_rerun_incomplete(recovered: Recovery) -> None:
     r = recovered
     assert r.killed.returncode == -9
-    victim = paths.run_dir(*VICTIM).as_posix().removeprefix("results/")
+    victim = paths.run_dir(*VICTIM).as_posix().removeprefix("work/")
     assert {f"{victim}/{n}" for n in ("config.resolved.yaml", "metrics.jsonl")} <= (
         r.visible_after_kill)  # incomplete but every visible file is whole
     assert r.refused.returncode != 0
@@ -164,7 +164,7 @@ def test_recovered_study_equals_clean_study_byte_for_byte(
     """Same seeds, same bytes: every run file, the tables and figures, summary.parquet; only
     the wall-clock measurements of summary.json/.parquet (tokens/s, MFU, elapsed time) differ,
     and the git commit when the repository changed between the two runs."""
-    a, b = recovered.workdir / "results", clean / "results"
+    a, b = recovered.workdir / "work", clean / "work"
     runs = sorted(p.relative_to(b) for p in (b / "runs").glob("*/*/*/seed~*"))
     assert len(runs) == 4
     for run in runs:
@@ -174,7 +174,7 @@ def test_recovered_study_equals_clean_study_byte_for_byte(
         one, two = (json.loads((d / run / "summary.json").read_text()) for d in (a, b))
         assert {k: v for k, v in one.items() if k not in VARYING} == {
             k: v for k, v in two.items() if k not in VARYING}
-    df_a, df_b = (pd.read_parquet(paths.summary_file(d)) for d in (a, b))
+    df_a, df_b = (pd.read_parquet(paths.summary_file("test", d)) for d in (a, b))
     SUMMARY_SCHEMA.validate(df_a)
     pd.testing.assert_frame_equal(df_a.drop(columns=list(VARYING)),
                                   df_b.drop(columns=list(VARYING)))
@@ -205,6 +205,6 @@ def test_scancelled_slurm_job_is_reported_and_rerun(slurm_cluster: None,
     assert "Error in rule train" in out and "CANCELLED" in out.upper()
     log = (workdir / "work/logs/cancel/train/shakespeare/aux_free/seed~0.log").read_text()
     assert "resuming from step 6" in log
-    df = pd.read_parquet(paths.summary_file(workdir / "results"))
+    df = pd.read_parquet(paths.summary_file("cancel", workdir / "work"))
     assert df[["study", "strategy", "seed", "steps"]].values.tolist() == [
         ["cancel", "aux_free", 0, 12]]

@@ -24,7 +24,13 @@ from moebench.report import paths
 from moebench.report.aggregate import aggregate
 from moebench.report.published import SETTINGS
 from moebench.report.stats import mean_ci95, strategy_order
-from moebench.report.summary import COLUMNS, SUMMARY_SCHEMA, collect, find_runs
+from moebench.report.summary import (
+    COLUMNS,
+    SUMMARY_SCHEMA,
+    collect,
+    find_runs,
+    load_domain_loads,
+)
 from moebench.report.tables import stats_table
 
 STRATEGIES = {
@@ -55,14 +61,20 @@ def make_study(name: str = "syn", seeds: tuple[int, ...] = (0, 1, 2)) -> StudyCo
 
 
 def write_run(
-    root: Path, study: StudyConfig, strategy: str, seed: int, domains: bool = True
+    root: Path,
+    study: StudyConfig,
+    strategy: str,
+    seed: int,
+    domains: bool = True,
+    val_loss: float | None = None,
 ) -> Path:
     """A complete synthetic run directory: what `moebench train` and `moebench comm` write
-    (`domains`: with per-domain loads)."""
+    (`domains`: with per-domain loads; `val_loss`: default VAL_LOSS's)."""
     cfg = study.run_config("shakespeare", strategy, seed)
     run = paths.run_dir(study.study, "shakespeare", strategy, seed, root)
     rng = np.random.default_rng(seed)
-    val_loss = VAL_LOSS[strategy][seed % 3]
+    val_loss = VAL_LOSS[strategy][seed % 3] if val_loss is None else val_loss
+    maxvio = MAXVIO.get(strategy, 0.2)
     loads = rng.integers(50, 150, size=(2, 16)).tolist()
     # Two domains; aux_free's experts specialise (each domain favours its own half).
     tilt = 3.0 if strategy == "aux_free" else 1.0
@@ -83,9 +95,9 @@ def write_run(
             "val_loss": val_loss,
             "val_ppl": math.exp(val_loss),
             "val_bpb": val_loss / 2,
-            "maxvio_global": MAXVIO[strategy] + 0.01 * seed,
+            "maxvio_global": maxvio + 0.01 * seed,
             "maxvio_global_layers": [0.1, 0.2],
-            "maxvio_batch_mean": 2 * MAXVIO[strategy],
+            "maxvio_batch_mean": 2 * maxvio,
             "drop_frac": 0.0,
             "tokens_per_s": 1000.0 + seed,
             "mfu": None,
@@ -102,7 +114,7 @@ def write_run(
         {
             "kind": "train",
             "step": s,
-            "maxvio_batch": MAXVIO[strategy] * (1 + 10 / s) * (1 + 0.1 * seed),
+            "maxvio_batch": maxvio * (1 + 10 / s) * (1 + 0.1 * seed),
             "loss": 3.0,
         }
         for s in range(2, 22, 2)
@@ -140,7 +152,7 @@ def results(tmp_path: Path) -> Path:
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame, list[Path]]:
     """Synthetic run directories aggregated once (read-only for the tests)."""
     root = write_runs(tmp_path_factory.mktemp("built"))
-    df, written = aggregate(root, None, {"syn": make_study().report})
+    df, written = aggregate("syn", find_runs(root), root, make_study().report)
     return root, df, written
 
 
@@ -148,7 +160,7 @@ def test_summary_has_one_validated_row_per_run(
     built: tuple[Path, pd.DataFrame, list[Path]],
 ) -> None:
     results, df, written = built
-    table = pd.read_parquet(paths.summary_file(results))
+    table = pd.read_parquet(paths.summary_file("syn", results))
     assert list(table.columns) == list(COLUMNS)
     assert len(table) == 9
     SUMMARY_SCHEMA.validate(table)
@@ -239,22 +251,22 @@ def test_rebuild_gives_identical_bytes(built: tuple[Path, pd.DataFrame, list[Pat
     first = {p: p.read_bytes() for p in written}
     for p in written:
         p.unlink()
-    aggregate(results, None, {"syn": make_study().report})
+    aggregate("syn", find_runs(results), results, make_study().report)
     assert {p: p.read_bytes() for p in written} == first
 
 
-def test_summary_covers_all_studies_tables_only_the_selected(results: Path) -> None:
+def test_aggregate_reads_and_writes_only_its_study(results: Path) -> None:
     other = make_study("other", seeds=(0,))
     write_run(results, other, "aux_free", 0, domains=False)
-    df, _ = aggregate(results, ["other"])
-    assert sorted(set(df["study"])) == ["other", "syn"]
-    assert paths.table_file("other", "md", results).is_file()
+    df, _ = aggregate("other", find_runs(results, ["other"]), results)
+    assert sorted(set(df["study"])) == ["other"]
+    assert paths.summary_file("other", results).is_file()
     assert not paths.table_file("syn", "md", results).exists()
     md = paths.table_file("other", "md", results).read_text()
     assert re.search(r"\| aux_free\s+\|\s+1 \|", md)  # one seed: no CI
     assert "domain_share" not in md  # no specialisation figure without load_by_domain
-    with pytest.raises(ValueError, match="no complete runs of the studies \\['missing'\\]"):
-        aggregate(results, ["missing"])
+    with pytest.raises(ValueError, match="runs of other studies \\['syn'\\]"):
+        aggregate("other", find_runs(results), results)
 
 
 def test_incomplete_run_is_skipped(results: Path) -> None:
@@ -277,8 +289,8 @@ def test_schema_refuses_bad_rows(results: Path, field: str, value: float, messag
     summary[field] = value
     write_json(path, summary)
     with pytest.raises(ValueError, match=message):
-        aggregate(results)
-    assert not paths.summary_file(results).exists()
+        aggregate("syn", find_runs(results), results)
+    assert not paths.summary_file("syn", results).exists()
 
 
 def test_mislabelled_or_incomplete_summary_is_refused(results: Path) -> None:
@@ -286,11 +298,11 @@ def test_mislabelled_or_incomplete_summary_is_refused(results: Path) -> None:
     summary = json.loads(path.read_text())
     write_json(path, summary | {"strategy": "aux_free"})
     with pytest.raises(ValueError, match="strategy='aux_free' disagrees with its directory"):
-        aggregate(results)
+        aggregate("syn", find_runs(results), results)
     del summary["val_loss"]
     write_json(path, summary)
     with pytest.raises(ValueError, match="lacks the fields \\['val_loss'\\]"):
-        aggregate(results)
+        aggregate("syn", find_runs(results), results)
 
 
 def test_aggregate_and_where_commands(tmp_path: Path) -> None:
@@ -305,9 +317,11 @@ def test_aggregate_and_where_commands(tmp_path: Path) -> None:
     assert where.exit_code == 0, where.output
     assert str(paths.table_file("syn", "md", results)) in where.output
     assert "MLflow: disabled" in where.output
-    bad = runner.invoke(app, ["aggregate", "--results", str(tmp_path / "empty")])
+    bad = runner.invoke(
+        app, ["aggregate", "--results", str(tmp_path / "empty"), "--study", str(study_file)]
+    )
     assert bad.exit_code == 2
-    assert "no complete run directories" in bad.output
+    assert "unfinished runs of study 'syn'" in bad.output
 
 
 @pytest.mark.parametrize(
@@ -334,5 +348,70 @@ def test_malformed_domain_loads_are_refused_before_writing(results: Path) -> Non
     summary["load_by_domain"]["code"] = [[1, 2, 3]]  # other domains: 2 layers x 16 experts
     write_json(path, summary)
     with pytest.raises(ValueError, match=re.escape("seed~1/summary.json: load_by_domain must be")):
-        aggregate(results)
-    assert not paths.summary_file(results).exists()
+        aggregate("syn", find_runs(results), results)
+    assert not paths.summary_file("syn", results).exists()
+
+
+SIGMOID = {"score_fn": "sigmoid", "normalize": True}
+SWEEP = {
+    # strategy: (override, val_loss added to the seed's own 3.0 / 3.2 / 3.4)
+    "free_u1e-3": ({"router": SIGMOID, "balance": {"bias": {"enabled": True}}}, (0, 0, 0)),
+    "free_u1e-2": (
+        {"router": SIGMOID, "balance": {"bias": {"enabled": True, "rate": 1e-2}}},
+        (0.001, 0.002, 0.0015),
+    ),
+    "global_a1e-3": ({"router": SIGMOID, "balance": {"global_alpha": 1e-3}}, (0.05, 0.06, 0.04)),
+    "global_a1e-2": ({"router": SIGMOID, "balance": {"global_alpha": 1e-2}}, (0.1, -0.1, 0.0)),
+    "device_m2": ({"router": {"limit": "device", "group_limit": 2}}, (0.3, 0.4, 0.35)),
+    "device_m3": ({"router": {"limit": "device", "group_limit": 3}}, (0.2, 0.21, 0.19)),
+}
+SWEEP_REPORT = {
+    "compare_to": {
+        "free_u1e-3": ["lf_t2_free", "lf_u1e-3", "qiu_t1_free_b512", "v2_unrestricted"],
+        "free_u1e-2": ["lf_u1e-2"],
+        "global_a1e-3": ["lf_t2_aux", "qiu_t1_aux_b512"],
+        "device_m3": ["v2_device_m3"],
+    }
+}
+
+
+def test_sweep_study_claims_and_figures(tmp_path: Path) -> None:
+    study = study_from_dict(
+        {
+            "study": "sweep",
+            "seeds": [0, 1, 2],
+            "datasets": {"shakespeare": {}},
+            "strategies": {name: override for name, (override, _) in SWEEP.items()},
+            "base": {"model": {"n_layers": 3, "n_dense_layers": 1}},
+            "tracking": {"uri": None},
+            "report": SWEEP_REPORT,
+        }
+    )
+    for name, (_, shifts) in SWEEP.items():
+        for seed in study.seeds:
+            write_run(tmp_path, study, name, seed, val_loss=3.0 + 0.2 * seed + shifts[seed])
+    aggregate("sweep", find_runs(tmp_path), tmp_path, study.report)
+    claims = paths.claims_file("sweep", tmp_path).read_text().splitlines()
+
+    def verdict(claim: str) -> str:
+        return next(x for x in claims if x.startswith(f"| {claim}")).split("|")[-2].strip()
+
+    assert verdict("aux-loss-free beats the aux loss on perplexity") == "**reproduced**"
+    assert verdict("a global-batch aux loss beats aux-loss-free") == "**contradicted**"
+    assert verdict("bias rate u=1e-2 is as good as u=1e-3") == "**reproduced**"
+    assert verdict("device-limited routing with M=3 is as good") == "**contradicted**"
+    assert verdict("bias rate u=1e-4 is as good as u=1e-3") == "**not run**"
+    # The baseline defaults to the first strategy (none of aux_free/global_aux/aux_loss).
+    md = paths.table_file("sweep", "md", tmp_path).read_text()
+    assert "### Paired differences against `device_m2`" in md
+    assert paths.figure_file("sweep", "shakespeare", "m_sweep", tmp_path).is_file()
+
+
+def test_empty_domain_loads_of_a_dense_model_are_skipped(results: Path) -> None:
+    path = paths.run_dir("syn", "shakespeare", "aux_free", 1, results) / "summary.json"
+    summary = json.loads(path.read_text())
+    write_json(path, summary | {"load_by_domain": {"code": [], "prose": []}})
+    loads = load_domain_loads(find_runs(results))
+    assert len(loads) == 8 and ("syn", "shakespeare", "aux_free", 1) not in loads
+    names, load_DLE = loads[("syn", "shakespeare", "aux_free", 0)]
+    assert names == ["code", "prose"] and load_DLE.shape == (2, 2, 16)

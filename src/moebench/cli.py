@@ -52,13 +52,23 @@ from moebench.train.cli import train  # noqa: E402
 
 app.command("train")(train)
 
-from moebench.report.cli import aggregate, mlflow_init, resolve, schema, where  # noqa: E402
+from moebench.report.cli import (  # noqa: E402
+    aggregate,
+    check,
+    mlflow_init,
+    reference,
+    resolve,
+    schema,
+    where,
+)
 
 app.command("resolve")(resolve)
 app.command("schema")(schema)
 app.command("mlflow-init")(mlflow_init)
 app.command("aggregate")(aggregate)
 app.command("where")(where)
+app.command("check")(check)
+app.command("reference")(reference)
 
 from moebench.comm.cli import comm, comm_replay, placement, placement_replay  # noqa: E402
 

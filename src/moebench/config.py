@@ -217,6 +217,7 @@ class TrainConfig(Strict):
     trace_tokens: int = Field(4096, ge=1, description="validation tokens in routing_trace")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(1, ge=1, description="torch CPU threads (1 = bitwise reproducible)")
+    compile: bool = Field(False, description="torch.compile the dense parts (CUDA training)")
 
 
 class TrackingConfig(Strict):
@@ -525,7 +526,7 @@ class StudyTracking(Strict):
     """MLflow for a study: one experiment, one parent run, one child run per training run."""
 
     uri: str | None = Field(
-        "sqlite:///results/mlflow/mlflow.db",
+        "sqlite:///work/mlflow/mlflow.db",
         description="tracking URI (sqlite file or http(s) server); null disables MLflow",
     )
     artifact_location: str | None = Field(
@@ -638,7 +639,7 @@ class StudyConfig(Strict):
     validates the result as a RunConfig; every grid point is checked when the study loads, so
     a bad strategy is refused before any job starts."""
 
-    study: str = Field(pattern=_NAME_PATTERN, description="name: results/runs/<study>/...")
+    study: str = Field(pattern=_NAME_PATTERN, description="name: <output root>/runs/<study>/...")
     seeds: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
     datasets: dict[Annotated[str, Field(pattern=_NAME_PATTERN)], DataConfig] = Field(
         min_length=1
@@ -678,6 +679,15 @@ class StudyConfig(Strict):
         """JSON-able form that validates back to an equal study (unset overrides left out)."""
         return self.model_dump(mode="json", exclude_unset=True)
 
+    def grid(self) -> list[tuple[str, str, int]]:
+        """Every (dataset, strategy, seed) of the study, sorted: its run directories."""
+        return [
+            (d, s, n)
+            for d in sorted(self.datasets)
+            for s in sorted(self.strategies)
+            for n in sorted(self.seeds)
+        ]
+
     @property
     def experiment(self) -> str:
         """MLflow experiment name of this study."""
@@ -685,7 +695,9 @@ class StudyConfig(Strict):
 
     def data_dir(self, dataset: str) -> str:
         """Where `moebench data` writes the token streams of `dataset` for this study."""
-        return f"work/data/{self.study}/{dataset}"
+        from moebench.report.paths import data_dir
+
+        return str(data_dir(self.study, dataset))
 
     def data_config(self, dataset: str) -> RunConfig:
         """The config `moebench data` reads for `dataset`: base settings, its data section."""

@@ -1,15 +1,18 @@
-# Aggregation: every run directory -> summary.parquet (pandera-checked), this study's
-# tables (mean and 95% CI over seeds, published numbers beside ours) and figures; logged to
-# the study's MLflow parent run.
+# Aggregation: the study's run directories -> its summary (pandera-checked), its
+# tables (mean and 95% CI over seeds, paired differences against the baseline, published
+# numbers and claims beside ours) and figures (optional ones when the runs allow; PNG + SVG);
+# logged to the study's MLflow parent run.
 
 
 rule aggregate:
     input:
         unpack(tracking_inputs),
-        runs=run_files(("summary.json", "metrics.jsonl", "config.resolved.yaml", *COMM_FILES)),
+        runs=run_files(paths.RUN_FILES),
     output:
-        summary=str(paths.summary_file()),
+        summary=str(paths.summary_file(STUDY_NAME)),
         md=str(paths.table_file(STUDY_NAME, "md")),
+        paired=str(paths.paired_file(STUDY_NAME)),
+        claims=str(paths.claims_file(STUDY_NAME)),
         csv=report(
             str(paths.table_file(STUDY_NAME, "csv")),
             caption="../report/table.rst",
@@ -37,10 +40,11 @@ rule aggregate:
         ),
     params:
         study=STUDY_FILE,
+        results=lambda w, output: str(Path(output.summary).parents[1]),  # <root>/tables/x
     log:
-        f"work/logs/{STUDY_NAME}/aggregate.log",
+        str(paths.log_file(STUDY_NAME, "aggregate")),
     localrule: True
     conda:
         ENV
     shell:
-        "moebench aggregate --study {params.study} > {log} 2>&1"
+        "moebench aggregate --study {params.study} --results {params.results} > {log} 2>&1"

@@ -11,7 +11,7 @@ rule comm:
         out=parent_dir,
         settings=comm_args(),
     log:
-        "work/logs/{study}/comm/{dataset}/{strategy}/seed~{seed}.log",
+        log_of("comm/{dataset}/{strategy}/seed~{seed}"),
     threads: STUDY.resources.comm.threads
     resources:
         **resources_of("comm"),

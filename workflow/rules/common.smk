@@ -2,8 +2,10 @@
 import hashlib
 import json
 import re
+import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -24,12 +26,13 @@ except ValueError as err:
 
 STUDY_NAME = STUDY.study
 DATASETS = sorted(STUDY.datasets)
-STRATEGIES = sorted(STUDY.strategies)
-SEEDS = sorted(STUDY.seeds)
 TRACKING = STUDY.tracking.uri is not None
 # The validated study as the rules' `moebench` calls read it (configfile + --config).
 STUDY_FILE = str(write_study_copy(STUDY))
 ENV = "../../environment.yml"
+# Jobs run the tools installed beside the interpreter running Snakemake (moebench, torchrun),
+# locally and in SLURM jobs (srun passes PATH on): no activated environment needed.
+shell.prefix(f"set -euo pipefail; export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH; ")
 
 
 wildcard_constraints:
@@ -40,24 +43,18 @@ wildcard_constraints:
 
 
 W = ("{study}", "{dataset}", "{strategy}", "{seed}")
-TRAIN_FILES = (
-    "config.resolved.yaml",
-    "metrics.jsonl",
-    "timing.jsonl",
-    "summary.json",
-    "routing_trace.parquet",
-)
 COMM_FILES = ("comm.parquet", "comm.json")
+TRAIN_FILES = tuple(f for f in paths.RUN_FILES if f not in COMM_FILES)
 DATA_FILES = ("train.bin", "val.bin", "manifest.json", "tokenizer.json")
 
 
 def run_patterns(names) -> list[str]:
-    """`names` in the run directory pattern results/runs/{study}/{dataset}/{strategy}/seed~{seed}."""
+    """`names` in the run directory pattern <out>/runs/{study}/{dataset}/{strategy}/seed~{seed}."""
     return [str(paths.run_dir(*W) / name) for name in names]
 
 
 def data_patterns() -> list[str]:
-    """The token files of the data directory pattern work/data/{study}/{dataset}."""
+    """The token files of the data directory pattern <out>/data/{study}/{dataset}."""
     return [str(paths.data_dir("{study}", "{dataset}") / name) for name in DATA_FILES]
 
 
@@ -166,15 +163,14 @@ def train_launcher(wildcards, resources) -> str:
     return f'$(if [ -n "${{SLURM_JOB_ID:-}}" ]; then echo "{srun}"; else echo "{torchrun}"; fi)'
 
 
+def log_of(step: str) -> str:
+    """Log file pattern of a rule's job (`step`: the rule name and the job's sub-path)."""
+    return str(paths.log_file("{study}", step))
+
+
 def run_files(names) -> list[str]:
     """`names` in every run directory of the study grid."""
-    return [
-        str(paths.run_dir(STUDY_NAME, d, s, n) / f)
-        for d in DATASETS
-        for s in STRATEGIES
-        for n in SEEDS
-        for f in names
-    ]
+    return [str(paths.run_dir(STUDY_NAME, d, s, n) / f) for d, s, n in STUDY.grid() for f in names]
 
 
 def slurm_partition_problem() -> str | None:

@@ -8,7 +8,7 @@ rule data_config:
         study=STUDY_FILE,
         digest=data_digest,
     log:
-        "work/logs/{study}/data_config/{dataset}.log",
+        log_of("data_config/{dataset}"),
     localrule: True
     conda:
         ENV
@@ -25,7 +25,7 @@ rule data:
     params:
         out=parent_dir,
     log:
-        "work/logs/{study}/data/{dataset}.log",
+        log_of("data/{dataset}"),
     threads: STUDY.resources.data.threads
     resources:
         **resources_of("data"),

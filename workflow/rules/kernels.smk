@@ -6,7 +6,7 @@ rule kernels:
     output:
         str(paths.kernels_file("{study}")),
     log:
-        "work/logs/{study}/kernels.log",
+        log_of("kernels"),
     threads: STUDY.resources.kernels.threads
     resources:
         **resources_of("kernels"),

@@ -1,7 +1,8 @@
 # Expert placement (docs/placement.md): fit every rule (contiguous, EPLB, search) on the
 # first half of each run's routing trace, judge it on the second half, after `comm`; one
-# table per study (Parquet + Markdown) and a figure of busiest/mean GPU load per strategy.
-PLACEMENT_STEM = f"{paths.RESULTS}/placement/{STUDY_NAME}"
+# table per study (Parquet + Markdown) and a figure of busiest/mean GPU load per strategy,
+# under the output root (<out>/placement/<study>.*; committed ones in results/placement/).
+PLACEMENT = paths.placement_file(STUDY_NAME)
 
 
 rule placement:
@@ -9,13 +10,14 @@ rule placement:
         traces=run_files(["routing_trace.parquet"]),
         comm=run_files(COMM_FILES),
     output:
-        table=f"{PLACEMENT_STEM}.parquet",
-        md=f"{PLACEMENT_STEM}.md",
-        layers=f"{PLACEMENT_STEM}.layers.parquet",
-        png=f"{PLACEMENT_STEM}.png",
-        svg=f"{PLACEMENT_STEM}.svg",
+        table=str(PLACEMENT),
+        md=str(PLACEMENT.with_suffix(".md")),
+        layers=str(PLACEMENT.with_suffix(".layers.parquet")),
+        png=str(PLACEMENT.with_suffix(".png")),
+        svg=str(PLACEMENT.with_suffix(".svg")),
     params:
-        runs=f"{paths.RESULTS}/runs/{STUDY_NAME}",
+        # the study's run folder: <runs>/<dataset>/<strategy>/seed~<n>/routing_trace.parquet
+        runs=lambda w, input: str(Path(input.traces[0]).parents[3]),
         settings=(
             f"--dispatch-bytes {STUDY.comm.dispatch_bytes} "
             f"--combine-bytes {STUDY.comm.combine_bytes} "
@@ -23,7 +25,7 @@ rule placement:
             + (f" --hidden {STUDY.comm.hidden}" if STUDY.comm.hidden is not None else "")
         ),
     log:
-        f"work/logs/{STUDY_NAME}/placement.log",
+        str(paths.log_file(STUDY_NAME, "placement")),
     localrule: True
     conda:
         ENV

@@ -10,7 +10,7 @@ rule mlflow_init:
         uri=STUDY.tracking.uri,
         experiment=STUDY.experiment,
     log:
-        "work/logs/{study}/mlflow_init.log",
+        log_of("mlflow_init"),
     localrule: True
     conda:
         ENV
@@ -25,7 +25,7 @@ rule resolve:
         study=STUDY_FILE,
         digest=run_digest,
     log:
-        "work/logs/{study}/resolve/{dataset}/{strategy}/seed~{seed}.log",
+        log_of("resolve/{dataset}/{strategy}/seed~{seed}"),
     localrule: True
     conda:
         ENV
@@ -49,9 +49,9 @@ rule train:
         parent=parent_run_arg,
         launch=train_launcher,
     log:
-        "work/logs/{study}/train/{dataset}/{strategy}/seed~{seed}.log",
+        log_of("train/{dataset}/{strategy}/seed~{seed}"),
     benchmark:
-        "work/benchmarks/{study}/train/{dataset}/{strategy}/seed~{seed}.tsv"
+        str(paths.benchmark_file("{study}", "train/{dataset}/{strategy}/seed~{seed}"))
     threads: STUDY.resources.train.threads * STUDY.resources.train.tasks
     resources:
         **resources_of("train"),

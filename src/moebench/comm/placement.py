@@ -7,7 +7,7 @@ experts: slot p lives on GPU p // S (node-major, as `Layout`), holds replica
 replicas, ranked 0..m_e-1; R = sum(m_e) - E redundant ones; S = ceil((E + R) / D).
 
 Replica choice rule (per token, stated because the accounting depends on it): round robin
-in trace order; the j-th (token, slot) pair routed to expert e (j = 0, 1, ...) goes to its
+in trace order; the j-th (token, k) pair routed to expert e (j = 0, 1, ...) goes to its
 replica of rank j mod m_e. So a replica of rank r carries floor(L_e / m_e) + [r < L_e mod
 m_e] of the expert's L_e pairs, exactly, and the fitted loads follow from the placement.
 
@@ -41,6 +41,7 @@ import numpy as np
 
 from moebench.comm.accounting import summarize, token_stats, traffic
 from moebench.comm.topology import Topology
+from moebench.routing import Layout
 
 RULES = ("contiguous", "eplb", "search")
 MAX_MOVES = 100_000  # bound on local-search moves per start (each strictly improves)
@@ -99,7 +100,7 @@ class Placement:
         return self.slot_loads(load_E).reshape(self.num_devices, -1).sum(1)
 
     def assign(self, experts_TK: np.ndarray) -> np.ndarray:
-        """int64 [T, K]: the slot serving each (token, slot) pair, by the round-robin rule."""
+        """int64 [T, K]: the slot serving each (token, k) pair, by the round-robin rule."""
         flat = np.asarray(experts_TK, np.int64).ravel()
         E = self.num_experts
         order = np.argsort(flat, kind="stable")
@@ -111,6 +112,21 @@ class Placement:
         table = np.zeros((E, m_E.max()), np.int64)  # table[e, r] = slot of replica r of e
         table[self.expert_of_slot[used], self.rank_of_slot[used]] = used
         return table[flat, j % m_E[flat]].reshape(np.shape(experts_TK))
+
+    def layout(self) -> Layout:
+        """The `Layout` of a placement without replicas or empty slots (slot = position),
+        to run it in the expert-parallel layer (`moebench.comm.alltoall`)."""
+        if len(self.expert_of_slot) != self.num_experts:
+            raise ValueError(
+                f"placement has {len(self.expert_of_slot)} slots for {self.num_experts} "
+                "experts; allowed: R = 0 (a Layout holds one copy of each expert)"
+            )
+        return Layout(
+            self.num_experts,
+            self.num_nodes,
+            self.gpus_per_node,
+            np.argsort(self.expert_of_slot).tolist(),
+        )
 
     def topology(self, **kwargs: float) -> Topology:
         """The accounting's topology over the P slots (slot p on GPU p // S)."""
@@ -183,15 +199,11 @@ def eplb(
         raise ValueError(
             f"num_groups={num_groups} is invalid; allowed: a divisor of num_experts={E}"
         )
+    check_redundant(redundant, E, num_nodes, num_groups)
     if num_groups % num_nodes:  # EPLB's global policy
         num_groups, N, G = 1, 1, num_nodes * gpus_per_node
     else:
         N, G = num_nodes, gpus_per_node
-    if redundant < 0 or (E + redundant) % N:
-        raise ValueError(
-            f"redundant={redundant} is invalid; allowed: R >= 0 with E + R = {E} + R a "
-            f"multiple of {N} nodes"
-        )
     S = slots_per_gpu(E, redundant, N * G)
     group_size, groups_per_node, per_node = E // num_groups, num_groups // N, E // N
     # 1. groups onto nodes; node n's experts, in order: its groups by rank, each contiguous
@@ -249,6 +261,17 @@ def improve(
         if not moved:
             break
     return Placement(e_P, r_P, start.num_experts, start.num_nodes, start.gpus_per_node)
+
+
+def check_redundant(redundant: int, num_experts: int, num_nodes: int, num_groups: int) -> None:
+    """ValueError naming R unless every rule can place E + R replicas: R >= 0 and, when the
+    groups sit on nodes (EPLB's hierarchical policy: (E + R) / N replicas per node), N | E + R."""
+    N = num_nodes if num_groups % num_nodes == 0 else 1
+    if redundant < 0 or (num_experts + redundant) % N:
+        raise ValueError(
+            f"redundant={redundant} is invalid; allowed: R >= 0 with E + R = {num_experts} + R "
+            f"a multiple of {N} (nodes holding the {num_groups} expert groups)"
+        )
 
 
 def group_aligned(num_groups: int, num_nodes: int) -> bool:
@@ -326,6 +349,8 @@ def fit_and_judge(
     T = experts_LTK.shape[1]
     if T < 2:
         raise ValueError(f"trace has T={T} tokens; allowed: T >= 2 (half to fit, half to judge)")
+    for r in redundant:
+        check_redundant(r, num_experts, num_nodes, num_groups)
     rows = []
     for layer, experts_TK in enumerate(experts_LTK):
         fit_TK, test_TK = experts_TK[: T // 2], experts_TK[T // 2 :]

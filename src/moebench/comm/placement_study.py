@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from moebench.comm.placement import RULES, fit_and_judge, groups_of
+from moebench.comm.placement import RULES, check_redundant, fit_and_judge, groups_of
 from moebench.comm.replay import (
     expert_popularity,
     read_trace,
@@ -64,7 +64,7 @@ def run_traces(runs: Path) -> list[tuple[str, str, int, Path]]:
     if not found:
         raise ValueError(
             f"runs={runs} holds no <dataset>/<strategy>/seed~<n>/routing_trace.parquet; "
-            "allowed: a study's run folder, e.g. results/runs/default"
+            "allowed: a study's run folder, e.g. work/runs/default"
         )
     return found
 
@@ -73,22 +73,23 @@ def trace_rows(
     runs: Path, redundant: tuple[int, ...] | None, **topo_kwargs: float
 ) -> list[dict[str, Any]]:
     """`fit_and_judge` rows of every run's trace (topology and expert groups from the trace;
-    R defaults to 0 and one redundant expert per GPU)."""
-    rows = []
+    R defaults to 0 and one redundant expert per GPU). Every trace and R is checked first."""
+    jobs = []
     for dataset, strategy, seed, path in run_traces(runs):
         trace = read_trace(path)
         m = trace.meta
         N, G, E = int(m["num_nodes"]), int(m["gpus_per_node"]), int(m["num_experts"])
-        kwargs = {"hidden": int(m["d_model"]), **topo_kwargs}
-        for row in fit_and_judge(
-            trace.experts,
-            E,
-            N,
-            G,
-            redundant or (0, N * G),
-            groups_of(m["limit"], N, G),
-            **kwargs,
-        ):
+        groups = groups_of(m["limit"], N, G)
+        rs = redundant or (0, N * G)
+        for r in rs:
+            try:
+                check_redundant(r, E, N, groups)
+            except ValueError as err:
+                raise ValueError(f"{path}: {err}") from None
+        jobs.append(((dataset, strategy, seed), trace, (E, N, G, rs, groups), int(m["d_model"])))
+    rows = []
+    for (dataset, strategy, seed), trace, args, d_model in jobs:
+        for row in fit_and_judge(trace.experts, *args, **{"hidden": d_model, **topo_kwargs}):
             rows.append({"dataset": dataset, "strategy": strategy, "seed": seed, **row})
     return rows
 
@@ -112,6 +113,8 @@ def synthetic_rows(
         k: getattr(topo, k)
         for k in ("hidden", "dispatch_bytes", "combine_bytes", "nvlink_gbps", "ib_gbps")
     }
+    for r in redundant:
+        check_redundant(r, E, N, N)  # node-limited strategies: one group per node
     rows = []
     for seed in seeds:
         popularity_E = expert_popularity(E, skew, seed)

@@ -105,6 +105,14 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(d_model)
         self.ffn = ffn
 
+    def attention(self, x_BSH: Tensor, cos_SF: Tensor, sin_SF: Tensor) -> Tensor:
+        """x + attn(norm(x)): the attention half of the block."""
+        return x_BSH + self.attn(self.attn_norm(x_BSH), cos_SF, sin_SF)
+
+    def dense_ffn(self, x_BSH: Tensor) -> Tensor:
+        """x + ffn(norm(x)) for a dense FFN."""
+        return x_BSH + self.ffn(self.ffn_norm(x_BSH))
+
 
 class MoETransformer(nn.Module):
     """Decoder-only LM of `cfg` (see the module docstring)."""
@@ -134,6 +142,7 @@ class MoETransformer(nn.Module):
             self.blocks.append(Block(cfg.d_model, cfg.n_heads, ffn))
         self.moe_layers = [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
         self.ep: ExpertParallel | None = None
+        self._compiled: tuple[list, list, object] | None = None
         self.norm = nn.RMSNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         cos_SF, sin_SF = rope_tables(self.max_seq_len, head_dim)
@@ -191,23 +200,42 @@ class MoETransformer(nn.Module):
         x = self.embed(tokens_BS)
         aux: dict[str, Tensor] = {}
         layers: list[LayerRouting] = []
-        for block in self.blocks:
-            x = x + block.attn(block.attn_norm(x), cos_SF, sin_SF)
-            h = block.ffn_norm(x)
+        fast = self.training and self._compiled is not None
+        attention, dense_ffn, head = self._compiled if fast else (  # type: ignore[misc]
+            [b.attention for b in self.blocks], [b.dense_ffn for b in self.blocks],
+            self.logits_and_loss)
+        for i, block in enumerate(self.blocks):
+            x = attention[i](x, cos_SF, sin_SF)
             if isinstance(block.ffn, MoELayer):
                 bias_E = None if bias_LE is None else bias_LE[block.ffn.index]
-                y, routing, layer_aux = block.ffn(h, bias_E, protected_T, timer)
+                y, routing, layer_aux = block.ffn(block.ffn_norm(x), bias_E, protected_T, timer)
                 layers.append(routing)
                 for name, value in layer_aux.items():
                     aux[name] = aux[name] + value if name in aux else value
+                x = x + y
             else:
-                y = block.ffn(h)
-            x = x + y
-        logits = self.head(self.norm(x))
-        ce_loss = None
-        if targets_BS is not None:
-            ce_loss = F.cross_entropy(logits.float().flatten(0, 1), targets_BS.flatten())
+                x = dense_ffn[i](x)
+        logits, ce_loss = head(x, targets_BS)
         return ModelOutput(logits, ce_loss, aux, layers)
+
+    def logits_and_loss(self, x_BSH: Tensor, targets_BS: Tensor | None
+                        ) -> tuple[Tensor, Tensor | None]:
+        """Logits of the final norm and head; mean next-token cross-entropy in float32."""
+        logits = self.head(self.norm(x_BSH))
+        if targets_BS is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.float().flatten(0, 1), targets_BS.flatten())
+
+    def compile_dense(self) -> None:
+        """`torch.compile` the parts outside the routed experts (each block's attention half,
+        the dense FFNs, the head and loss) for training steps, where shapes are fixed; the
+        routed experts stay eager (their Triton kernels and grouped GEMMs are fused already).
+        Evaluation runs eager (its last batch may be shorter)."""
+        self._compiled = (
+            [torch.compile(b.attention) for b in self.blocks],
+            [torch.compile(b.dense_ffn) for b in self.blocks],
+            torch.compile(self.logits_and_loss),
+        )
 
     def param_counts(self) -> tuple[int, int]:
         """(total, active per token) parameters, both without the input embedding table

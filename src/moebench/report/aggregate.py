@@ -1,8 +1,8 @@
-"""`moebench aggregate`: run directories -> summary.parquet (every run of every study under
-results/runs, pandera-validated) -> per-study tables (Markdown with paired differences,
-published numbers and claims; CSV), the claims file and figures (PNG + SVG). Needs only
-`results/`, so every table regenerates without training; the same
-run directories always give the same bytes (sorted rows, no timestamps)."""
+"""`moebench aggregate`: one study's run directories -> its summary (Parquet, pandera-validated)
+-> its tables (Markdown with paired differences, published numbers and claims; CSV), the
+paired and claims files and figures (PNG + SVG), under the output root (docs/run-directory.md).
+Needs only the run directories, so every table regenerates without training; the same run
+directories always give the same bytes (sorted rows, no timestamps)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from moebench.report.domains import relative_share, specialisation_bits
 from moebench.report.paths import (
     FIGURES,
     OPTIONAL_FIGURES,
-    RESULTS,
+    OUT,
     claims_file,
     figure_file,
     paired_file,
@@ -31,7 +31,6 @@ from moebench.report.paths import (
 from moebench.report.stats import default_baseline, paired_table, strategy_order
 from moebench.report.summary import (
     collect,
-    find_runs,
     load_curves,
     load_domain_loads,
     load_matrices,
@@ -157,57 +156,45 @@ def _draw(
 
 
 def aggregate(
-    root: Path = RESULTS,
-    studies: list[str] | None = None,
-    reports: dict[str, ReportSettings] | None = None,
+    study: str, runs: list[Path], root: Path = OUT, report: ReportSettings | None = None
 ) -> tuple[pd.DataFrame, list[Path]]:
-    """Write summary.parquet (all runs) and the tables and figures of `studies` (default: all
-    studies found), compared as `reports` says (study -> its `report` section; default
-    settings for a study not in it); return the summary frame and the paths written."""
-    runs = find_runs(root)
+    """Write the summary, tables, paired and claims files and figures of `study` from its run
+    directories `runs` under `root`, compared as `report` (its `report` section) says; return
+    the summary frame and the paths written."""
+    report = report or ReportSettings()
     df = collect(runs)
+    others = sorted(set(df["study"]) - {study})
+    if others:
+        raise ValueError(f"runs of other studies {others} given to aggregate study {study!r}")
     domain_loads = load_domain_loads(runs)  # checked before anything is written
-    write_parquet(summary_file(root), pa.Table.from_pandas(df, preserve_index=False))
-    written = [summary_file(root)]
-    found = sorted(set(df["study"]))
-    selected = found if studies is None else studies
-    missing = sorted(set(selected) - set(found))
-    if missing:
-        raise ValueError(f"no complete runs of the studies {missing} (found: {found})")
-    st_all = stats_table(df)
-    for study in selected:
-        report = (reports or {}).get(study, ReportSettings())
-        study_runs = [r for r in runs if r.parts[-4] == study]
-        s_df = df[df["study"] == study]
-        st = st_all[st_all["study"] == study].reset_index(drop=True)
-        baseline = report.baseline or default_baseline(strategy_order(set(s_df["strategy"])))
-        pt = paired_table(s_df, {study: baseline})
-        links, scores, drawn = _draw(
-            study, study_runs, s_df, st, domain_loads, report, baseline, root
+    st = stats_table(df)
+    baseline = report.baseline or default_baseline(strategy_order(set(df["strategy"])))
+    pt = paired_table(df, {study: baseline})
+    links, scores, drawn = _draw(study, runs, df, st, domain_loads, report, baseline, root)
+    datasets = {
+        dataset: DatasetReport(
+            stats=st[st["dataset"] == dataset],
+            paired=pt[pt["dataset"] == dataset],
+            claims=claim_table(df[df["dataset"] == dataset], report.compare_to),
+            compare_to=report.compare_to,
+            specialisation=scores.get(dataset),
+            figures=links[dataset],
         )
-        datasets = {
-            dataset: DatasetReport(
-                stats=st[st["dataset"] == dataset],
-                paired=pt[pt["dataset"] == dataset],
-                claims=claim_table(s_df[s_df["dataset"] == dataset], report.compare_to),
-                compare_to=report.compare_to,
-                specialisation=scores.get(dataset),
-                figures=links[dataset],
-            )
-            for dataset in sorted(set(s_df["dataset"]))
-        }
-        md = study_markdown(study, setting_line(study_runs[0]), baseline, datasets)
-        outputs = {
-            table_file(study, "md", root): md,
-            table_file(study, "csv", root): st.to_csv(index=False, float_format="%.6g"),
-            paired_file(study, root): pt.to_csv(index=False, float_format="%.6g"),
-            claims_file(study, root): claims_file_markdown(
-                study, {d: rep.claims for d, rep in datasets.items()}
-            ),
-        }
-        for path, text in outputs.items():
-            write_text(path, text)
-        written += [*outputs, *drawn]
+        for dataset in sorted(set(df["dataset"]))
+    }
+    md = study_markdown(study, setting_line(runs[0]), baseline, datasets)
+    write_parquet(summary_file(study, root), pa.Table.from_pandas(df, preserve_index=False))
+    outputs = {
+        table_file(study, "md", root): md,
+        table_file(study, "csv", root): st.to_csv(index=False, float_format="%.6g"),
+        paired_file(study, root): pt.to_csv(index=False, float_format="%.6g"),
+        claims_file(study, root): claims_file_markdown(
+            study, {d: rep.claims for d, rep in datasets.items()}
+        ),
+    }
+    for path, text in outputs.items():
+        write_text(path, text)
+    written = [summary_file(study, root), *outputs, *drawn]
     for folder in {p.parent for p in written}:  # left by a killed earlier aggregation
         remove_temporaries(folder, [p.name for p in written if p.parent == folder])
     return df, written

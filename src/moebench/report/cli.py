@@ -1,4 +1,5 @@
-"""Pipeline commands: `moebench resolve`, `schema`, `mlflow-init`, `aggregate`, `where`.
+"""Pipeline commands: `moebench resolve`, `schema`, `mlflow-init`, `aggregate`, `where`,
+`check`, `reference`.
 Heavy imports (mlflow, matplotlib, pandas) happen inside the commands that need them."""
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from moebench.report import paths
 from moebench.report.study import SCHEMA_FILE
 
 StudyFile = Annotated[Path, typer.Option("--study", help="study YAML (configs/*.yaml)")]
-ResultsDir = Annotated[Path, typer.Option("--results", help="results root holding runs/")]
+ResultsDir = Annotated[
+    Path,
+    typer.Option("--results", help="output root holding runs/ (default $MOEBENCH_OUT or work)"),
+]
 logger = logging.getLogger(__name__)
 
 
@@ -66,7 +70,8 @@ def schema(
 def mlflow_init(
     study: StudyFile,
     out: Annotated[
-        Path | None, typer.Option(help="parent-run id file (default: results/mlflow/parents/)")
+        Path | None,
+        typer.Option(help="parent-run id file (default: <output root>/mlflow/parents/)"),
     ] = None,
 ) -> None:
     """Create the MLflow store, the study's experiment and its parent run (once, before the
@@ -79,29 +84,21 @@ def mlflow_init(
     typer.echo(f"MLflow experiment {cfg.experiment!r}, parent run {run_id} at {cfg.tracking.uri}")
 
 
-def aggregate(
-    results: ResultsDir = paths.RESULTS,
-    study: Annotated[
-        Path | None,
-        typer.Option(
-            help="study YAML: tables of this study only, compared as its `report` section says "
-            "(without it: every study, default baseline, no published claims), logged to its "
-            "MLflow parent"
-        ),
-    ] = None,
-) -> None:
-    """Collect every run directory into summary.parquet; write tables and figures (with
-    --study: compared as its `report` section says)."""
+def aggregate(study: StudyFile, results: ResultsDir = paths.OUT) -> None:
+    """Collect the study's run directories into its summary, tables (compared as its `report`
+    section says) and figures; log them to its MLflow parent run."""
     from moebench.report.aggregate import aggregate as run_aggregate
     from moebench.report.aggregate import study_means
 
     with _user_errors():
-        cfg = load_study(study) if study else None
-        df, written = run_aggregate(
-            results, [cfg.study] if cfg else None, {cfg.study: cfg.report} if cfg else None
-        )
-        if cfg is not None and cfg.tracking.uri:
-            _log_parent(cfg, results, study_means(df[df["study"] == cfg.study]), written)
+        cfg = load_study(study)
+        runs = [paths.run_dir(cfg.study, d, s, n, results) for d, s, n in cfg.grid()]
+        unfinished = [str(r) for r in runs if not (r / "comm.json").is_file()]
+        if unfinished:
+            raise ValueError(f"unfinished runs of study {cfg.study!r}: {', '.join(unfinished)}")
+        df, written = run_aggregate(cfg.study, runs, results, cfg.report)
+        if cfg.tracking.uri:
+            _log_parent(cfg, results, study_means(df), written)
     for path in written:
         typer.echo(str(path))
 
@@ -127,27 +124,28 @@ def _log_parent(
 
 def where(
     study: Annotated[Path, typer.Option(help="study YAML")] = Path("configs/default.yaml"),
-    results: ResultsDir = paths.RESULTS,
+    results: ResultsDir = paths.OUT,
 ) -> None:
     """Print where the tables, figures, report and MLflow store of a study are."""
     with _user_errors():
         cfg = load_study(study)
     name = cfg.study
+    report = paths.report_file(name, results)
     lines = [
         f"study {name!r}",
-        f"  summary (all runs): {paths.summary_file(results)}",
+        f"  summary: {paths.summary_file(name, results)}",
         f"  tables:  {paths.table_file(name, 'md', results)}, "
         f"{paths.table_file(name, 'csv', results)}",
         f"  paired differences: {paths.paired_file(name, results)}; published claims: "
         f"{paths.claims_file(name, results)}",
         f"  figures: {results / 'figures'}/{name}-*.png (and .svg)",
-        f"  report:  {paths.report_file(results)}"
+        f"  report:  {report}"
         + (
             ""
-            if paths.report_file(results).is_file()
-            else f"  (not built: snakemake --report {paths.report_file(results)} "
-            f"--configfile {study})"
+            if report.is_file()
+            else f"  (not built: snakemake --report {report} --configfile {study})"
         ),
+        f"  reference: {paths.reference_dir(name)}",
     ]
     uri = cfg.tracking.uri
     if uri is None:
@@ -157,3 +155,38 @@ def where(
         if uri.startswith("sqlite:"):
             lines.append(f"          mlflow ui --backend-store-uri {uri}")
     typer.echo("\n".join(lines))
+
+
+ReferenceDir = Annotated[
+    Path | None, typer.Option(help="reference folder (default results/reference/<study>)")
+]
+
+
+def check(
+    study: StudyFile, reference: ReferenceDir = None, results: ResultsDir = paths.OUT
+) -> None:
+    """Compare a study's outputs with a reference, one verdict per strategy: identical run
+    bytes on the reference's machine signature, else each mean inside the reference 95% CI.
+    Exit 1 when a strategy fails."""
+    from moebench.report.check import check as run_check
+
+    with _user_errors():
+        cfg = load_study(study)
+        verdicts, headline = run_check(cfg, results, reference or paths.reference_dir(cfg.study))
+    typer.echo(f"study {cfg.study!r} vs its reference: {headline}")
+    for v in verdicts:
+        typer.echo(v.line())
+    if not all(v.ok for v in verdicts):
+        raise typer.Exit(1)
+
+
+def reference(
+    study: StudyFile, reference: ReferenceDir = None, results: ResultsDir = paths.OUT
+) -> None:
+    """Replace a study's reference with its finished outputs and this machine's signature."""
+    from moebench.report.check import write_reference
+
+    with _user_errors():
+        cfg = load_study(study)
+        written = write_reference(cfg, results, reference or paths.reference_dir(cfg.study))
+    typer.echo(f"{len(written)} files written to {written[-1].parent.parent}")

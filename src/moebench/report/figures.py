@@ -72,7 +72,9 @@ def _grid(n: int, ncols: int, size: tuple[float, float]) -> tuple[Figure, np.nda
 def maxvio_curves(curves: pd.DataFrame, path: Path, smooth: int = 5) -> None:
     """MaxVio_batch (mean over layers) against step per strategy: each seed's curve smoothed
     by a centred moving average over `smooth` logged steps ([LF] Fig. 3 averages over 100
-    neighbouring steps), then the mean over seeds with its 95% CI as a band."""
+    neighbouring steps), then the mean over seeds with its 95% CI as a band. Runs without
+    MaxVio (a dense model) are left out."""
+    curves = curves.dropna(subset=["maxvio_batch"])
     order = strategy_order(set(curves["strategy"]))
     colors = _colors(order)
     fig = Figure(figsize=(7, 4), layout="constrained")
@@ -81,6 +83,8 @@ def maxvio_curves(curves: pd.DataFrame, path: Path, smooth: int = 5) -> None:
         by_seed = curves[curves["strategy"] == strategy].pivot_table(
             index="step", columns="seed", values="maxvio_batch"
         )
+        if by_seed.empty:  # a dense model has no expert load
+            continue
         smoothed = by_seed.rolling(smooth, center=True, min_periods=1).mean().to_numpy()
         mean, half = np.array([mean_ci95(row) for row in smoothed]).T
         c = colors[strategy]
@@ -154,10 +158,11 @@ def _family_lines(ax: Axes, points: pd.DataFrame, x: str, y: str, by: list[str],
 
 def ppl_vs_maxvio(points: pd.DataFrame, path: Path) -> None:
     """Validation perplexity against MaxVio_global ([LF] Fig. 2): one point per unrestricted
-    strategy, mean ± 95% CI over seeds on both axes, labelled with its balance knob; the
-    points of one family (same gate, one knob swept) joined in knob order. `points`: one row
-    per strategy (strategy, family, knobs, knob_value, val_ppl/maxvio_global mean and ci95)."""
-    points = points[points["limit"] == "none"].copy()
+    MoE strategy (a dense model has no MaxVio), mean ± 95% CI over seeds on both axes,
+    labelled with its balance knob; the points of one family (same gate, one knob swept)
+    joined in knob order. `points`: one row per strategy (strategy, family, knobs,
+    knob_value, val_ppl/maxvio_global mean and ci95)."""
+    points = points[(points["limit"] == "none") & points["maxvio_global_mean"].notna()].copy()
     points["x"] = points["maxvio_global_mean"].clip(lower=_LOG_FLOOR)
     colors = _colors(list(points["strategy"]))
     fig = Figure(figsize=(7, 4.5), layout="constrained")
@@ -205,6 +210,10 @@ def nodes_per_token(st: pd.DataFrame, path: Path) -> None:
     _save(fig, path)
 
 
+def _m_label(group_limit: float) -> str:
+    return "all" if np.isnan(group_limit) else f"{group_limit:.0f}"
+
+
 def m_sweep(points: pd.DataFrame, baseline: str, path: Path) -> None:
     """The M sweep ([V2] §2.2.2): validation perplexity against devices per token and nodes
     per token for the device- and node-limited strategies (mean ± 95% CI over seeds, joined
@@ -238,7 +247,7 @@ def m_sweep(points: pd.DataFrame, baseline: str, path: Path) -> None:
                 (r.val_ppl_mean, r.val_ppl_ci95),
                 False,
                 color=colors[r.strategy],
-                label=f"{r.strategy} ({r.limit}, M={r.group_limit})",
+                label=f"{r.strategy} ({r.limit}, M={_m_label(r.group_limit)})",
             )
         ax.set_xlabel(f"{label} per token (validation trace)")
         ax.grid(alpha=0.3)

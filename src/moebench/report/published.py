@@ -11,6 +11,7 @@ are comparable, never absolute values. The numbers and their tables: docs/publis
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from moebench.report.stats import Paired
 
@@ -101,7 +102,7 @@ class Claim:
     equivalence claim; the margin is ours, the paper gives none)."""
 
     text: str
-    kind: str
+    kind: Literal["lower", "equal"]
     metric: str
     lhs: str
     rhs: str

@@ -22,6 +22,20 @@ PAIRED_METRICS = (
     "nodes_per_token",
 )
 """Metrics compared with the baseline, seed by seed (all lower-is-better)."""
+PAIRED_COLUMNS = (
+    "study",
+    "dataset",
+    "strategy",
+    "baseline",
+    "metric",
+    "n_pairs",
+    "strategy_mean",
+    "baseline_mean",
+    "diff_mean",
+    "diff_ci95",
+    "verdict",
+)
+"""Columns of `paired_table` (and of <study>-paired.csv)."""
 CANONICAL_ORDER = (
     "none",
     "aux_loss",
@@ -133,18 +147,3 @@ def paired_table(df: pd.DataFrame, baselines: dict[str, str]) -> pd.DataFrame:
                     }
                 )
     return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
-
-
-PAIRED_COLUMNS = (
-    "study",
-    "dataset",
-    "strategy",
-    "baseline",
-    "metric",
-    "n_pairs",
-    "strategy_mean",
-    "baseline_mean",
-    "diff_mean",
-    "diff_ci95",
-    "verdict",
-)

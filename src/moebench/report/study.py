@@ -11,7 +11,7 @@ import yaml
 
 from moebench.config import StudyConfig
 from moebench.io import write_text, write_yaml
-from moebench.report.paths import WORK
+from moebench.report.paths import study_copy_file
 
 SCHEMA_FILE = Path("workflow/schemas/study.schema.json")
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -26,11 +26,6 @@ def study_json_schema() -> dict[str, Any]:
 def schema_text() -> str:
     """The committed form of the schema (a test compares the file with this)."""
     return json.dumps(study_json_schema(), indent=2, ensure_ascii=False) + "\n"
-
-
-def study_copy_file(study: str) -> Path:
-    """Where the workflow keeps the validated study (configfile + --config overrides)."""
-    return WORK / "studies" / f"{study}.yaml"
 
 
 def write_study_copy(study: StudyConfig) -> Path:

@@ -1,7 +1,7 @@
 """One row per run: read `summary.json` + `comm.json` of every run directory, check the rows
 against a pandera schema, and load the per-step curves of `metrics.jsonl`.
 
-Run directories follow the contract `results/runs/<study>/<dataset>/<strategy>/seed~<n>/`;
+Run directories follow the contract `<root>/runs/<study>/<dataset>/<strategy>/seed~<n>/`;
 the identity columns come from `summary.json` and must agree with the path."""
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import pandas as pd
 import pandera.pandas as pa
 import yaml
 
+from moebench.config import RunConfig
 from moebench.report.domains import domain_loads
-from moebench.report.paths import RESULTS, SEED_PREFIX
+from moebench.report.paths import OUT, SEED_PREFIX
 
 IDENTITY = ("study", "dataset", "strategy", "seed")
 SUMMARY_FIELDS = (
@@ -87,8 +88,10 @@ SUMMARY_SCHEMA = pa.DataFrameSchema(
     checks=[
         pa.Check(_ppl_matches_loss, name="val_ppl == exp(val_loss)"),
         pa.Check(
-            lambda df: (df["nodes_per_token"] <= df["devices_per_token"] + 1e-9)
-            | df["nodes_per_token"].isna(),
+            lambda df: (
+                (df["nodes_per_token"] <= df["devices_per_token"] + 1e-9)
+                | df["nodes_per_token"].isna()
+            ),
             name="nodes_per_token <= devices_per_token",
         ),
     ],
@@ -111,7 +114,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return obj
 
 
-def find_runs(root: Path = RESULTS, studies: list[str] | None = None) -> list[Path]:
+def find_runs(root: Path = OUT, studies: list[str] | None = None) -> list[Path]:
     """Complete run directories (summary.json and comm.json present), sorted by path."""
     runs = sorted((root / "runs").glob(f"*/*/*/{SEED_PREFIX}*"))
     return [
@@ -211,20 +214,22 @@ def balance_knobs(cfg: dict[str, Any]) -> dict[str, float]:
 
 
 def load_settings(runs: list[Path]) -> pd.DataFrame:
-    """Per run: identity, the gate, the routing limit and M, and the balance knobs, as
-    `knobs` ("global_alpha=0.001"), `knob_value` (the first knob's value, 0 without) and
-    `family` (gate, limit and knob names: runs of one family differ only in knob values)."""
+    """Per run: identity, the gate, the routing limit and M (NaN: no limit), and the balance
+    knobs, as `knobs` ("global_alpha=0.001"), `knob_value` (the first knob's value, 0
+    without) and `family` (gate, limit and knob names: runs of one family differ only in
+    knob values)."""
     rows = []
     for run in runs:
         cfg = yaml.safe_load((run / "config.resolved.yaml").read_text())
         knobs = balance_knobs(cfg)
         router = cfg["router"]
+        groups = RunConfig.model_validate(cfg).num_groups  # an unset M is every group
         rows.append(
             {k: cfg[k] for k in IDENTITY}
             | {
                 "score_fn": router["score_fn"],
                 "limit": router["limit"],
-                "group_limit": int(router["group_limit"]),
+                "group_limit": int(router["group_limit"] or groups),
                 "knobs": ", ".join(f"{k}={v:g}" for k, v in knobs.items()),
                 "knob_value": next(iter(knobs.values()), 0.0),
                 "family": " ".join([router["score_fn"], router["limit"], *knobs]),
@@ -237,12 +242,12 @@ def load_domain_loads(
     runs: list[Path],
 ) -> dict[tuple[str, str, str, int], tuple[list[str], np.ndarray]]:
     """Domains and `load_DLE` (summary.json's `load_by_domain`: {domain: [[load per expert]
-    per layer]}) of each run that records it, keyed by identity; ValueError naming the run
-    if malformed."""
+    per layer]}) of each run that records loads (a dense model's lists are empty), keyed by
+    identity; ValueError naming the run if malformed."""
     out = {}
     for run in runs:
         summary = _read_json(run / "summary.json")
-        if "load_by_domain" in summary:
+        if any(summary.get("load_by_domain", {}).values()):  # a dense model: no MoE layer
             where = f"{run / 'summary.json'}: load_by_domain"
             out[tuple(summary[k] for k in IDENTITY)] = domain_loads(
                 summary["load_by_domain"], where

@@ -26,7 +26,7 @@ def train(
     out: Annotated[Path, typer.Option("--out", help="run directory to write")],
     ckpt_dir: Annotated[
         Path | None,
-        typer.Option("--ckpt-dir", help="checkpoints (default work/ckpt/<study>/<dataset>/"
+        typer.Option("--ckpt-dir", help="checkpoints (default <output root>/ckpt/<study>/<dataset>/"
                      "<strategy>/seed~<n>); the last one is resumed"),
     ] = None,
 ) -> None:

@@ -159,8 +159,10 @@ def lr_at(step: int, cfg: RunConfig) -> float:
 
 
 def default_ckpt_dir(cfg: RunConfig) -> Path:
-    """work/ckpt/<study>/<dataset>/<strategy>/seed~<n> (the run directory's sub-path)."""
-    return Path("work/ckpt") / cfg.study / cfg.dataset / cfg.strategy / f"seed~{cfg.seed}"
+    """<output root>/ckpt/<study>/<dataset>/<strategy>/seed~<n> (the run's sub-path)."""
+    from moebench.report.paths import ckpt_dir
+
+    return ckpt_dir(cfg.study, cfg.dataset, cfg.strategy, cfg.seed)
 
 
 def _dumps(record: dict[str, Any]) -> str:
@@ -244,6 +246,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model_cfg = cfg.transformer_config(run.train_data.vocab_size)
         self.model = MoETransformer(model_cfg).to(self.device)
+        if cfg.train.compile and self.device.type == "cuda":
+            self.model.compile_dense()
         total, active = self.model.param_counts()  # the whole model, before any sharding
         if self.par is not None:
             self.model.shard_experts(self.par.ep)
