@@ -185,6 +185,18 @@ def _write(path: Path, data: bytes) -> Path:
     return path
 
 
+def _with_expert(table: pa.Table, expert: pa.Array) -> pa.Table:
+    """`table` with its expert column replaced (metadata kept)."""
+    return table.set_column(table.column_names.index("expert"), "expert", expert)
+
+
+def _with_meta(table: pa.Table, **changes: object) -> pa.Table:
+    """`table` with metadata keys changed (None: removed)."""
+    meta = json.loads(table.schema.metadata[b"moebench"])
+    meta = {k: v for k, v in (meta | changes).items() if v is not None}
+    return table.replace_schema_metadata({b"moebench": json.dumps(meta)})
+
+
 def _truncate(damaged: Path) -> None:
     """train.bin cut to 999 bytes (a copy or a download that stopped)."""
     path = damaged / "train.bin"
@@ -419,6 +431,33 @@ CASES = [
          ("trace=", "has no schema metadata key b'moebench'",)),
     Case("trace_with_a_hole", lambda c: c.comm(trace=c.damaged_trace(lambda t: t.slice(1))),
          ("trace=", "exactly once", "L=1, T=64, K=4")),
+    Case("trace_metadata_not_json", lambda c: c.comm(
+        trace=c.damaged_trace(lambda t: t.replace_schema_metadata({b"moebench": b"{"}))),
+         ("trace=", "invalid metadata b'moebench'", "rerun `moebench train`")),
+    Case("trace_metadata_without_top_k", lambda c: c.comm(
+        trace=c.damaged_trace(lambda t: _with_meta(t, top_k=None))),
+         ("trace=", "invalid metadata", "top_k: Field required")),
+    Case("trace_metadata_bool_size", lambda c: c.comm(
+        trace=c.damaged_trace(lambda t: _with_meta(t, num_tokens=True))),
+         ("trace=", "num_tokens: Input should be a valid integer", "(got True)")),
+    Case("trace_nan_expert", lambda c: c.comm(trace=c.damaged_trace(
+        lambda t: _with_expert(t, pa.array([float("nan")] + [1.0] * 255)))),
+         ("trace=", "column 'expert' has type double", "allowed: integers without nulls")),
+    Case("trace_null_expert", lambda c: c.comm(trace=c.damaged_trace(
+        lambda t: _with_expert(t, pa.array([None] + [1] * 255, pa.int16())))),
+         ("trace=", "column 'expert' has type int16 with 1 nulls", "allowed: integers")),
+    Case("trace_fractional_expert", lambda c: c.comm(trace=c.damaged_trace(
+        lambda t: _with_expert(t, pa.array([2.5] * 256)))),
+         ("trace=", "column 'expert' has type double", "allowed: integers")),
+    Case("trace_expert_out_of_range", lambda c: c.comm(trace=c.damaged_trace(
+        lambda t: _with_expert(t, pa.array([16] + [1] * 255, pa.int16())))),
+         ("trace=", "column 'expert' holds 1..16", "allowed: 0..15")),
+    Case("trace_expert_past_int16", lambda c: c.comm(trace=c.damaged_trace(
+        lambda t: _with_expert(t, pa.array([2**40] + [1] * 255, pa.int64())))),
+         ("trace=", f"column 'expert' holds 1..{2**40}", "allowed: 0..15")),
+    Case("trace_negative_token", lambda c: c.comm(trace=c.damaged_trace(
+        lambda t: t.set_column(1, "token", pa.array([-1] * 256, pa.int32())))),
+         ("trace=", "column 'token' holds -1..-1", "allowed: 0..63")),
     Case("comm_nodes_not_dividing_experts", lambda c: c.comm("--nodes", "3"),
          ("num_experts=16", "3 x 2 = 6 devices", "allowed: num_experts a multiple of 6")),
     Case("comm_negative_bandwidth", lambda c: c.comm("--ib-gbps", "-50"),

@@ -173,8 +173,8 @@ class BalanceConfig(Strict):
     comm_alpha: Float = Field(0.0, ge=0.0, le=1000.0, description="[V2] eq. 29")
     seq_alpha: Float = Field(0.0, ge=0.0, le=1000.0, description="[V3] eq. 17, per sequence")
     global_alpha: Float = Field(
-        0.0, ge=0.0, le=1000.0, description="[V3] §4.5.3 batch-wise form; f from the optimizer step's "
-        "running count over micro-batches and ranks (docs/global_loss.md)"
+        0.0, ge=0.0, le=1000.0, description="[V3] §4.5.3 batch-wise form; f from the optimizer "
+        "step's running count over micro-batches and ranks (docs/global_loss.md)"
     )
     z_alpha: Float = Field(0.0, ge=0.0, le=1000.0, description="[ST-MoE] eq. 5 router z-loss")
     aux_counts: Literal["literal", "actual"] = Field(
@@ -206,9 +206,13 @@ class TrainConfig(Strict):
         True, description="keep the last checkpoint once the run is complete; false deletes "
         "it after summary.json is written (saves disk in large studies)"
     )
-    trace_tokens: Int = Field(4096, ge=1, le=1 << 24, description="validation tokens in routing_trace")
+    trace_tokens: Int = Field(
+        4096, ge=1, le=1 << 24, description="validation tokens in routing_trace"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: Int = Field(1, ge=1, le=1024, description="torch CPU threads (1 = bitwise reproducible)")
+    threads: Int = Field(
+        1, ge=1, le=1024, description="torch CPU threads (1 = bitwise reproducible)"
+    )
     compile: Bool = Field(False, description="torch.compile the dense parts (CUDA training)")
 
 
@@ -413,7 +417,7 @@ def read_yaml(text: str, where: str) -> Any:
     """Parse YAML strictly (`_StrictLoader`); a syntax error or a repeated key becomes a
     ValueError naming `where` and the line."""
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+        return yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -581,8 +585,12 @@ class CommSettings(Strict):
     hidden: Int | None = Field(
         None, ge=1, le=BIG, description="elements per token copy; null = the model's d_model"
     )
-    dispatch_bytes: Float = Field(1.0, gt=0.0, le=64.0, description="bytes per element, dispatch (fp8)")
-    combine_bytes: Float = Field(2.0, gt=0.0, le=64.0, description="bytes per element, combine (bf16)")
+    dispatch_bytes: Float = Field(
+        1.0, gt=0.0, le=64.0, description="bytes per element, dispatch (fp8)"
+    )
+    combine_bytes: Float = Field(
+        2.0, gt=0.0, le=64.0, description="bytes per element, combine (bf16)"
+    )
     nvlink_gbps: Float = Field(160.0, gt=0.0, le=1e6, description="NVLink GB/s per GPU")
     ib_gbps: Float = Field(50.0, gt=0.0, le=1e6, description="InfiniBand GB/s per GPU")
 
