@@ -626,3 +626,29 @@ def test_nan_router_logits_stop_cleanly_and_resume_from_last_good_checkpoint(
     assert result.exit_code == 0, result.output
     assert "resuming from step 4" in result.stderr
     assert json.loads((ctx.out / "summary.json").read_text())["steps"] == 8
+
+
+def test_second_writer_into_a_run_directory_is_refused(ctx: Ctx) -> None:
+    """While another process holds the run directory's lock (a `moebench train` writing
+    there), a second `moebench train` into the same --out exits 2 and writes nothing; once the
+    lock is free the run trains and leaves no lock file behind."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from moebench.io import "
+         "writer_lock\nwith writer_lock(Path(sys.argv[1]), '--out'):\n print('held', "
+         "flush=True); sys.stdin.read()", str(ctx.out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        result = CliRunner().invoke(app, ctx.train())
+        assert result.exit_code == 2, result.output
+        assert "is being written by another process" in result.stderr
+        assert "one writer per directory" in result.stderr
+        assert [p.name for p in ctx.out.iterdir()] == [".moebench.lock"]
+    finally:
+        holder.communicate("")
+    assert holder.returncode == 0
+    result = CliRunner().invoke(app, ctx.train())
+    assert result.exit_code == 0, result.output
+    assert not (ctx.out / ".moebench.lock").exists()
+    assert (ctx.out / "summary.json").is_file()
