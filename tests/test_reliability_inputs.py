@@ -516,6 +516,9 @@ CASES = [
          ("comm.ib_gbps", "inf", "finite number")),
     Case("bool_seed_in_study", lambda c: c.resolve(study={"seeds": [True]}),
          ("seeds.0", "valid integer")),
+    Case("odd_head_dim_in_study", lambda c: c.resolve(
+        study={"strategies": {"none": {"model": {"d_model": 30, "n_heads": 2}}}}),
+         ("strategy 'none'", "model.d_model / model.n_heads = 15", "must be even for RoPE")),
     Case("report_baseline_not_in_study", lambda c: c.resolve(
         study={"report": {"baseline": "aux_free"}}),
          ("report.baseline", "strategy 'aux_free' is not in the study", "['aux_loss', 'none']")),
@@ -652,3 +655,18 @@ def test_second_writer_into_a_run_directory_is_refused(ctx: Ctx) -> None:
     assert result.exit_code == 0, result.output
     assert not (ctx.out / ".moebench.lock").exists()
     assert (ctx.out / "summary.json").is_file()
+
+
+def test_snakemake_refuses_a_repeated_strategy_before_any_job(tmp_path: Path) -> None:
+    """Snakemake's own YAML loader keeps the last of two equal keys; the workflow reads the
+    study file again strictly and stops before building the DAG."""
+    study = _write(tmp_path / "study.yaml", b"study: rel\nseeds: [0]\ndatasets: {syn: {source: "
+                   b"synthetic}}\nstrategies:\n  a: {}\n  a: {balance: {switch_alpha: 0.01}}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(Path(__file__).parents[1] / "Snakefile"),
+         "-d", str(tmp_path), "--configfile", str(study), "-n"],
+        capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode != 0
+    assert "key 'a' is given twice (lines 5 and 6)" in proc.stderr + proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".snakemake") == ["study.yaml"]

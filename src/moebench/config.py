@@ -103,6 +103,11 @@ class ModelConfig(Strict):
             raise ValueError(
                 f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}"
             )
+        if (self.d_model // self.n_heads) % 2:  # checked here too, so a study refuses it
+            raise ValueError(
+                f"model.d_model / model.n_heads = {self.d_model // self.n_heads} must be even "
+                f"for RoPE; got d_model={self.d_model}, n_heads={self.n_heads}"
+            )
         if self.n_dense_layers > self.n_layers:
             raise ValueError(
                 f"model.n_dense_layers={self.n_dense_layers} exceeds model.n_layers={self.n_layers}"
