@@ -94,8 +94,6 @@ def test_shipped_studies_keep_their_gate_rule(path: Path) -> None:
     for strategy in study.strategies:
         r = study.run_config(next(iter(study.datasets)), strategy, study.seeds[0]).router
         assert r.normalize is (r.score_fn == "sigmoid"), strategy
-        if r.limit != "none":
-            assert r.group_limit is not None, strategy  # every limited strategy states its M
 
 
 def test_unset_normalize_follows_the_score_function() -> None:
@@ -116,9 +114,13 @@ def test_unset_normalize_follows_the_score_function() -> None:
 def test_unset_group_limit_means_no_limit() -> None:
     """`limit: node` without `group_limit` keeps all nodes (M = G), as peers read it."""
     cfg = RunConfig(router={"limit": "node"})
-    assert cfg.router.group_limit is None
+    assert cfg.router.group_limit == cfg.topology.num_nodes == 4  # resolved: every node
     runtime = cfg.router_config()
-    assert runtime.group_limit == cfg.topology.num_nodes and not runtime.group_limited
+    assert runtime.group_limit == 4 and not runtime.group_limited
+    assert RunConfig(router={"limit": "device"}).router.group_limit == 8
+    assert RunConfig().router.group_limit == 1  # limit none: one group
+    assert RunConfig(router={"limit": "node", "group_limit": 2}).router.group_limit == 2
+    assert "group_limit: 4" in yaml.safe_dump(cfg.model_dump(mode="json"))
     # M = G with K < M is plain top-K, whatever the group score
     cfg = RunConfig(router={"limit": "node", "top_k": 2, "group_limit": 4,
                             "group_score": "topk_sum"})

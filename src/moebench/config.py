@@ -132,13 +132,23 @@ def default_normalize(score_fn: str, top_k: int) -> bool:
     return score_fn == "sigmoid" and top_k != 1
 
 
+Limit = Literal["none", "device", "node"]
+"""What a routing group is: nothing (no limit), a device ([V2] §2.2.2) or a node ([V3] §2.1.2)."""
+LIMITS: tuple[str, ...] = get_args(Limit)
+
+
+def routing_groups(limit: str, num_nodes: int, gpus_per_node: int) -> int:
+    """G, the groups of the group-limited router: devices, nodes, or 1 (no limit)."""
+    return {"none": 1, "device": num_nodes * gpus_per_node, "node": num_nodes}[limit]
+
+
 class RouterSettings(Strict):
     """Router options; `limit` picks what a group is (device for V2, node for V3)."""
 
     num_experts: Int = Field(16, ge=1, le=4096)
     top_k: Int = Field(4, ge=1, le=256)
     score_fn: Literal["softmax", "sigmoid"] = "softmax"
-    limit: Literal["none", "device", "node"] = "none"
+    limit: Limit = "none"
     group_limit: Int | None = Field(
         None, ge=1, le=1024, description="M: max devices/nodes per token; null = all (no limit)"
     )
@@ -247,20 +257,26 @@ class RunConfig(Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _resolve_normalize(cls, data: Any) -> Any:
-        """An unset `router.normalize` takes `default_normalize` of the run's score function,
-        so config.resolved.yaml states the gate rule the run used."""
+    def _resolve_router_defaults(cls, data: Any) -> Any:
+        """Unset `router.normalize` and `router.group_limit` take their per-run defaults
+        (`default_normalize`; M = every group, no limit), so config.resolved.yaml states
+        the gate rule and the M the run used."""
         if not isinstance(data, dict):
             return data
-        router = data.get("router", {})
-        if isinstance(router, BaseModel):
-            router = router.model_dump()
-        if not isinstance(router, dict) or router.get("normalize") is not None:
-            return data
-        fields = RouterSettings.model_fields
-        score_fn = router.get("score_fn", fields["score_fn"].default)
-        top_k = router.get("top_k", fields["top_k"].default)
-        return {**data, "router": {**router, "normalize": default_normalize(score_fn, top_k)}}
+        router, topology = (data.get(key, {}) for key in ("router", "topology"))
+        router, topology = (x.model_dump() if isinstance(x, BaseModel) else x
+                            for x in (router, topology))
+        if not isinstance(router, dict) or not isinstance(topology, dict):
+            return data  # field validation names the problem
+        r = {k: f.default for k, f in RouterSettings.model_fields.items()} | router
+        t = {k: f.default for k, f in TopologyConfig.model_fields.items()} | topology
+        resolved = dict(router)
+        if router.get("normalize") is None:
+            resolved["normalize"] = default_normalize(r["score_fn"], r["top_k"])
+        sizes_ok = all(type(t[k]) is int for k in ("num_nodes", "gpus_per_node"))
+        if router.get("group_limit") is None and sizes_ok and r["limit"] in LIMITS:
+            resolved["group_limit"] = routing_groups(r["limit"], t["num_nodes"], t["gpus_per_node"])
+        return {**data, "router": resolved}
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -277,12 +293,12 @@ class RunConfig(Strict):
                     f"(allowed: multiples of {n})"
                 )
         groups = self.num_groups
-        if r.limit != "none" and r.group_limit is not None and r.group_limit > groups:
+        if r.limit != "none" and r.group_limit > groups:
             raise ValueError(
                 f"router.group_limit={r.group_limit} exceeds the {groups} "
                 f"{r.limit}s of the topology (allowed: 1..{groups})"
             )
-        reachable = (r.group_limit or groups) * (r.num_experts // groups)
+        reachable = r.group_limit * (r.num_experts // groups)
         if r.limit != "none" and r.top_k > reachable:
             raise ValueError(
                 f"router.top_k={r.top_k} exceeds group_limit x experts per {r.limit} "
@@ -295,11 +311,8 @@ class RunConfig(Strict):
     @property
     def num_groups(self) -> int:
         """Groups of the group-limited router: devices, nodes, or 1 (no limit)."""
-        return {
-            "none": 1,
-            "device": self.topology.num_devices,
-            "node": self.topology.num_nodes,
-        }[self.router.limit]
+        t = self.topology
+        return routing_groups(self.router.limit, t.num_nodes, t.gpus_per_node)
 
     def router_config(self) -> RouterConfig:
         """The router of every MoE layer: groups are devices (limit=device, [V2] §2.2.2) or
@@ -340,7 +353,7 @@ class RunConfig(Strict):
             router=self.router_config(),
             layout=self.layout(),
             balance=self.balance,
-            comm_limit=(r.group_limit or self.num_groups) if r.limit == "device"
+            comm_limit=r.group_limit if r.limit == "device"
             else min(r.top_k, self.topology.num_devices),
         )
         return TransformerConfig(

@@ -38,9 +38,10 @@ TRACKING = STUDY.tracking.uri is not None
 # The validated study as the rules' `moebench` calls read it (configfile + --config).
 STUDY_FILE = str(write_study_copy(STUDY))
 ENV = "../../environment.yml"
-# Jobs run the tools installed beside the interpreter running Snakemake (moebench, torchrun),
-# locally and in SLURM jobs (srun passes PATH on): no activated environment needed.
-shell.prefix(f"set -euo pipefail; export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH; ")
+# Jobs find the tools installed beside the interpreter running Snakemake (moebench, torchrun)
+# at the end of PATH, locally and in SLURM jobs (srun passes PATH on): no activated
+# environment needed. (At the end, so a test's wrapper earlier on PATH still comes first.)
+shell.prefix(f"set -euo pipefail; export PATH=$PATH:{shlex.quote(str(Path(sys.executable).parent))}; ")
 
 
 wildcard_constraints:

@@ -9,8 +9,8 @@ rows of x are copied once into that order, the matrix products of every expert r
 are reduced per token with the gates.
 
 What is fused and why (each step deterministic, no atomics; measured in
-results/benchmarks/NOTES.md). With `triton_kernels` (default: on CUDA) the row movement is
-two Triton kernels, one program per token, that touch each row once:
+results/benchmarks/h100-2026-11-23/NOTES.md). With `triton_kernels` (default: on CUDA) the
+row movement is two Triton kernels, one program per token, that touch each row once:
 - scatter (`_scatter_rows`): reads x_t once and writes its K copies into expert order
   (dispatch forward); with gates, writes w_tk * dy_t into expert order and, in the same
   pass, the gate gradient <dy_t, o_tk> (combine backward).

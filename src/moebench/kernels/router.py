@@ -9,7 +9,7 @@ Semantics are exactly `moebench.routing.route` (docs/routing.md §7):
     sel    = top-K of key;  w = route_scale * s[sel] (/ sum s[sel] if normalize)
 
 How the selection stays cheap (the instruction count per logit, not the bytes, bounded the
-first version: results/benchmarks/NOTES.md):
+first version: results/benchmarks/h100-2026-11-23/NOTES.md):
 - Tile layout. A program holds W x R rows; one row is spread over LPR = GP x L lanes of one
   warp, so every thread holds CI x V experts of one group of one row (the tile axes are
   [CI, W, GP, L, R, V]; V contiguous experts are one vector load). Group reductions are then
@@ -27,7 +27,7 @@ first version: results/benchmarks/NOTES.md):
   If any two consecutive of the K + 1 packed maxima agree there, the tile recomputes its
   keys from the logits and takes the exact path: K rounds of a float max, the lowest id
   among the equal keys, and that expert removed (0.4 % of rows of V3-like random logits,
-  in a CPU simulation; results/benchmarks/NOTES.md).
+  in a CPU simulation; results/benchmarks/h100-2026-11-23/NOTES.md).
 - Gates: each of the first K lanes of a row owns one slot: it loads the logit of its expert
   again (an L1 hit), recomputes s, normalizes over the K lanes and stores id and gate.
 
@@ -42,8 +42,9 @@ Load histogram without contended atomics. Each program accumulates its rows' sel
 registers and stores its E counts with plain stores into its own row of a [P, E] buffer;
 one reduction over P gives the load. Global atomics on the E hot counters bounded the second
 version: the H100 retired only ~3-4 G of them per second (E 64: 132 us with one atomic per
-selected pair vs 36 us without; V3: a ~165 us ceiling at T = 65536; results/benchmarks/
-NOTES.md, run 3). `Launch.atomic_load` keeps the per-pair variant for comparison.
+selected pair vs 36 us without; V3: a ~165 us ceiling at T = 65536;
+results/benchmarks/h100-2026-11-23/NOTES.md, run 3). `Launch.atomic_load` keeps the
+per-pair variant for comparison.
 
 Legend: T tokens, E routed experts, K experts per token, G groups, EG experts per group,
 GP / EGP: G, EG padded to powers of two; tile axes CI (vectors per thread), W (warps),
@@ -493,8 +494,8 @@ def fwd_layout(cfg: RouterConfig, launch: Launch) -> dict[str, int]:
 def default_launch(cfg: RouterConfig, device: torch.device, backward: bool = False) -> Launch:
     """Launch used when none is given: the fastest of the H100 sweeps at T = 65536
     (forward: 2 warps, 16 programs per SM for both the V3 and the E 64 case,
-    results/benchmarks/router_run3_sweep.md; backward: router_sweep.md). Many rows per
-    program for the CPU interpreter."""
+    results/benchmarks/h100-2026-11-23/router_run3_sweep.md; backward: router_sweep.md).
+    Many rows per program for the CPU interpreter."""
     if device.type != "cuda":
         return Launch(block_t=64, num_warps=16)
     if not backward:

@@ -233,6 +233,9 @@ class RoutedExperts(nn.Module):
             setattr(self, name, nn.Parameter(full.index_select(0, index).clone()))
         self.expert_ids = ep.local_experts
         self.ep = ep
+        self.slot_of_expert_E: Tensor  # on the device once: no host-to-device copy per step
+        self.register_buffer("slot_of_expert_E", ep.slot_of_expert.to(self.w_gate.device),
+                             persistent=False)
 
     def _weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         return tuple(w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down))  # type: ignore[return-value]
@@ -262,8 +265,7 @@ class RoutedExperts(nn.Module):
         dtype = _compute_dtype(x_TH)
         fused = x_TH.is_cuda
         with timer("permute"):
-            slot_E = ep.slot_of_expert.to(x_TH.device)
-            key_TK = torch.where(keep_TK, slot_E[experts_TK], E)  # dropped: last, never sent
+            key_TK = torch.where(keep_TK, self.slot_of_expert_E[experts_TK], E)  # dropped: last
             plan = plan_dispatch(key_TK, E + 1)
             xs_AH = dispatch_rows(x_TH.to(dtype), plan, fused)
         with timer("counts"):
