@@ -188,7 +188,7 @@ def _write_trace(path, experts_LTK: torch.Tensor) -> None:
         {
             "router": {"num_experts": 8, "top_k": 3},
             "topology": {"num_nodes": 2, "gpus_per_node": 2},
-            "model": {"d_model": 10, "n_heads": 2},
+            "model": {"d_model": 10, "n_heads": 1},
         }
     )
     write_parquet(path, trace_table(experts_LTK, torch.rand(experts_LTK.shape), cfg, seq_len=2))

@@ -165,6 +165,12 @@ class Ctx:
                 "--out", str(self.out / "run.yaml"), *args]
 
 
+ALIAS_BOMB = b"a: &a [x, x, x, x, x, x, x, x, x]\n" + b"".join(
+    b"%c: &%c [%s]\n" % (98 + i, 98 + i, b", ".join([b"*%c" % (97 + i)] * 9)) for i in range(8)
+) + b"train: {steps: *i}\n"
+"""A billion laughs: 9**9 leaves once expanded; read and refused without expanding it."""
+
+
 def rel_study(folder: Path) -> Path:
     """The study file of the one run `rel/syn/aux_free/seed~0`, MLflow off."""
     path = folder / "rel.yaml"
@@ -177,6 +183,18 @@ def rel_study(folder: Path) -> Path:
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def _with_expert(table: pa.Table, expert: pa.Array) -> pa.Table:
+    """`table` with its expert column replaced (metadata kept)."""
+    return table.set_column(table.column_names.index("expert"), "expert", expert)
+
+
+def _with_meta(table: pa.Table, **changes: object) -> pa.Table:
+    """`table` with metadata keys changed (None: removed)."""
+    meta = json.loads(table.schema.metadata[b"moebench"])
+    meta = {k: v for k, v in (meta | changes).items() if v is not None}
+    return table.replace_schema_metadata({b"moebench": json.dumps(meta)})
 
 
 def _truncate(damaged: Path) -> None:
@@ -264,11 +282,11 @@ CASES = [
     Case("negative_bias_rate", lambda c: c.train(*sets("balance.bias.rate=-0.001")),
          ("balance.bias.rate", "-0.001", "greater than or equal to 0")),
     Case("nan_bias_rate", lambda c: c.train(*sets("balance.bias.rate=.nan")),
-         ("balance.bias.rate", "nan", "greater than or equal to 0")),
+         ("balance.bias.rate", "nan", "finite number")),
     Case("negative_alpha", lambda c: c.train(*sets("balance.switch_alpha=-0.01")),
          ("balance.switch_alpha", "-0.01", "greater than or equal to 0")),
     Case("nan_alpha", lambda c: c.train(*sets("balance.seq_alpha=.nan")),
-         ("balance.seq_alpha", "nan", "greater than or equal to 0")),
+         ("balance.seq_alpha", "nan", "finite number")),
     Case("infinite_alpha", lambda c: c.train(*sets("balance.expert_alpha=.inf")),
          ("balance.expert_alpha", "inf", "finite")),
     Case("zero_capacity_factor", lambda c: c.train(*sets("balance.capacity.factor=0")),
@@ -286,7 +304,7 @@ CASES = [
     Case("wrong_type", lambda c: c.train(*sets("train.steps=many")),
          ("train.steps", "'many'", "valid integer")),
     Case("fractional_integer", lambda c: c.train(*sets("train.batch_size=2.5")),
-         ("train.batch_size", "2.5", "fractional part")),
+         ("train.batch_size", "2.5", "valid integer")),
     Case("zero_steps", lambda c: c.train(*sets("train.steps=0")),
          ("train.steps", "got 0", "greater than or equal to 1")),
     Case("heads_do_not_divide_width", lambda c: c.train(*sets("model.n_heads=3")),
@@ -314,6 +332,38 @@ CASES = [
          ("--set expects key=value", "'train.steps'")),
     Case("set_value_not_yaml", lambda c: c.train(*sets("train.steps=[4")),
          ("--set 'train.steps=[4'", "not valid YAML")),
+    # --- strict types and bounds: YAML surprises are refused, not coerced ---------------
+    Case("bool_as_integer", lambda c: c.train(*sets("train.steps=true")),
+         ("train.steps", "(got True)", "valid integer")),
+    Case("bool_as_number", lambda c: c.train(*sets("train.lr=yes")),
+         ("train.lr", "(got True)", "valid number")),
+    Case("integer_as_bool", lambda c: c.train(*sets("balance.bias.enabled=1")),
+         ("balance.bias.enabled", "(got 1)", "valid boolean")),
+    Case("string_as_number", lambda c: c.train(*sets("train.lr='0.1'")),
+         ("train.lr", "(got '0.1')", "valid number")),
+    Case("float_as_integer", lambda c: c.train(*sets("data.synthetic_topics=1e9")),
+         ("data.synthetic_topics", "1000000000.0", "valid integer")),
+    Case("huge_route_scale", lambda c: c.train(*sets("router.route_scale=1e30")),
+         ("router.route_scale", "1e+30", "less than or equal to 100", "raise it there")),
+    Case("huge_topic_count", lambda c: c.data_cmd(*sets("data.synthetic_topics=1000000000")),
+         ("data.synthetic_topics", "1000000000", "less than or equal to 4096", "raise it")),
+    Case("huge_width", lambda c: c.train(*sets("model.d_model=1000000000")),
+         ("model.d_model", "less than or equal to 65536")),
+    Case("seed_overflow", lambda c: c.train(*sets(f"seed={2**64}")),
+         ("seed", str(2**64), "less than or equal to 2147483646")),
+    Case("infinite_lr", lambda c: c.train(*sets("train.lr=.inf")),
+         ("train.lr", "inf", "finite number")),
+    Case("duplicate_section", lambda c: [
+        "train", "--config", str(_write(c.root / "dup.yaml", b"train: {steps: 4}\nseed: 1\n"
+                                        b"train: {lr: 0.1}\n")), "--out", str(c.out)],
+         ("config file", "dup.yaml", "key 'train' is given twice (lines 1 and 3)")),
+    Case("config_empty", lambda c: [
+        "train", "--config", str(_write(c.root / "empty.yaml", b"# nothing\n")), "--out",
+        str(c.out)],
+         ("config file", "empty.yaml is empty", "allowed: a YAML mapping")),
+    Case("yaml_alias_bomb", lambda c: [
+        "train", "--config", str(_write(c.root / "bomb.yaml", ALIAS_BOMB)), "--out", str(c.out)],
+         ("train.steps", "valid integer", "[[...], [...], [...], [...], ...]")),
     # --- the prepared data (moebench.data) ------------------------------------------------
     Case("data_dir_missing", lambda c: c.train(*sets(f"data_dir={c.root / 'nodata'}")),
          ("data_dir=", "nodata", "does not exist", "moebench data --out")),
@@ -381,6 +431,33 @@ CASES = [
          ("trace=", "has no schema metadata key b'moebench'",)),
     Case("trace_with_a_hole", lambda c: c.comm(trace=c.damaged_trace(lambda t: t.slice(1))),
          ("trace=", "exactly once", "L=1, T=64, K=4")),
+    Case("trace_metadata_not_json", lambda c: c.comm(
+        trace=c.damaged_trace(lambda t: t.replace_schema_metadata({b"moebench": b"{"}))),
+         ("trace=", "invalid metadata b'moebench'", "rerun `moebench train`")),
+    Case("trace_metadata_without_top_k", lambda c: c.comm(
+        trace=c.damaged_trace(lambda t: _with_meta(t, top_k=None))),
+         ("trace=", "invalid metadata", "top_k: Field required")),
+    Case("trace_metadata_bool_size", lambda c: c.comm(
+        trace=c.damaged_trace(lambda t: _with_meta(t, num_tokens=True))),
+         ("trace=", "num_tokens: Input should be a valid integer", "(got True)")),
+    Case("trace_nan_expert", lambda c: c.comm(trace=c.damaged_trace(
+        lambda t: _with_expert(t, pa.array([float("nan")] + [1.0] * 255)))),
+         ("trace=", "column 'expert' has type double", "allowed: integers without nulls")),
+    Case("trace_null_expert", lambda c: c.comm(trace=c.damaged_trace(
+        lambda t: _with_expert(t, pa.array([None] + [1] * 255, pa.int16())))),
+         ("trace=", "column 'expert' has type int16 with 1 nulls", "allowed: integers")),
+    Case("trace_fractional_expert", lambda c: c.comm(trace=c.damaged_trace(
+        lambda t: _with_expert(t, pa.array([2.5] * 256)))),
+         ("trace=", "column 'expert' has type double", "allowed: integers")),
+    Case("trace_expert_out_of_range", lambda c: c.comm(trace=c.damaged_trace(
+        lambda t: _with_expert(t, pa.array([16] + [1] * 255, pa.int16())))),
+         ("trace=", "column 'expert' holds 1..16", "allowed: 0..15")),
+    Case("trace_expert_past_int16", lambda c: c.comm(trace=c.damaged_trace(
+        lambda t: _with_expert(t, pa.array([2**40] + [1] * 255, pa.int64())))),
+         ("trace=", f"column 'expert' holds 1..{2**40}", "allowed: 0..15")),
+    Case("trace_negative_token", lambda c: c.comm(trace=c.damaged_trace(
+        lambda t: t.set_column(1, "token", pa.array([-1] * 256, pa.int32())))),
+         ("trace=", "column 'token' holds -1..-1", "allowed: 0..63")),
     Case("comm_nodes_not_dividing_experts", lambda c: c.comm("--nodes", "3"),
          ("num_experts=16", "3 x 2 = 6 devices", "allowed: num_experts a multiple of 6")),
     Case("comm_negative_bandwidth", lambda c: c.comm("--ib-gbps", "-50"),
@@ -426,6 +503,22 @@ CASES = [
     Case("unknown_published_setting", lambda c: c.resolve(
         study={"report": {"compare_to": {"none": ["lf_t9"]}}}),
          ("report.compare_to.none", "'lf_t9' is not a published setting", "'lf_t2_free'")),
+    Case("duplicate_strategy", lambda c: ["resolve", "--study", str(_write(
+        c.root / "dup.yaml", b"study: rel\nseeds: [0]\ndatasets: {syn: {source: synthetic}}\n"
+        b"strategies:\n  a: {}\n  a: {balance: {switch_alpha: 0.01}}\n")), "--dataset", "syn",
+        "--out", str(c.out / "run.yaml")],
+         ("study file", "dup.yaml", "key 'a' is given twice (lines 5 and 6)")),
+    Case("study_empty", lambda c: ["resolve", "--study", str(_write(c.root / "e.yaml", b"")),
+                                   "--dataset", "syn", "--out", str(c.out / "run.yaml")],
+         ("study file", "e.yaml is empty")),
+    Case("infinite_bandwidth_in_study", lambda c: c.resolve(
+        study={"comm": {"ib_gbps": float("inf")}}),
+         ("comm.ib_gbps", "inf", "finite number")),
+    Case("bool_seed_in_study", lambda c: c.resolve(study={"seeds": [True]}),
+         ("seeds.0", "valid integer")),
+    Case("odd_head_dim_in_study", lambda c: c.resolve(
+        study={"strategies": {"none": {"model": {"d_model": 30, "n_heads": 2}}}}),
+         ("strategy 'none'", "model.d_model / model.n_heads = 15", "must be even for RoPE")),
     Case("report_baseline_not_in_study", lambda c: c.resolve(
         study={"report": {"baseline": "aux_free"}}),
          ("report.baseline", "strategy 'aux_free' is not in the study", "['aux_loss', 'none']")),
@@ -536,3 +629,44 @@ def test_nan_router_logits_stop_cleanly_and_resume_from_last_good_checkpoint(
     assert result.exit_code == 0, result.output
     assert "resuming from step 4" in result.stderr
     assert json.loads((ctx.out / "summary.json").read_text())["steps"] == 8
+
+
+def test_second_writer_into_a_run_directory_is_refused(ctx: Ctx) -> None:
+    """While another process holds the run directory's lock (a `moebench train` writing
+    there), a second `moebench train` into the same --out exits 2 and writes nothing; once the
+    lock is free the run trains and leaves no lock file behind."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from moebench.io import "
+         "writer_lock\nwith writer_lock(Path(sys.argv[1]), '--out'):\n print('held', "
+         "flush=True); sys.stdin.read()", str(ctx.out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        result = CliRunner().invoke(app, ctx.train())
+        assert result.exit_code == 2, result.output
+        assert "is being written by another process" in result.stderr
+        assert "one writer per directory" in result.stderr
+        assert [p.name for p in ctx.out.iterdir()] == [".moebench.lock"]
+    finally:
+        holder.communicate("")
+    assert holder.returncode == 0
+    result = CliRunner().invoke(app, ctx.train())
+    assert result.exit_code == 0, result.output
+    assert not (ctx.out / ".moebench.lock").exists()
+    assert (ctx.out / "summary.json").is_file()
+
+
+def test_snakemake_refuses_a_repeated_strategy_before_any_job(tmp_path: Path) -> None:
+    """Snakemake's own YAML loader keeps the last of two equal keys; the workflow reads the
+    study file again strictly and stops before building the DAG."""
+    study = _write(tmp_path / "study.yaml", b"study: rel\nseeds: [0]\ndatasets: {syn: {source: "
+                   b"synthetic}}\nstrategies:\n  a: {}\n  a: {balance: {switch_alpha: 0.01}}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(Path(__file__).parents[1] / "Snakefile"),
+         "-d", str(tmp_path), "--configfile", str(study), "-n"],
+        capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode != 0
+    assert "key 'a' is given twice (lines 5 and 6)" in proc.stderr + proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".snakemake") == ["study.yaml"]

@@ -9,13 +9,15 @@ The JSON schema that Snakemake validates study files against is generated from `
 from __future__ import annotations
 
 import difflib
-import math
+import re
+import reprlib
 import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
+    AllowInfNan,
     BaseModel,
     ConfigDict,
     Field,
@@ -24,6 +26,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic import Strict as StrictType
 
 if TYPE_CHECKING:
     from moebench.model import TransformerConfig
@@ -33,16 +36,24 @@ _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 """Study, dataset and strategy names become path parts and Snakemake wildcards."""
 
 
+Int = Annotated[int, StrictType()]
+"""An integer as written: a bool (`yes`), a float or a string is refused, not coerced."""
+Float = Annotated[float, StrictType(), AllowInfNan(False)]
+"""A finite number: an int is taken, a bool (`yes` -> 1.0), a string, NaN or inf is refused."""
+Bool = Annotated[bool, StrictType()]
+"""true or false: 1, 0 or the string "true" is refused."""
+
+SEED_MAX = 2**31 - 2
+"""Largest seed: seed + 1 (the drop seed) still fits a signed 32-bit integer."""
+BIG = 1 << 20
+"""Upper bound of sizes (widths, counts, tokens): far above any CPU or single-node study; a
+refusal names the bound, which is a choice made here (raise it in moebench/config.py)."""
+
+
 class Strict(BaseModel):
     """Base: unknown keys are errors, assignment is validated, instances are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-
-def _finite(v: float, name: str) -> float:
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite number, got {v}")
-    return v
 
 
 class DataConfig(Strict):
@@ -54,16 +65,16 @@ class DataConfig(Strict):
     )
     path: str | None = Field(None, description="text file for source=file")
     hf_name: str | None = Field(None, description="Hugging Face dataset name for source=hf")
-    vocab_size: int = Field(1024, ge=260, le=262144, description="byte-level BPE vocabulary")
-    val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="documents held out")
-    max_bytes: int | None = Field(
-        None, gt=0, description="cap on corpus bytes (fast tests); per domain for mixed"
+    vocab_size: Int = Field(1024, ge=260, le=262144, description="byte-level BPE vocabulary")
+    val_fraction: Float = Field(0.1, gt=0.0, lt=0.5, description="documents held out")
+    max_bytes: Int | None = Field(
+        None, gt=0, le=1 << 40, description="cap on corpus bytes (fast tests); per domain for mixed"
     )
     # synthetic source: topics drawn from Zipf(skew); each topic is a Markov source
-    synthetic_topics: int = Field(16, ge=1)
-    synthetic_skew: float = Field(1.2, ge=0.0, description="Zipf exponent over topics")
-    synthetic_docs: int = Field(400, ge=2)
-    synthetic_doc_tokens: int = Field(512, ge=16)
+    synthetic_topics: Int = Field(16, ge=1, le=4096)
+    synthetic_skew: Float = Field(1.2, ge=0.0, le=100.0, description="Zipf exponent over topics")
+    synthetic_docs: Int = Field(400, ge=2, le=BIG)
+    synthetic_doc_tokens: Int = Field(512, ge=16, le=1 << 16)
 
     @model_validator(mode="after")
     def _source_args(self) -> DataConfig:
@@ -77,20 +88,25 @@ class DataConfig(Strict):
 class ModelConfig(Strict):
     """DeepSeekMoE decoder shape (see `moebench.model`)."""
 
-    d_model: int = Field(128, ge=8)
-    n_layers: int = Field(4, ge=1)
-    n_heads: int = Field(4, ge=1)
-    n_dense_layers: int = Field(1, ge=0)
-    dense_hidden: int = Field(512, ge=1)
-    n_shared_experts: int = Field(1, ge=0)
-    expert_hidden: int = Field(64, ge=1)
-    init_std: float = Field(0.02, gt=0.0)
+    d_model: Int = Field(128, ge=8, le=1 << 16)
+    n_layers: Int = Field(4, ge=1, le=1024)
+    n_heads: Int = Field(4, ge=1, le=1024)
+    n_dense_layers: Int = Field(1, ge=0, le=1024)
+    dense_hidden: Int = Field(512, ge=1, le=BIG)
+    n_shared_experts: Int = Field(1, ge=0, le=64)
+    expert_hidden: Int = Field(64, ge=1, le=BIG)
+    init_std: Float = Field(0.02, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _shape(self) -> ModelConfig:
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}"
+            )
+        if (self.d_model // self.n_heads) % 2:  # checked here too, so a study refuses it
+            raise ValueError(
+                f"model.d_model / model.n_heads = {self.d_model // self.n_heads} must be even "
+                f"for RoPE; got d_model={self.d_model}, n_heads={self.n_heads}"
             )
         if self.n_dense_layers > self.n_layers:
             raise ValueError(
@@ -102,8 +118,8 @@ class ModelConfig(Strict):
 class TopologyConfig(Strict):
     """Expert-parallel layout: experts in contiguous blocks on GPUs, GPUs in nodes."""
 
-    num_nodes: int = Field(4, ge=1)
-    gpus_per_node: int = Field(2, ge=1)
+    num_nodes: Int = Field(4, ge=1, le=1024)
+    gpus_per_node: Int = Field(2, ge=1, le=64)
 
     @property
     def num_devices(self) -> int:
@@ -129,95 +145,90 @@ def routing_groups(limit: str, num_nodes: int, gpus_per_node: int) -> int:
 class RouterSettings(Strict):
     """Router options; `limit` picks what a group is (device for V2, node for V3)."""
 
-    num_experts: int = Field(16, ge=1)
-    top_k: int = Field(4, ge=1)
+    num_experts: Int = Field(16, ge=1, le=4096)
+    top_k: Int = Field(4, ge=1, le=256)
     score_fn: Literal["softmax", "sigmoid"] = "softmax"
     limit: Limit = "none"
-    group_limit: int | None = Field(
-        None, ge=1, description="M: max devices/nodes per token; null = all (no limit)"
+    group_limit: Int | None = Field(
+        None, ge=1, le=1024, description="M: max devices/nodes per token; null = all (no limit)"
     )
     group_score: Literal["max", "top2_sum", "topk_sum"] = "max"
-    normalize: bool | None = Field(
+    normalize: Bool | None = Field(
         None, description="divide the K gates by their sum; null = yes for sigmoid with K > 1"
     )
-    route_scale: float = Field(1.0, gt=0.0)
+    route_scale: Float = Field(1.0, gt=0.0, le=100.0)
 
 
 class BiasConfig(Strict):
     """Aux-loss-free bias ([V3] §2.1.2, [LF] Alg. 1)."""
 
-    enabled: bool = False
-    rate: float = Field(1e-3, ge=0.0)
+    enabled: Bool = False
+    rate: Float = Field(1e-3, ge=0.0, le=10.0)
     rule: Literal["sign", "proportional", "multiplicative"] = "sign"
-    freeze_frac: float = Field(1.0, gt=0.0, le=1.0, description="rate drops to 0 after this")
-    recenter: bool = False
+    freeze_frac: Float = Field(1.0, gt=0.0, le=1.0, description="rate drops to 0 after this")
+    recenter: Bool = False
 
-    _rate_finite = field_validator("rate")(lambda v: _finite(v, "balance.bias.rate"))
 
 
 class CapacityConfig(Strict):
     """Token dropping ([Switch] eq. 3, [V2] §2.2.4). factor=None means no dropping."""
 
-    factor: float | None = Field(None, gt=0.0)
+    factor: Float | None = Field(None, gt=0.0, le=1000.0)
     policy: Literal["probs", "position"] = "probs"
     level: Literal["expert", "device"] = "expert"
-    protected_frac: float = Field(0.0, ge=0.0, le=1.0)
+    protected_frac: Float = Field(0.0, ge=0.0, le=1.0)
 
 
 class BalanceConfig(Strict):
     """Coefficients of every balance loss (0 = off) plus bias and capacity settings."""
 
-    switch_alpha: float = Field(0.0, ge=0.0, description="[Switch] eq. 4 (code form)")
-    expert_alpha: float = Field(0.0, ge=0.0, description="[V2] eq. 23, per sequence")
-    device_alpha: float = Field(0.0, ge=0.0, description="[V2] eq. 26")
-    comm_alpha: float = Field(0.0, ge=0.0, description="[V2] eq. 29")
-    seq_alpha: float = Field(0.0, ge=0.0, description="[V3] eq. 17, per sequence")
-    global_alpha: float = Field(
-        0.0, ge=0.0, description="[V3] §4.5.3 batch-wise form; f from the optimizer step's "
-        "running count over micro-batches and ranks (docs/global_loss.md)"
+    switch_alpha: Float = Field(0.0, ge=0.0, le=1000.0, description="[Switch] eq. 4 (code form)")
+    expert_alpha: Float = Field(0.0, ge=0.0, le=1000.0, description="[V2] eq. 23, per sequence")
+    device_alpha: Float = Field(0.0, ge=0.0, le=1000.0, description="[V2] eq. 26")
+    comm_alpha: Float = Field(0.0, ge=0.0, le=1000.0, description="[V2] eq. 29")
+    seq_alpha: Float = Field(0.0, ge=0.0, le=1000.0, description="[V3] eq. 17, per sequence")
+    global_alpha: Float = Field(
+        0.0, ge=0.0, le=1000.0, description="[V3] §4.5.3 batch-wise form; f from the optimizer "
+        "step's running count over micro-batches and ranks (docs/global_loss.md)"
     )
-    z_alpha: float = Field(0.0, ge=0.0, description="[ST-MoE] eq. 5 router z-loss")
+    z_alpha: Float = Field(0.0, ge=0.0, le=1000.0, description="[ST-MoE] eq. 5 router z-loss")
     aux_counts: Literal["literal", "actual"] = Field(
         "literal", description="f_i from the plain unbiased top-K or the routing performed"
     )
     bias: BiasConfig = BiasConfig()
     capacity: CapacityConfig = CapacityConfig()
 
-    @field_validator(
-        "switch_alpha", "expert_alpha", "device_alpha", "comm_alpha", "seq_alpha", "global_alpha",
-        "z_alpha",
-    )
-    @classmethod
-    def _alpha_finite(cls, v: float, info: Any) -> float:
-        return _finite(v, f"balance.{info.field_name}")
-
 
 class TrainConfig(Strict):
     """Optimisation and bookkeeping of one run (see `moebench.train`)."""
 
-    steps: int = Field(200, ge=1)
-    batch_size: int = Field(16, ge=1, description="sequences per micro-batch")
-    grad_accum: int = Field(1, ge=1)
-    seq_len: int = Field(64, ge=2)
-    lr: float = Field(3e-3, gt=0.0)
-    min_lr_frac: float = Field(0.1, ge=0.0, le=1.0)
-    warmup_steps: int = Field(20, ge=0)
-    weight_decay: float = Field(0.1, ge=0.0)
-    beta1: float = Field(0.9, ge=0.0, lt=1.0)
-    beta2: float = Field(0.95, ge=0.0, lt=1.0)
-    grad_clip: float = Field(1.0, gt=0.0)
-    eval_every: int = Field(50, ge=1)
-    eval_batches: int = Field(8, ge=1)
-    log_every: int = Field(10, ge=1)
-    ckpt_every: int = Field(50, ge=1)
-    keep_ckpt: bool = Field(
+    steps: Int = Field(200, ge=1, le=1 << 30)
+    batch_size: Int = Field(16, ge=1, le=BIG, description="sequences per micro-batch")
+    grad_accum: Int = Field(1, ge=1, le=1 << 16)
+    seq_len: Int = Field(64, ge=2, le=BIG)
+    lr: Float = Field(3e-3, gt=0.0, le=10.0)
+    min_lr_frac: Float = Field(0.1, ge=0.0, le=1.0)
+    warmup_steps: Int = Field(20, ge=0, le=1 << 30)
+    weight_decay: Float = Field(0.1, ge=0.0, le=10.0)
+    beta1: Float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: Float = Field(0.95, ge=0.0, lt=1.0)
+    grad_clip: Float = Field(1.0, gt=0.0, le=1e6)
+    eval_every: Int = Field(50, ge=1, le=1 << 30)
+    eval_batches: Int = Field(8, ge=1, le=BIG)
+    log_every: Int = Field(10, ge=1, le=1 << 30)
+    ckpt_every: Int = Field(50, ge=1, le=1 << 30)
+    keep_ckpt: Bool = Field(
         True, description="keep the last checkpoint once the run is complete; false deletes "
         "it after summary.json is written (saves disk in large studies)"
     )
-    trace_tokens: int = Field(4096, ge=1, description="validation tokens in routing_trace")
+    trace_tokens: Int = Field(
+        4096, ge=1, le=1 << 24, description="validation tokens in routing_trace"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = Field(1, ge=1, description="torch CPU threads (1 = bitwise reproducible)")
-    compile: bool = Field(False, description="torch.compile the dense parts (CUDA training)")
+    threads: Int = Field(
+        1, ge=1, le=1024, description="torch CPU threads (1 = bitwise reproducible)"
+    )
+    compile: Bool = Field(False, description="torch.compile the dense parts (CUDA training)")
 
 
 class TrackingConfig(Strict):
@@ -234,7 +245,7 @@ class RunConfig(Strict):
     study: str = Field("adhoc", pattern=_NAME_PATTERN)
     dataset: str = Field("shakespeare", pattern=_NAME_PATTERN)
     strategy: str = Field("none", pattern=_NAME_PATTERN)
-    seed: int = Field(0, ge=0)
+    seed: Int = Field(0, ge=0, le=SEED_MAX)
     data_dir: str = Field("work/data/shakespeare", description="output of `moebench data`")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -383,15 +394,67 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently) and reads `1e-3` as a number, as YAML 1.2 does (PyYAML reads it as a string)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {shown(key)} is given twice (lines {seen[key]} and {line}); "
+                    "allowed: each key once per mapping", key_node.start_mark,
+                )
+            if isinstance(key, str | int | float | bool):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 60
+_SHOWN.maxlist = _SHOWN.maxdict = 4
+_SHOWN.maxlevel = 1
+
+
+def shown(value: Any) -> str:
+    """A short repr of a user's value for a message: bounded in length and time (a YAML alias
+    bomb is never walked in full)."""
+    return _SHOWN.repr(value)
+
+
 def read_yaml(text: str, where: str) -> Any:
-    """`yaml.safe_load(text)`; a syntax error becomes a ValueError naming `where` and the line."""
+    """Parse YAML strictly (`_StrictLoader`); a syntax error or a repeated key becomes a
+    ValueError naming `where` and the line."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         reason = getattr(err, "problem", None) or str(err)
         raise ValueError(f"{where} is not valid YAML{at}: {reason}") from None
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """The mapping a config or study file holds; ValueError if it is missing, not YAML, empty
+    or not a mapping (an empty file would otherwise run every default)."""
+    where = f"{what} {path}"
+    if not path.is_file():
+        raise ValueError(f"{where} does not exist")
+    raw = read_yaml(path.read_text(), where)
+    if raw is None:
+        raise ValueError(f"{where} is empty; allowed: a YAML mapping of settings")
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must hold a mapping, got {type(raw).__name__}")
+    return raw
 
 
 def _is_model(tp: Any) -> bool:
@@ -441,10 +504,12 @@ def describe_errors(err: ValidationError, model: type[BaseModel]) -> list[str]:
         loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         value = e.get("input")
-        shown = "" if not loc or isinstance(value, dict) else f" (got {value!r})"
+        got = "" if not loc or isinstance(value, dict) else f" (got {shown(value)})"
         hint = _unknown_key_hint(model, e["loc"]) if e["type"] == "extra_forbidden" else ""
+        if e["type"] == "less_than_equal" and e.get("ctx", {}).get("le", 0) > 1:
+            hint = "; the bound is a choice of moebench/config.py, raise it there if needed"
         named = not loc or msg.startswith(loc)  # a validator's message names field and value
-        out.append(msg if named else f"{loc}: {msg}{shown}{hint}")
+        out.append(msg if named else f"{loc}: {msg}{got}{hint}")
     return out
 
 
@@ -455,13 +520,7 @@ def format_validation_error(err: ValidationError, where: str) -> str:
 
 def load_run_config(path: Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a run config YAML (or defaults) and apply `--set` overrides; ValueError if bad."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        if not Path(path).is_file():
-            raise ValueError(f"config file {path} does not exist")
-        raw = read_yaml(Path(path).read_text(), f"config file {path}") or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"config file {path} must hold a mapping, got {type(raw).__name__}")
+    raw = read_yaml_mapping(Path(path), "config file") if path is not None else {}
     raw = deep_merge(raw, parse_overrides(overrides or []))
     try:
         return RunConfig.model_validate(raw)
@@ -541,37 +600,43 @@ class CommSettings(Strict):
     """Payload sizes and link bandwidths with which `moebench comm` turns each run's routing
     trace into bytes and modeled all-to-all time (defaults: [V3] §3.2.2, §3.3.4)."""
 
-    hidden: int | None = Field(
-        None, ge=1, description="elements per token copy; null = the model's d_model"
+    hidden: Int | None = Field(
+        None, ge=1, le=BIG, description="elements per token copy; null = the model's d_model"
     )
-    dispatch_bytes: float = Field(1.0, gt=0.0, description="bytes per element, dispatch (fp8)")
-    combine_bytes: float = Field(2.0, gt=0.0, description="bytes per element, combine (bf16)")
-    nvlink_gbps: float = Field(160.0, gt=0.0, description="NVLink GB/s per GPU")
-    ib_gbps: float = Field(50.0, gt=0.0, description="InfiniBand GB/s per GPU")
+    dispatch_bytes: Float = Field(
+        1.0, gt=0.0, le=64.0, description="bytes per element, dispatch (fp8)"
+    )
+    combine_bytes: Float = Field(
+        2.0, gt=0.0, le=64.0, description="bytes per element, combine (bf16)"
+    )
+    nvlink_gbps: Float = Field(160.0, gt=0.0, le=1e6, description="NVLink GB/s per GPU")
+    ib_gbps: Float = Field(50.0, gt=0.0, le=1e6, description="InfiniBand GB/s per GPU")
 
 
 class JobResources(Strict):
     """Snakemake resources of one kind of job (SLURM reads them; locally only threads count)."""
 
-    threads: int = Field(1, ge=1)
-    mem_mb: int = Field(2000, ge=100)
-    runtime: int = Field(30, ge=1, description="minutes")
-    gpu: int = Field(0, ge=0, description="GPUs per job (SLURM `gpu` resource)")
+    threads: Int = Field(1, ge=1, le=1024)
+    mem_mb: Int = Field(2000, ge=100, le=1 << 24)
+    runtime: Int = Field(30, ge=1, le=60 * 24 * 30, description="minutes")
+    gpu: Int = Field(0, ge=0, le=64, description="GPUs per job (SLURM `gpu` resource)")
 
 
 class TrainResources(JobResources):
     """Resources of a training job; `threads` also sets torch's CPU threads (per process)."""
 
-    tasks: int = Field(
+    tasks: Int = Field(
         1,
         ge=1,
+        le=4096,
         description="processes per run: > 1 trains data + expert parallel, one process per "
         "device of the topology (srun under SLURM, torchrun locally)",
     )
-    nodes: int = Field(1, ge=1, description="SLURM nodes per run")
-    runs_per_gpu: int = Field(
+    nodes: Int = Field(1, ge=1, le=1024, description="SLURM nodes per run")
+    runs_per_gpu: Int = Field(
         1,
         ge=1,
+        le=64,
         description="training runs sharing one GPU under the local executor: `--resources "
         "gpu=G` admits G x runs_per_gpu concurrent runs (SLURM jobs still request `gpu` each)",
     )
@@ -640,7 +705,7 @@ class StudyConfig(Strict):
     a bad strategy is refused before any job starts."""
 
     study: str = Field(pattern=_NAME_PATTERN, description="name: <output root>/runs/<study>/...")
-    seeds: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+    seeds: list[Annotated[Int, Field(ge=0, le=SEED_MAX)]] = Field(min_length=1)
     datasets: dict[Annotated[str, Field(pattern=_NAME_PATTERN)], DataConfig] = Field(
         min_length=1
     )
@@ -749,13 +814,7 @@ class StudyConfig(Strict):
 
 def load_study(path: str | Path) -> StudyConfig:
     """Read and validate a study YAML; ValueError naming the file, field and value if bad."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"study file {path} does not exist")
-    raw = read_yaml(path.read_text(), f"study file {path}") or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"study file {path} must hold a mapping, got {type(raw).__name__}")
-    return study_from_dict(raw, str(path))
+    return study_from_dict(read_yaml_mapping(Path(path), "study file"), str(path))
 
 
 def study_from_dict(raw: dict[str, Any], where: str = "study config") -> StudyConfig:

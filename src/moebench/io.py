@@ -14,6 +14,7 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+from filelock import FileLock, Timeout
 
 
 def check_writable_dir(path: str | Path, name: str) -> None:
@@ -32,6 +33,31 @@ def check_writable_dir(path: str | Path, name: str) -> None:
         raise ValueError(f"{name}={str(path)!r} cannot be created: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{name}={str(path)!r} is not writable (no permission on {existing})")
+
+
+LOCK_NAME = ".moebench.lock"
+
+
+@contextlib.contextmanager
+def writer_lock(folder: Path, name: str) -> Iterator[None]:
+    """Hold `folder/.moebench.lock` while writing `folder` (created here): a second writer
+    into the same folder is refused with a ValueError naming `name` instead of mixing its
+    files with ours. The lock file is removed when the hold ends."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / LOCK_NAME, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ValueError(
+            f"{name}={str(folder)!r} is being written by another process (it holds "
+            f"{folder / LOCK_NAME}); allowed: one writer per directory: wait for it to end or "
+            "pick another directory"
+        ) from None
+    try:
+        yield
+    finally:
+        (folder / LOCK_NAME).unlink(missing_ok=True)
+        lock.release()
 
 
 def remove_temporaries(folder: str | Path, names: Iterable[str]) -> None:

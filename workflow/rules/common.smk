@@ -11,13 +11,21 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from moebench.config import RunConfig, study_from_dict
+from moebench.config import RunConfig, read_yaml_mapping, study_from_dict
 from moebench.report import paths
 from moebench.report.study import write_study_copy
 
 
-# 1. JSON schema (types, ranges, allowed values, unknown keys, strategy overrides field by
-#    field); 2. pydantic: cross-field rules of every grid point's RunConfig.
+# 0. The study files read again strictly (Snakemake's YAML loader keeps the last of two equal
+#    keys, e.g. a repeated strategy name); 1. JSON schema (types, ranges, allowed values,
+#    unknown keys, strategy overrides field by field); 2. pydantic: cross-field rules of every
+#    grid point's RunConfig.
+STUDY_FILES = workflow.overwrite_configfiles or [Path(workflow.basedir, "configs/default.yaml")]
+try:
+    for study_path in STUDY_FILES:
+        read_yaml_mapping(Path(study_path), "study file")
+except ValueError as err:
+    raise WorkflowError(str(err)) from None
 validate(config, "../schemas/study.schema.json", set_default=False)
 try:
     STUDY = study_from_dict(config, "study config (configfile + --config)")

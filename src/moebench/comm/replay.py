@@ -28,10 +28,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moebench.balancing import update_bias
 from moebench.comm.accounting import DISPATCHERS, expected_groups_uniform, summarize, traffic
 from moebench.comm.topology import Topology
+from moebench.config import Int, describe_errors
 from moebench.metrics import expert_load, max_vio
 from moebench.routing import Layout, RouterConfig, preset, route
 
@@ -63,10 +65,64 @@ class Trace:
     meta: dict[str, Any]
 
 
+class TraceMeta(BaseModel):
+    """The sizes a trace's schema metadata must state (other keys are kept as written)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    num_experts: Int = Field(ge=1)
+    top_k: Int = Field(ge=1)
+    num_nodes: Int = Field(ge=1)
+    gpus_per_node: Int = Field(ge=1)
+    d_model: Int = Field(ge=1)
+    num_layers: Int = Field(ge=0)
+    num_tokens: Int = Field(ge=0)
+
+
+def _trace_meta(path: Path, table: pa.Table) -> dict[str, Any]:
+    """The trace's metadata, checked against `TraceMeta`; ValueError naming the key."""
+    raw = (table.schema.metadata or {}).get(TRACE_META_KEY)
+    if raw is None:
+        raise ValueError(f"trace={path} has no schema metadata key {TRACE_META_KEY!r}")
+    try:
+        meta = json.loads(raw)
+        TraceMeta.model_validate(meta)
+    except ValueError as err:  # json.JSONDecodeError and pydantic.ValidationError
+        problems = (
+            describe_errors(err, TraceMeta) if isinstance(err, ValidationError) else [str(err)]
+        )
+        raise ValueError(
+            f"trace={path} has invalid metadata {TRACE_META_KEY!r}: {'; '.join(problems)}; "
+            "rerun `moebench train` for this run"
+        ) from None
+    return meta
+
+
+def _trace_column(path: Path, table: pa.Table, name: str, size: int) -> np.ndarray:
+    """Column `name` as int64; ValueError unless it holds integers in 0..size-1, no nulls."""
+    if name not in table.column_names:
+        raise ValueError(f"trace={path} lacks column {name!r}; allowed: a routing trace with "
+                         "columns layer, token, slot, expert")
+    column = table.column(name)
+    if not pa.types.is_integer(column.type) or column.null_count:
+        raise ValueError(
+            f"trace={path} column {name!r} has type {column.type} with {column.null_count} "
+            "nulls; allowed: integers without nulls"
+        )
+    values = column.to_numpy().astype(np.int64)
+    if len(values) and (values.min() < 0 or values.max() >= size):
+        raise ValueError(
+            f"trace={path} column {name!r} holds {values.min()}..{values.max()}; allowed: "
+            f"0..{size - 1}"
+        )
+    return values
+
+
 def read_trace(path: str | Path) -> Trace:
-    """Read `routing_trace.parquet`; ValueError unless every (layer, token, slot) of a
-    [L, T, K] grid appears exactly once. A dense model's trace (metadata num_layers = 0, no
-    rows) reads as experts [0, num_tokens, K]."""
+    """Read `routing_trace.parquet`; ValueError naming the file, the column or metadata key
+    and the allowed values unless the metadata states its sizes and every (layer, token, slot)
+    of the [L, T, K] grid appears exactly once with an expert id in 0..E-1. A dense model's
+    trace (num_layers = 0, no rows) reads as experts [0, num_tokens, K]."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"trace={path} does not exist; allowed: a routing_trace.parquet file")
@@ -77,35 +133,18 @@ def read_trace(path: str | Path) -> Trace:
             f"trace={path} is not a readable Parquet file ({err}); rerun `moebench train` "
             "for this run"
         ) from None
-    raw = (table.schema.metadata or {}).get(TRACE_META_KEY)
-    if raw is None:
-        raise ValueError(f"trace={path} has no schema metadata key {TRACE_META_KEY!r}")
-    meta = json.loads(raw)
-    missing = {"layer", "token", "slot", "expert"} - set(table.column_names)
-    if missing:
-        raise ValueError(f"trace={path} lacks columns {sorted(missing)}")
-    col = {c: table.column(c).to_numpy().astype(np.int64) for c in ("layer", "token", "slot")}
-    expert = table.column("expert").to_numpy()
-    K = int(meta["top_k"])
-    if meta.get("num_layers") == 0 and len(expert) == 0:
-        return Trace(np.zeros((0, int(meta["num_tokens"]), K), np.int16), meta)
-    L = int(col["layer"].max()) + 1 if len(expert) else 0
-    T = int(col["token"].max()) + 1 if len(expert) else 0
+    meta = _trace_meta(path, table)
+    L, T, K = meta["num_layers"], meta["num_tokens"], meta["top_k"]
+    sizes = {"layer": L, "token": T, "slot": K, "expert": meta["num_experts"]}
+    col = {name: _trace_column(path, table, name, size) for name, size in sizes.items()}
     flat = (col["layer"] * T + col["token"]) * K + col["slot"]
-    seen = np.bincount(flat, minlength=L * T * K) if len(expert) else np.zeros(0, np.int64)
-    if (
-        len(expert) == 0
-        or col["slot"].min() < 0
-        or col["slot"].max() >= K
-        or len(seen) != L * T * K
-        or not (seen == 1).all()
-    ):
+    if len(flat) != L * T * K or not (np.bincount(flat, minlength=L * T * K) == 1).all():
         raise ValueError(
             f"trace={path} does not hold every (layer, token, slot) of a [L={L}, T={T}, K={K}] "
             "grid exactly once; allowed: a complete routing trace"
         )
     experts_LTK = np.empty(L * T * K, np.int16)
-    experts_LTK[flat] = expert
+    experts_LTK[flat] = col["expert"]
     return Trace(experts_LTK.reshape(L, T, K), meta)
 
 

@@ -71,6 +71,7 @@ from moebench.io import (
     write_json,
     write_text,
     write_yaml,
+    writer_lock,
 )
 from moebench.metrics import expert_load, max_vio, max_vio_layers
 from moebench.model import MoETransformer
@@ -694,7 +695,10 @@ def train(cfg: RunConfig, out: Path, ckpt_dir: Path | None = None) -> dict[str, 
 
 
 def _train(run: Run) -> dict[str, Any]:
-    with torch.random.fork_rng(devices=[]), _torch_settings(
-        run.cfg.train.threads, deterministic=run.device.type == "cpu"
+    lead = run.parallel is None or run.parallel.lead
+    with (
+        writer_lock(run.out, "--out") if lead else contextlib.nullcontext(),
+        torch.random.fork_rng(devices=[]),
+        _torch_settings(run.cfg.train.threads, deterministic=run.device.type == "cpu"),
     ):
         return Trainer(run).run()
