@@ -14,20 +14,12 @@ from typer.testing import CliRunner
 
 from moebench.cli import app
 from moebench.config import RunConfig, load_run_config, load_study, study_from_dict
+from moebench.report.stats import CANONICAL_ORDER
 from moebench.report.study import SCHEMA_FILE, schema_text
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = sorted((REPO / "configs").glob("*.yaml"))
-DEFAULT_STRATEGIES = {
-    "none",
-    "aux_loss",
-    "aux_loss_v2",
-    "seq_aux",
-    "global_aux",
-    "aux_free",
-    "device_limited",
-    "node_limited",
-}
+DEFAULT_STRATEGIES = set(CANONICAL_ORDER)
 
 
 def minimal(**over: object) -> dict[str, object]:

@@ -6,6 +6,7 @@ balance strengths, nodes and devices per token, the M sweep, and domain speciali
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -69,6 +70,17 @@ def _grid(n: int, ncols: int, size: tuple[float, float]) -> tuple[Figure, np.nda
     return fig, axes
 
 
+def _mean_band(ax: Any, x: Any, values_XS: np.ndarray, color: Any, label: str,
+               floor: float = -np.inf, **line: Any) -> None:
+    """The mean over seeds (columns) of each row as a line, its 95% CI as a band; values
+    below `floor` are drawn at it (a log axis)."""
+    mean, half = np.array([mean_ci95(row) for row in values_XS]).T
+    ax.plot(x, np.clip(mean, floor, None), label=label, color=color, **line)
+    if np.isfinite(half).any():
+        lo, hi = np.clip(mean - half, floor, None), np.clip(mean + half, floor, None)
+        ax.fill_between(x, lo, hi, color=color, alpha=0.2, linewidth=0)
+
+
 def maxvio_curves(curves: pd.DataFrame, path: Path, smooth: int = 5) -> None:
     """MaxVio_batch (mean over layers) against step per strategy: each seed's curve smoothed
     by a centred moving average over `smooth` logged steps ([LF] Fig. 3 averages over 100
@@ -86,12 +98,7 @@ def maxvio_curves(curves: pd.DataFrame, path: Path, smooth: int = 5) -> None:
         if by_seed.empty:  # a dense model has no expert load
             continue
         smoothed = by_seed.rolling(smooth, center=True, min_periods=1).mean().to_numpy()
-        mean, half = np.array([mean_ci95(row) for row in smoothed]).T
-        c = colors[strategy]
-        ax.plot(by_seed.index, np.clip(mean, _LOG_FLOOR, None), label=strategy, color=c)
-        if np.isfinite(half).any():
-            lo, hi = np.clip(mean - half, _LOG_FLOOR, None), np.clip(mean + half, _LOG_FLOOR, None)
-            ax.fill_between(by_seed.index, lo, hi, color=c, alpha=0.2, linewidth=0)
+        _mean_band(ax, by_seed.index, smoothed, colors[strategy], strategy, floor=_LOG_FLOOR)
     ax.set_xlabel("training step")
     ax.set_ylabel("MaxVio_batch (mean over MoE layers)")
     ax.set_yscale("log")
@@ -293,17 +300,8 @@ def specialisation(scores: pd.DataFrame, path: Path) -> None:
         by_seed = scores[scores["strategy"] == strategy].pivot_table(
             index="layer", columns="seed", values="bits"
         )
-        mean, half = np.array([mean_ci95(row) for row in by_seed.to_numpy()]).T
-        ax.plot(by_seed.index, mean, marker="o", label=strategy, color=colors[strategy])
-        if np.isfinite(half).any():
-            ax.fill_between(
-                by_seed.index,
-                mean - half,
-                mean + half,
-                color=colors[strategy],
-                alpha=0.2,
-                linewidth=0,
-            )
+        _mean_band(ax, by_seed.index, by_seed.to_numpy(), colors[strategy], strategy,
+                   marker="o")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("MoE layer")
     ax.set_ylabel("I(domain; expert), bits per assignment")
