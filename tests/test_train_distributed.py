@@ -25,7 +25,7 @@ from moebench.config import DataConfig, RunConfig
 from moebench.data import prepare as prepare_data
 from moebench.train import TIMING_KEYS, Trainer, prepare, train
 from moebench.train.checkpoint import CKPT_NAME
-from moebench.train.distributed import Launch, check_world, first_host, process_group
+from moebench.train.distributed import ProcessLaunch, check_world, first_host, process_group
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -81,21 +81,21 @@ def test_first_host_of_slurm_node_lists() -> None:
 
 
 def test_launch_from_torchrun_srun_and_plain_environments() -> None:
-    assert Launch.from_env({}) == Launch()
-    assert Launch.from_env(rank_env(2, 1234)) == Launch(2, 4, 2, "torchrun")
+    assert ProcessLaunch.from_env({}) == ProcessLaunch()
+    assert ProcessLaunch.from_env(rank_env(2, 1234)) == ProcessLaunch(2, 4, 2, "torchrun")
     step = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4",
             "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_NODELIST": "node[02-03]",
             "SLURM_JOB_ID": "41"}
-    assert Launch.from_env(step) == Launch(3, 4, 1, "slurm", "node02", 10041)
-    assert Launch.from_env(step | {"MASTER_ADDR": "h", "MASTER_PORT": "5"}).master_port == 5
+    assert ProcessLaunch.from_env(step) == ProcessLaunch(3, 4, 1, "slurm", "node02", 10041)
+    assert ProcessLaunch.from_env(step | {"MASTER_ADDR": "h", "MASTER_PORT": "5"}).master_port == 5
     # a batch script (no job step) and `srun -n 1` are one process, whatever the job's tasks
     batch = {k: v for k, v in step.items() if k not in ("SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS")}
-    assert Launch.from_env(batch) == Launch()
-    assert Launch.from_env(step | {"SLURM_STEP_NUM_TASKS": "1"}) == Launch()
+    assert ProcessLaunch.from_env(batch) == ProcessLaunch()
+    assert ProcessLaunch.from_env(step | {"SLURM_STEP_NUM_TASKS": "1"}) == ProcessLaunch()
     with pytest.raises(ValueError, match="SLURM_PROCID='x'"):
-        Launch.from_env(step | {"SLURM_PROCID": "x"})
+        ProcessLaunch.from_env(step | {"SLURM_PROCID": "x"})
     with pytest.raises(ValueError, match="rank=4"):
-        Launch.from_env(rank_env(4, 1))
+        ProcessLaunch.from_env(rank_env(4, 1))
 
 
 def test_world_size_must_divide_the_experts_and_split_the_batch(tmp_path: Path) -> None:
@@ -125,7 +125,7 @@ def _worker(rank: int, port: int, cfg_json: str, folder: str) -> None:
     torch.set_num_threads(1)
     cfg = RunConfig.model_validate_json(cfg_json)
     folder_path = Path(folder)
-    with process_group(cfg, Launch.from_env(), torch.device("cpu")) as par:
+    with process_group(cfg, ProcessLaunch.from_env(), torch.device("cpu")) as par:
         trainer = Trainer(prepare(cfg, folder_path / "run", folder_path / "ckpt", par))
         trainer.run()
         assert trainer.bias is not None

@@ -1,8 +1,8 @@
 """Distributed training: data parallel over all ranks, routed experts sharded over the same
 ranks (expert parallel), on torch.distributed (gloo on CPU, NCCL on GPU).
 
-Launch (`Launch.from_env`): under torchrun, RANK / WORLD_SIZE / LOCAL_RANK and its store
-(init_method "env://"); under srun (a job step: SLURM_STEP_ID set), SLURM_PROCID /
+ProcessLaunch (`ProcessLaunch.from_env`): under torchrun, RANK / WORLD_SIZE / LOCAL_RANK and
+its store (init_method "env://"); under srun (a job step: SLURM_STEP_ID set), SLURM_PROCID /
 SLURM_STEP_NUM_TASKS / SLURM_LOCALID, MASTER_ADDR = the first host of SLURM_STEP_NODELIST
 and MASTER_PORT = 10000 + (job id + step id) mod 50000, unless MASTER_ADDR / MASTER_PORT are
 set; anything else (a plain process, a batch script, `srun -n 1`) is one process, the
@@ -101,7 +101,7 @@ def _env_int(env: Mapping[str, str], name: str, low: int = 0) -> int:
 
 
 @dataclass(frozen=True)
-class Launch:
+class ProcessLaunch:
     """Who this process is, as its launcher says (see the module docstring).
 
     `launcher`: "torchrun", "slurm" or "single"; `master_addr` / `master_port` are the
@@ -115,7 +115,7 @@ class Launch:
     master_port: int | None = None
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Launch:
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ProcessLaunch:
         env = os.environ if env is None else env
         if "RANK" in env and "WORLD_SIZE" in env:
             world = _env_int(env, "WORLD_SIZE", 1)
@@ -167,7 +167,7 @@ class Parallel:
     """This rank's part of a distributed run: its `ExpertParallel` and the collectives the
     trainer needs (gradient averaging, global clipping, reductions, gathered checkpoints)."""
 
-    def __init__(self, cfg: RunConfig, launch: Launch, device: torch.device,
+    def __init__(self, cfg: RunConfig, launch: ProcessLaunch, device: torch.device,
                  group: dist.ProcessGroup | None = None) -> None:
         self.rank, self.world_size = launch.rank, launch.world_size
         self.device = device
@@ -305,7 +305,8 @@ class Parallel:
 
 
 @contextmanager
-def process_group(cfg: RunConfig, launch: Launch, device: torch.device) -> Iterator[Parallel]:
+def process_group(cfg: RunConfig, launch: ProcessLaunch, device: torch.device
+                  ) -> Iterator[Parallel]:
     """Join the launcher's process group (NCCL on CUDA, gloo on CPU) for the duration."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":

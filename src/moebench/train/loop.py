@@ -82,7 +82,7 @@ from moebench.train.checkpoint import (
     matches,
     save_checkpoint,
 )
-from moebench.train.distributed import A2AMeter, Launch, Parallel, check_world, process_group
+from moebench.train.distributed import A2AMeter, Parallel, ProcessLaunch, check_world, process_group
 from moebench.train.trace import write_trace
 
 logger = logging.getLogger(__name__)
@@ -683,7 +683,7 @@ def train(cfg: RunConfig, out: Path, ckpt_dir: Path | None = None) -> dict[str, 
     returns the summary. ValueError before anything is written if an input is unusable;
     TrainingDivergedError on NaN/inf. Started by torchrun or srun with several tasks, this
     process is one rank of a distributed run (`moebench.train.distributed`)."""
-    launch = Launch.from_env()
+    launch = ProcessLaunch.from_env()
     check_world(cfg, launch.world_size)
     if launch.world_size == 1:
         return _train(prepare(cfg, out, ckpt_dir))
