@@ -101,7 +101,7 @@ def test_bytes_moved_equal_accounting(ranks: tuple[int, list[dict]]) -> None:
     world, results = ranks
     p = _problem()
     ep = ExpertParallel(Layout.contiguous(E, NODES, GPUS), 0, world)
-    rank_layout = ep.rank_layout()
+    rank_layout = ep.rank_layout
     topo = Topology(rank_layout, hidden=H, dispatch_bytes=8, combine_bytes=8)
     # a dropped assignment stays home: count it as a copy to its token's own rank
     home_T = torch.arange(T_TOTAL) // (T_TOTAL // world)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moebench.balancing._checks import check_experts, check_int, check_number
+from moebench.balancing._checks import check_int, check_number
 from moebench.metrics import expert_load
 
 Rule = Literal["sign", "proportional", "multiplicative"]
@@ -154,14 +154,8 @@ class BiasController:
             or not 0 <= layer < self.num_layers
         ):
             raise ValueError(f"layer={layer!r} is invalid; allowed: 0 <= layer < {self.num_layers}")
-        check_experts(experts_TK, self.num_experts)
-        if keep_TK is not None and (keep_TK.shape != experts_TK.shape
-                                    or keep_TK.dtype != torch.bool):
-            raise ValueError(
-                f"keep_TK has shape {tuple(keep_TK.shape)}, dtype {keep_TK.dtype}; "
-                f"allowed: bool of shape {tuple(experts_TK.shape)}"
-            )
-        load_E = expert_load(experts_TK, self.num_experts, keep_TK)  # no host sync
+        # expert_load checks the ids and keep_TK (a device-side assert on CUDA: no host sync)
+        load_E = expert_load(experts_TK, self.num_experts, keep_TK)
         self.counts_LE[layer] += load_E.to(self.counts_LE.device)
 
     @torch.no_grad()

@@ -41,6 +41,7 @@ L local experts of a rank, R rows a rank receives.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.distributed as dist
@@ -136,14 +137,14 @@ class ExpertParallel:
     def experts_per_rank(self) -> int:
         return self.layout.num_experts // self.world_size
 
-    @property
+    @cached_property
     def expert_order(self) -> Tensor:
         """int64 [E]: expert ids in device-major order (the order ranks split them in)."""
         E = self.layout.num_experts
         key_E = self.layout.device_of_expert.long() * E + torch.arange(E)
         return torch.argsort(key_E)
 
-    @property
+    @cached_property
     def slot_of_expert(self) -> Tensor:
         """int64 [E]: position of each expert in `expert_order` (rank = slot // L)."""
         slot_E = torch.empty(self.layout.num_experts, dtype=torch.long)
@@ -159,6 +160,7 @@ class ExpertParallel:
     def local_experts(self) -> list[int]:
         return self.experts_of(self.rank)
 
+    @cached_property
     def rank_layout(self) -> Layout:
         """The real ranks as a layout of W devices, for the bytes that really cross links:
         ranks in the same modelled node share a node when W is a multiple of the modelled
@@ -292,7 +294,7 @@ class RoutedExperts(nn.Module):
             o_AH = torch.cat((o_sent_AH, o_sent_AH.new_zeros(T * K - stats.sent_rows,
                                                              o_sent_AH.shape[1])))
             y_TH = combine_rows(o_AH, gates_TK, plan, fused)
-        stats.account(ep.rank_layout(), ep.rank, x_TH.shape[1] * torch.finfo(dtype).bits // 8,
+        stats.account(ep.rank_layout, ep.rank, x_TH.shape[1] * torch.finfo(dtype).bits // 8,
                       timer)
         return y_TH.to(x_TH.dtype), stats
 

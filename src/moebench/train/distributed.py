@@ -359,7 +359,7 @@ class A2AMeter:
             for i, phase in enumerate(phases):
                 seconds[i] += timed.get(phase, 0.0)
         sent = torch.zeros(2, 2, 2, dtype=torch.int64, device=par.device)  # phase, link, bytes|rows
-        node_W = par.ep.rank_layout().node_of_device.tolist()
+        node_W = par.ep.rank_layout.node_of_device.tolist()
         for st in self.stats:
             rows = {"dispatch": st.send_rows_W, "combine": st.recv_rows_W}
             for i, phase in enumerate(PHASES):
@@ -397,7 +397,7 @@ class A2AMeter:
         dist.all_gather(parts, local, group=par.group)
         per_rank = [p.cpu().split(sizes) for p in parts]
         elem = self.stats[0].row_bytes // self.cfg.model.d_model
-        topo = Topology(par.ep.rank_layout(), hidden=self.cfg.model.d_model,
+        topo = Topology(par.ep.rank_layout, hidden=self.cfg.model.d_model,
                         dispatch_bytes=elem, combine_bytes=elem)
         copies = {link: 0 for link in LINKS}
         modeled_us = dict.fromkeys(PHASES, 0.0)
