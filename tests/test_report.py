@@ -322,6 +322,34 @@ def test_aggregate_and_where_commands(tmp_path: Path) -> None:
     )
     assert bad.exit_code == 2
     assert "unfinished runs of study 'syn'" in bad.output
+    empty_partial = runner.invoke(app, [
+        "aggregate", "--results", str(tmp_path / "empty"), "--study", str(study_file), "--partial"
+    ])
+    assert empty_partial.exit_code == 2  # nothing finished: nothing to aggregate
+    assert not (tmp_path / "empty" / "tables").exists()
+
+
+def test_partial_aggregate_names_the_missing_runs(tmp_path: Path) -> None:
+    """A study in progress: without --partial the unfinished grid is refused (exit 2, the run
+    named); with it the finished runs are aggregated and the report lists the missing ones."""
+    results = write_runs(tmp_path / "results")
+    missing = paths.run_dir("syn", "shakespeare", "aux_loss", 1, results)
+    (missing / "comm.json").unlink()
+    study_file = tmp_path / "syn.yaml"
+    study_file.write_text(yaml.safe_dump(make_study().to_dict()))
+    runner = CliRunner()
+    args = ["aggregate", "--results", str(results), "--study", str(study_file)]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2
+    assert "--partial" in refused.output and str(missing) in refused.output
+    done = runner.invoke(app, [*args, "--partial"])
+    assert done.exit_code == 0, done.output
+    md = paths.table_file("syn", "md", results).read_text()
+    head = "**In progress: 1 of the grid's runs are not finished:**"
+    assert f"{head} `shakespeare/aux_loss` (seeds 1)." in md
+    table = pd.read_parquet(paths.summary_file("syn", results))
+    assert len(table) == len(make_study().grid()) - 1
+    assert not ((table["strategy"] == "aux_loss") & (table["seed"] == 1)).any()
 
 
 @pytest.mark.parametrize(

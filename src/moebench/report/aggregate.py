@@ -156,11 +156,15 @@ def _draw(
 
 
 def aggregate(
-    study: str, runs: list[Path], root: Path = OUT, report: ReportSettings | None = None
+    study: str,
+    runs: list[Path],
+    root: Path = OUT,
+    report: ReportSettings | None = None,
+    missing: list[tuple[str, str, int]] | None = None,
 ) -> tuple[pd.DataFrame, list[Path]]:
     """Write the summary, tables, paired and claims files and figures of `study` from its run
-    directories `runs` under `root`, compared as `report` (its `report` section) says; return
-    the summary frame and the paths written."""
+    directories `runs` under `root`, compared as `report` (its `report` section) says, naming
+    the grid's `missing` (dataset, strategy, seed) runs; return the summary frame and paths."""
     report = report or ReportSettings()
     df = collect(runs)
     others = sorted(set(df["study"]) - {study})
@@ -182,7 +186,7 @@ def aggregate(
         )
         for dataset in sorted(set(df["dataset"]))
     }
-    md = study_markdown(study, setting_line(runs[0]), baseline, datasets)
+    md = study_markdown(study, setting_line(runs[0]), baseline, datasets, missing or [])
     write_parquet(summary_file(study, root), pa.Table.from_pandas(df, preserve_index=False))
     outputs = {
         table_file(study, "md", root): md,

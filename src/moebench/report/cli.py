@@ -84,7 +84,15 @@ def mlflow_init(
     typer.echo(f"MLflow experiment {cfg.experiment!r}, parent run {run_id} at {cfg.tracking.uri}")
 
 
-def aggregate(study: StudyFile, results: ResultsDir = paths.OUT) -> None:
+def aggregate(
+    study: StudyFile,
+    results: ResultsDir = paths.OUT,
+    partial: Annotated[
+        bool,
+        typer.Option(help="aggregate the finished runs of a study in progress; the report "
+                     "lists the runs still missing"),
+    ] = False,
+) -> None:
     """Collect the study's run directories into its summary, tables (compared as its `report`
     section says) and figures; log them to its MLflow parent run."""
     from moebench.report.aggregate import aggregate as run_aggregate
@@ -92,11 +100,14 @@ def aggregate(study: StudyFile, results: ResultsDir = paths.OUT) -> None:
 
     with _user_errors():
         cfg = load_study(study)
-        runs = [paths.run_dir(cfg.study, d, s, n, results) for d, s, n in cfg.grid()]
-        unfinished = [str(r) for r in runs if not (r / "comm.json").is_file()]
-        if unfinished:
-            raise ValueError(f"unfinished runs of study {cfg.study!r}: {', '.join(unfinished)}")
-        df, written = run_aggregate(cfg.study, runs, results, cfg.report)
+        grid = {(d, s, n): paths.run_dir(cfg.study, d, s, n, results) for d, s, n in cfg.grid()}
+        missing = [key for key, run in grid.items() if not (run / "comm.json").is_file()]
+        if missing and (not partial or len(missing) == len(grid)):
+            unfinished = ", ".join(str(grid[key]) for key in missing)
+            hint = "" if partial else " (--partial aggregates the finished ones)"
+            raise ValueError(f"unfinished runs of study {cfg.study!r}{hint}: {unfinished}")
+        runs = [run for key, run in grid.items() if key not in missing]
+        df, written = run_aggregate(cfg.study, runs, results, cfg.report, missing)
         if cfg.tracking.uri:
             _log_parent(cfg, results, study_means(df), written)
     for path in written:

@@ -263,11 +263,15 @@ def claims_file_markdown(study: str, claims: dict[str, pd.DataFrame]) -> str:
 
 
 def study_markdown(
-    study: str, setting: str, baseline: str, datasets: dict[str, DatasetReport]
+    study: str,
+    setting: str,
+    baseline: str,
+    datasets: dict[str, DatasetReport],
+    missing: list[tuple[str, str, int]],
 ) -> str:
-    """The Markdown report of one study: per dataset, the metric tables, the paired
-    differences against `baseline`, the published numbers beside ours, the published claims
-    checked on ours, domain specialisation, and the figures (paths relative to the file)."""
+    """The Markdown report of one study: the grid's `missing` runs (a study in progress),
+    then per dataset the metric tables, the paired differences against `baseline`, the
+    published numbers beside ours, the claims checked on ours, specialisation and figures."""
     out = [
         f"# Study `{study}`",
         "",
@@ -275,6 +279,15 @@ def study_markdown(
         "",
         setting,
     ]
+    if missing:
+        seeds: dict[tuple[str, str], list[int]] = {}
+        for dataset, strategy, seed in missing:
+            seeds.setdefault((dataset, strategy), []).append(seed)
+        listed = "; ".join(
+            f"`{d}/{s}` (seeds {', '.join(map(str, n))})" for (d, s), n in sorted(seeds.items())
+        )
+        head = f"**In progress: {len(missing)} of the grid's runs are not finished:**"
+        out += ["", f"{head} {listed}."]
     for dataset, rep in datasets.items():
         out += [
             "",
