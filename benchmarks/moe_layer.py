@@ -2,16 +2,14 @@
 
     PYTHONPATH=src python benchmarks/moe_layer.py --out results/benchmarks
 
-Providers: `moebench` (`moebench.kernels.grouped_experts_gate_up`: sorted dispatch, gate and
-up in one [E, H, 2F] weight, `_grouped_mm`, Triton scatter / gather-sum / SwiGLU kernels,
-no atomics), `moebench_split` (`grouped_experts`: the same with separate gate and up
-weights), `moebench_prev` (with `--baseline FILE`: an earlier experts module, e.g.
+Providers: `moebench` (`moebench.kernels.grouped_experts`: sorted dispatch, gate and up as
+one packed grouped GEMM, Triton scatter / gather-sum / SwiGLU kernels, no atomics),
+`moebench_prev` (with `--baseline FILE`: an earlier experts module, e.g.
 `git show REV:src/moebench/kernels/experts.py`, timed in the same run), `grouped_mm_plain`
 (gather, three `_grouped_mm`, eager SwiGLU, `index_add` scatter, autograd everywhere),
-`expert_loop` (one expert at a time), `dense_ceiling` (the same nine matrix products,
-fwd+bwd, as one dense FFN over all T*K rows: the rate the routed layer could reach with free
-routing). The gate+up weight of `moebench` is packed once before timing (as a model would
-store it); its gradient is compared split back into the two halves.
+`expert_loop` (one expert at a time: the reference and the slow end), `dense_ceiling` (the
+same nine matrix products, fwd+bwd, as one dense FFN over all T*K rows: the rate the routed
+layer could reach with free routing).
 
 FLOPs: forward 3 products of 2*A*H*F (A = T*K), forward+backward 9 of them. Writes
 `moe_layer.parquet` (gpu, provider, tokens, hidden, ffn_hidden, experts, top_k, pass,
@@ -31,17 +29,23 @@ from torch.nn import functional as F
 
 from moebench.io import write_text
 from moebench.kernels.bench import env_columns, load_baseline, write_results
-from moebench.kernels.experts import (
-    expert_loop,
-    grouped_experts,
-    grouped_experts_gate_up,
-    plan_dispatch,
-)
+from moebench.kernels.experts import grouped_experts, plan_dispatch
 
 SHAPES = [  # tokens, hidden, ffn_hidden, experts, top_k
     (16384, 2048, 1024, 64, 6),
     (16384, 2048, 512, 256, 8),
 ]
+
+
+def expert_loop(x, experts, weights, wg, wu, wd):
+    """One expert at a time (boolean masks, eager SwiGLU, `index_add`): the reference."""
+    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(wg.shape[0]):
+        tok, slot = (experts == e).nonzero(as_tuple=True)
+        h = x[tok]
+        o = (F.silu(h @ wg[e]) * (h @ wu[e])) @ wd[e]
+        y = y.index_add(0, tok, o.float() * weights[tok, slot, None].float())
+    return y.to(x.dtype)
 
 
 def grouped_mm_plain(x, experts, weights, wg, wu, wd):
@@ -82,16 +86,6 @@ def time_events(fn, reps: int, warmup: int = 3) -> dict[str, float]:
     return {"median_ms": q[0], "p20_ms": q[1], "p80_ms": q[2]}
 
 
-def gate_up_provider(wgu: torch.Tensor):
-    """`grouped_experts_gate_up` on the packed weight `wgu` (a leaf), called with the
-    separate weights' signature (their gate and up arguments are ignored)."""
-
-    def layer(x, experts, weights, _wg, _wu, wd):
-        return grouped_experts_gate_up(x, experts, weights, wgu, wd)
-
-    return layer
-
-
 def run_shape(T: int, H: int, Fh: int, E: int, K: int, reps: int, env: dict, baseline=None):
     """Check and time every provider at one shape; return (rows, checks)."""
     rows, checks = [], []
@@ -111,17 +105,14 @@ def run_shape(T: int, H: int, Fh: int, E: int, K: int, reps: int, env: dict, bas
     xa = torch.randn(A, H, device=dev, dtype=bf, generator=gen)
     do = torch.randn(A, H, device=dev, dtype=bf, generator=gen)
     dense_w = (wg[0].detach(), wu[0].detach(), wd[0].detach())
-    wgu = torch.cat([wg, wu], dim=2).detach().requires_grad_()
     layer = {
-        "moebench": gate_up_provider(wgu),
-        "moebench_split": grouped_experts,
+        "moebench": grouped_experts,
         "grouped_mm_plain": grouped_mm_plain,
         "expert_loop": expert_loop,
     }
     if baseline is not None:
         layer["moebench_prev"] = baseline.grouped_experts
     grad_params = {name: params for name in layer}
-    grad_params["moebench"] = [x, weights, wgu, wd]
     # correctness on the GPU: the grouped providers against the per-expert loop
     ref = expert_loop(x, experts, weights, wg, wu, wd)
     ref_g = torch.autograd.grad(ref, params, dy)
@@ -130,8 +121,6 @@ def run_shape(T: int, H: int, Fh: int, E: int, K: int, reps: int, env: dict, bas
             continue
         y = layer[name](x, experts, weights, wg, wu, wd)
         gs = list(torch.autograd.grad(y, grad_params[name], dy))
-        if name == "moebench":
-            gs[2:3] = gs[2].chunk(2, dim=2)  # dw_gate_up -> dw_gate, dw_up
         errs = [
             float((a.float() - b.float()).norm() / b.float().norm())
             for a, b in zip((y, *gs), (ref, *ref_g), strict=True)
@@ -184,7 +173,7 @@ def run_shape(T: int, H: int, Fh: int, E: int, K: int, reps: int, env: dict, bas
 
 
 def profile_shape(T: int, H: int, Fh: int, E: int, K: int, out: str) -> None:
-    """Per-kernel GPU time of one `grouped_experts_gate_up` forward+backward
+    """Per-kernel GPU time of one `grouped_experts` forward+backward
     (torch.profiler), to show what bounds the layer: the grouped GEMMs vs the data movement
     around them."""
     dev, bf = "cuda", torch.bfloat16
@@ -193,12 +182,12 @@ def profile_shape(T: int, H: int, Fh: int, E: int, K: int, out: str) -> None:
     weights = torch.rand(T, K, device=dev).requires_grad_()
     ws = [
         (torch.randn(*shape, device=dev) * 0.02).to(bf).requires_grad_()
-        for shape in ((E, H, 2 * Fh), (E, Fh, H))
+        for shape in ((E, H, Fh), (E, H, Fh), (E, Fh, H))
     ]
     dy = torch.randn(T, H, device=dev, dtype=bf)
 
     def step():
-        y = grouped_experts_gate_up(x, experts, weights, *ws)
+        y = grouped_experts(x, experts, weights, *ws)
         return torch.autograd.grad(y, [x, weights, *ws], dy)
 
     for _ in range(3):
