@@ -56,12 +56,14 @@ from moebench.report.cli import (  # noqa: E402
     aggregate,
     check,
     mlflow_init,
+    new_study,
     reference,
     resolve,
     schema,
     where,
 )
 
+app.command("new-study")(new_study)
 app.command("resolve")(resolve)
 app.command("schema")(schema)
 app.command("mlflow-init")(mlflow_init)

@@ -663,7 +663,8 @@ class ReportSettings(Strict):
         {},
         description="strategy -> the published settings it reproduces (keys of "
         "moebench.report.published.SETTINGS, e.g. lf_t2_free); published claims are checked "
-        "on the strategies matched here",
+        "on the strategies matched here; empty = each strategy matched by what its config "
+        "does (gate, limit, balance terms: moebench.report.published.Recipe)",
     )
     domain_strategies: list[str] = Field(
         [],

@@ -28,6 +28,7 @@ from moebench.report.paths import (
     summary_file,
     table_file,
 )
+from moebench.report.published import match_settings
 from moebench.report.stats import default_baseline, paired_table, strategy_order
 from moebench.report.summary import (
     collect,
@@ -171,12 +172,13 @@ def aggregate(
     baseline = report.baseline or default_baseline(strategy_order(set(df["strategy"])))
     pt = paired_table(df, {study: baseline})
     links, scores, drawn = _draw(study, runs, df, st, domain_loads, report, baseline, root)
+    compare_to = report.compare_to or match_settings(load_settings(runs))
     datasets = {
         dataset: DatasetReport(
             stats=st[st["dataset"] == dataset],
             paired=pt[pt["dataset"] == dataset],
-            claims=claim_table(df[df["dataset"] == dataset], report.compare_to),
-            compare_to=report.compare_to,
+            claims=claim_table(df[df["dataset"] == dataset], compare_to),
+            compare_to=compare_to,
             specialisation=scores.get(dataset),
             figures=links[dataset],
         )

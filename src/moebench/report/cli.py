@@ -1,5 +1,5 @@
-"""Pipeline commands: `moebench resolve`, `schema`, `mlflow-init`, `aggregate`, `where`,
-`check`, `reference`.
+"""Pipeline commands: `moebench new-study`, `resolve`, `schema`, `mlflow-init`, `aggregate`,
+`where`, `check`, `reference`.
 Heavy imports (mlflow, matplotlib, pandas) happen inside the commands that need them."""
 
 from __future__ import annotations
@@ -48,6 +48,34 @@ def resolve(
 
     with _user_errors():
         resolve_to(load_study(study), dataset, strategy, seed, out)
+
+
+def new_study(
+    name: Annotated[str, typer.Option(help="the study's name: its runs go to <root>/runs/<name>")],
+    out: Annotated[Path, typer.Option(help="study YAML to write (a new file)")],
+    text: Annotated[
+        str | None, typer.Option(help="a local UTF-8 text file to train on (data.source: file)")
+    ] = None,
+    hf: Annotated[
+        str | None, typer.Option(help="a Hugging Face dataset name instead (data.source: hf)")
+    ] = None,
+    vocab_size: Annotated[int, typer.Option(help="BPE vocabulary (>= 260)")] = 512,
+    template: Annotated[
+        Path, typer.Option(help="study whose model, strategies and seeds are copied")
+    ] = Path("configs/default.yaml"),
+) -> None:
+    """Write a starter study on your own data: the template's strategies and seeds on one
+    dataset, under its own name and MLflow store. Run it with `snakemake --configfile`."""
+    from moebench.report.study import new_study as write_new_study
+
+    with _user_errors():
+        if (text is None) == (hf is None):
+            raise ValueError("give exactly one of --text and --hf")
+        source, data = ("file", text) if text is not None else ("hf", hf)
+        study = write_new_study(template, name, source, str(data), vocab_size, out)
+    runs = len(study.grid())
+    typer.echo(f"wrote {out}: study {name!r}, {runs} runs; run it with\n"
+               f"  snakemake --cores 2 --configfile {out}")
 
 
 def schema(

@@ -184,6 +184,25 @@ class Run:
     parallel: Parallel | None = None
 
 
+MAX_EPOCHS = 4.0
+"""Passes over the training tokens above which a run warns: up to about 4 epochs, repeated
+tokens train almost as well as new ones (Muennighoff et al. 2023, arXiv 2305.16264, Fig. 3)."""
+
+
+def epochs_warning(cfg: RunConfig, n_train_tokens: int) -> str | None:
+    """A warning when the run sees its training tokens more than MAX_EPOCHS times, else None."""
+    t = cfg.train
+    seen = t.steps * t.grad_accum * t.batch_size * t.seq_len
+    epochs = seen / max(1, n_train_tokens)
+    if epochs <= MAX_EPOCHS:
+        return None
+    return (
+        f"train.steps={t.steps} x {seen // t.steps} tokens per step is {epochs:.1f} epochs of "
+        f"the {n_train_tokens} training tokens in {cfg.data_dir}: expect overfitting (validation "
+        f"loss far above training loss); use more data or fewer steps (<= {MAX_EPOCHS:g} epochs)"
+    )
+
+
 def prepare(cfg: RunConfig, out: Path, ckpt_dir: Path | None = None,
             parallel: Parallel | None = None) -> Run:
     """Check everything a run needs (device, data, tracking store, checkpoint) and write
@@ -202,6 +221,8 @@ def prepare(cfg: RunConfig, out: Path, ckpt_dir: Path | None = None,
                 f"train.seq_len={cfg.train.seq_len} needs {cfg.train.seq_len + 1} tokens; split "
                 f"{stream.split!r} of {cfg.data_dir} has {len(stream)}"
             )
+    if (warning := epochs_warning(cfg, len(streams[0]))) and (parallel is None or parallel.lead):
+        logger.warning(warning)
     if cfg.tracking.uri is not None and (parallel is None or parallel.lead):
         from moebench.train.tracking import check_uri
 
