@@ -201,15 +201,3 @@ def aggregate(
         remove_temporaries(folder, [p.name for p in written if p.parent == folder])
     return df, written
 
-
-HEADLINE = ("val_loss", "val_ppl", "maxvio_global", "maxvio_batch_mean", "nodes_per_token")
-
-
-def study_means(df_study: pd.DataFrame) -> dict[str, float]:
-    """Mean over seeds of the HEADLINE metrics, keyed `<metric>/<dataset>/<strategy>` (logged
-    to the study's MLflow parent run)."""
-    out = {}
-    for (dataset, strategy), part in df_study.groupby(["dataset", "strategy"], sort=True):
-        for col in HEADLINE:
-            out[f"{col}/{dataset}/{strategy}"] = float(part[col].mean())
-    return out

@@ -5,6 +5,7 @@ Heavy imports (mlflow, matplotlib, pandas) happen inside the commands that need 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,7 +117,6 @@ def aggregate(study: StudyFile, results: ResultsDir = paths.OUT) -> None:
     """Collect the study's run directories into its summary, tables (compared as its `report`
     section says) and figures; log them to its MLflow parent run."""
     from moebench.report.aggregate import aggregate as run_aggregate
-    from moebench.report.aggregate import study_means
 
     with _user_errors():
         cfg = load_study(study)
@@ -124,18 +124,26 @@ def aggregate(study: StudyFile, results: ResultsDir = paths.OUT) -> None:
         unfinished = [str(r) for r in runs if not (r / "comm.json").is_file()]
         if unfinished:
             raise ValueError(f"unfinished runs of study {cfg.study!r}: {', '.join(unfinished)}")
-        df, written = run_aggregate(cfg.study, runs, results, cfg.report)
+        _, written = run_aggregate(cfg.study, runs, results, cfg.report)
         if cfg.tracking.uri:
-            _log_parent(cfg, results, study_means(df), written)
+            _log_parent(cfg, results, written)
     for path in written:
         typer.echo(str(path))
 
 
-def _log_parent(
-    cfg: StudyConfig, results: Path, means: dict[str, float], files: list[Path]
-) -> None:
-    """Log the study's means, tables and figures to its MLflow parent run (if `mlflow-init`
-    made one)."""
+COMM_METRICS = (
+    "devices_per_token",
+    "nodes_per_token",
+    "nvlink_bytes_per_token",
+    "ib_bytes_per_token",
+    "a2a_time_modeled_us",
+)
+"""The communication numbers of a run's comm.json that MLflow gets (dedup dispatcher)."""
+
+
+def _log_parent(cfg: StudyConfig, results: Path, files: list[Path]) -> None:
+    """Log each run's communication numbers to its MLflow run and the study's tables and
+    figures to its parent run (if `mlflow-init` made one)."""
     from moebench.report.tracking import log_study
 
     parent_file = paths.parent_run_file(cfg.study, results)
@@ -143,9 +151,13 @@ def _log_parent(
         logger.warning(f"no MLflow parent run ({parent_file} missing): not logged")
         return
     assert cfg.tracking.uri is not None
-    artifacts = [p for p in files if p.suffix in (".md", ".csv", ".png", ".svg")]
+    comm = {}
+    for d, s, n in cfg.grid():
+        numbers = json.loads((paths.run_dir(cfg.study, d, s, n, results) / "comm.json").read_text())
+        comm[d, s, n] = {k: numbers[k] for k in COMM_METRICS if numbers.get(k) is not None}
+    artifacts = [p for p in files if p.suffix in (".md", ".csv", ".png", ".svg", ".html")]
     try:
-        log_study(cfg.tracking.uri, parent_file.read_text().strip(), means, artifacts)
+        log_study(cfg.tracking.uri, parent_file.read_text().strip(), comm, artifacts)
     except Exception as err:  # MLflow only mirrors the files just written: warn, do not fail
         logger.warning(f"not logged to MLflow at {cfg.tracking.uri}: {err}")
 

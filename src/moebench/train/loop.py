@@ -90,6 +90,8 @@ logger = logging.getLogger(__name__)
 TIMING_KEYS = ("elapsed_s", "mfu", "tokens_per_s")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12}
 MLFLOW_ARTIFACTS = ("config.resolved.yaml", "summary.json", "metrics.jsonl", "timing.jsonl")
+SUMMARY_PARAMS = ("study", "dataset", "strategy", "seed", "steps", "world_size")
+"""summary.json fields that are already MLflow params or tags of the run, never metrics."""
 RUN_FILES = (*MLFLOW_ARTIFACTS, "routing_trace.parquet")
 """Every file of a run directory."""
 
@@ -300,6 +302,7 @@ class Trainer:
         self.sums = {"maxvio_batch": 0.0, "drop_frac": 0.0, "tokens": 0, "train_s": 0.0,
                      "elapsed_s": 0.0}
         self.mlflow_run_id: str | None = None
+        self._last_eval: dict[str, Any] = {}  # the last evaluation record (for MLflow)
         self.last_ckpt = "none"
         self._window = {"tokens": 0, "seconds": 0.0}
         self._files: dict[str, IO[str]] = {}
@@ -587,8 +590,20 @@ class Trainer:
             record["a2a"], self._a2a_record = self._a2a_record, None
         return record
 
+    def _bias_metrics(self) -> dict[str, Any]:
+        """The aux-loss-free bias per MoE layer for MLflow (not the files, whose bytes stay
+        fixed): its L2 norm and its spread (max - min), the layers' mean beside them."""
+        if self.bias is None:
+            return {}
+        bias_LE = self.bias.bias_LE.detach().float().cpu()
+        norm_L = bias_LE.norm(dim=1)
+        spread_L = bias_LE.max(dim=1).values - bias_LE.min(dim=1).values
+        return {"bias_norm": norm_L.mean().item(), "bias_spread": spread_L.mean().item(),
+                "bias_norm_layers": norm_L.tolist(), "bias_spread_layers": spread_L.tolist()}
+
     def _log_eval(self, tracker: Any) -> tuple[dict[str, Any], torch.Tensor]:
         record, load = self.evaluate()
+        self._last_eval = record
         self._append("metrics.jsonl", record)
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in record.items() if k not in ("kind", "step")},
@@ -606,8 +621,10 @@ class Trainer:
         if cfg.tracking.uri is not None and self.lead:
             from moebench.train.tracking import Tracker
 
+            resumed = self.mlflow_run_id is not None
             tracker = Tracker(cfg, self.mlflow_run_id)
             self.mlflow_run_id = tracker.run_id
+            tracker.start_system_metrics(resumed)
         if self.lead:
             self.out.mkdir(parents=True, exist_ok=True)
             remove_temporaries(self.out, RUN_FILES)  # cut short by a kill of an earlier attempt
@@ -620,8 +637,10 @@ class Trainer:
             if tracker is not None:
                 tracker.finish("FAILED")
             raise
-        if tracker is not None:
-            tracker.log_metrics({f"summary.{k}": v for k, v in summary.items()}, self.step)
+        if tracker is not None:  # the numbers no step logged (val_* are the last eval's)
+            tracker.log_metrics({k: v for k, v in summary.items()
+                                 if k not in self._last_eval and k not in SUMMARY_PARAMS},
+                                self.step)
             tracker.log_artifacts(self.out / name for name in MLFLOW_ARTIFACTS)
             tracker.finish()
         return summary
@@ -646,7 +665,8 @@ class Trainer:
                 self._append("timing.jsonl", timing)
                 if tracker is not None:
                     tracker.log_metrics({k: v for k, v in {**record, **timing}.items()
-                                         if k not in ("kind", "load", "step")}, step)
+                                         if k not in ("kind", "load", "step")}
+                                        | self._bias_metrics(), step)
                 tps, vio = timing["tokens_per_s"], record["maxvio_batch"]
                 self._log(f"step {step}/{t.steps} loss {record['loss']:.4f} "
                     + (f"maxvio {vio:.3f} " if vio is not None else "") + f"tok/s {tps or 0:.0f}"
