@@ -1,5 +1,6 @@
 """`moebench aggregate`: one study's run directories -> its summary (Parquet, pandera-validated)
--> its tables (Markdown with paired differences, published numbers and claims; CSV), the
+-> its tables (Markdown with paired differences, published numbers and claims; the same as
+an HTML page for the report; CSV), the
 paired and claims files and figures (PNG + SVG), under the output root (docs/run-directory.md).
 Needs only the run directories, so every table regenerates without training; the same run
 directories always give the same bytes (sorted rows, no timestamps)."""
@@ -7,6 +8,7 @@ directories always give the same bytes (sorted rows, no timestamps)."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from moebench.config import ReportSettings
 from moebench.io import remove_temporaries, write_parquet, write_text
 from moebench.report import figures
 from moebench.report.domains import relative_share, specialisation_bits
+from moebench.report.markdown import markdown_html
 from moebench.report.paths import (
     FIGURES,
     OPTIONAL_FIGURES,
@@ -184,10 +187,15 @@ def aggregate(
         )
         for dataset in sorted(set(df["dataset"]))
     }
-    md = study_markdown(study, setting_line(runs[0]), baseline, datasets)
+    setting = setting_line(runs[0])
+    md = study_markdown(study, setting, baseline, datasets)
+    # the HTML report shows the figures itself: its table page leaves them out
+    no_figures = {d: replace(rep, figures=[]) for d, rep in datasets.items()}
+    html = markdown_html(f"Study {study}", study_markdown(study, setting, baseline, no_figures))
     write_parquet(summary_file(study, root), pa.Table.from_pandas(df, preserve_index=False))
     outputs = {
         table_file(study, "md", root): md,
+        table_file(study, "html", root): html,
         table_file(study, "csv", root): st.to_csv(index=False, float_format="%.6g"),
         paired_file(study, root): pt.to_csv(index=False, float_format="%.6g"),
         claims_file(study, root): claims_file_markdown(
