@@ -151,3 +151,18 @@ def test_a_new_strategy_is_matched_by_what_it_does() -> None:
         "aux_free": ["lf_t2_free", "lf_u1e-2", "v3_free", "v3_t5_free"],
         "b_free": ["lf_u1e-3"],
     }
+
+
+def test_cli_version_and_plain_help() -> None:
+    from moebench import __version__
+
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output == f"moebench {__version__}\n"
+    for command in ([], ["train"], ["aggregate"], ["new-study"]):
+        text = CliRunner().invoke(app, [*command, "--help"], terminal_width=100).output
+        assert "<bool>" not in text and "--help" in text
+    train = CliRunner().invoke(app, ["train", "--help"], terminal_width=100).output
+    assert "--set KEY=VALUE" in train
+    # a docstring's paragraph is re-wrapped, not cut where the source line ended
+    assert "Exit 2: bad input (nothing written under --out)" in " ".join(train.split())
+    assert "(nothing\n" not in train  # the source's line break inside the sentence is gone

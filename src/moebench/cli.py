@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import TextIO
+from typing import Annotated, TextIO
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+# Plain Click help: paragraphs re-wrapped to the terminal, no type labels on flags.
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help=__doc__, rich_markup_mode=None
+)
 
 
 class StderrHandler(logging.StreamHandler):
@@ -35,8 +38,23 @@ def configure_logging() -> None:
     logger.setLevel(logging.INFO)
 
 
+def _print_version(value: bool) -> None:
+    """`--version`: print the package version and exit."""
+    if value:
+        from moebench import __version__
+
+        typer.echo(f"moebench {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _logging() -> None:
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="print the "
+                     "version and exit"),
+    ] = False,
+) -> None:
     configure_logging()
 
 

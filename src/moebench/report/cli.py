@@ -162,10 +162,7 @@ def _log_parent(cfg: StudyConfig, results: Path, files: list[Path]) -> None:
         logger.warning(f"not logged to MLflow at {cfg.tracking.uri}: {err}")
 
 
-def where(
-    study: Annotated[Path, typer.Option(help="study YAML")] = Path("configs/default.yaml"),
-    results: ResultsDir = paths.OUT,
-) -> None:
+def where(study: StudyFile, results: ResultsDir = paths.OUT) -> None:
     """Print where the tables, figures, report and MLflow store of a study are."""
     with _user_errors():
         cfg = load_study(study)

@@ -48,6 +48,7 @@ Legend: L MoE layers, E routed experts, K experts per token, B batch, S sequence
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import math
@@ -137,6 +138,11 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def eta(seconds: float, done: int, left: int) -> str:
+    """Time left as h:mm:ss at this process's pace so far (`done` steps in `seconds`)."""
+    return str(datetime.timedelta(seconds=round(seconds / max(done, 1) * left)))
 
 
 def git_sha() -> str:
@@ -648,7 +654,7 @@ class Trainer:
     def _loop(self, tracker: Any) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
         tokens_per_step = t.grad_accum * t.batch_size * t.seq_len
-        started = time.perf_counter()
+        started, first_step = time.perf_counter(), self.step
         elapsed_before = self.sums["elapsed_s"]
         while self.step < t.steps:
             tic = time.perf_counter()
@@ -668,9 +674,11 @@ class Trainer:
                                          if k not in ("kind", "load", "step")}
                                         | self._bias_metrics(), step)
                 tps, vio = timing["tokens_per_s"], record["maxvio_batch"]
+                left = eta(time.perf_counter() - started, step - first_step, t.steps - step)
                 self._log(f"step {step}/{t.steps} loss {record['loss']:.4f} "
                     + (f"maxvio {vio:.3f} " if vio is not None else "") + f"tok/s {tps or 0:.0f}"
-                    + (f" mfu {timing['mfu']:.3f}" if timing["mfu"] is not None else ""))
+                    + (f" mfu {timing['mfu']:.3f}" if timing["mfu"] is not None else "")
+                    + f" eta {left}")
             if step % t.eval_every == 0 and step < t.steps:
                 self._log_eval(tracker)
             if step % t.ckpt_every == 0 or step == t.steps:
