@@ -54,7 +54,14 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     res = snakemake(workdir, "--cores", "2", "--configfile", str(TEST_STUDY))
     logs = "\n".join(p.read_text() for p in sorted((workdir / "work/logs").rglob("*.log")))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + logs[-3000:]
+    (workdir / "snakemake.stderr").write_text(res.stderr)
     return workdir
+
+
+def test_warnings_of_the_jobs_are_repeated_at_the_end(built: Path) -> None:
+    # the test study's 300 KB of Shakespeare are a few plays: its validation split is coarse
+    end = (built / "snakemake.stderr").read_text().split("100%) done")[-1]
+    assert "[moebench.data.build] warning: the validation split holds" in end
 
 
 def test_summary_passes_the_schema(built: Path) -> None:

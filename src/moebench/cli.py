@@ -28,11 +28,26 @@ class StderrHandler(logging.StreamHandler):
         """The stream is always the current sys.stderr."""
 
 
+WARNING_MARK = "warning: "
+"""Begins the message of a warning line (`[module] warning: ...`); the workflow collects
+these lines from the job logs when it ends."""
+
+
+class LevelFormatter(logging.Formatter):
+    """`[module] message`, with WARNING_MARK (or the level's name) before warnings and errors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        mark = "" if record.levelno < logging.WARNING else (
+            WARNING_MARK if record.levelno == logging.WARNING else f"{record.levelname.lower()}: "
+        )
+        return f"[{record.name}] {mark}{record.getMessage()}"
+
+
 def configure_logging() -> None:
     """INFO progress of every `moebench.*` module on stderr, one `[module] message` line each;
     calling it again replaces the handler instead of adding one."""
     handler = StderrHandler()
-    handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+    handler.setFormatter(LevelFormatter())
     logger = logging.getLogger("moebench")
     logger.handlers = [handler]
     logger.setLevel(logging.INFO)

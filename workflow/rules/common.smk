@@ -206,3 +206,19 @@ def slurm_partition_problem() -> str | None:
         if any(p.endswith("*") for p in res.stdout.split()):
             return None
     return "slurm_partition is not set (default-resources) and the cluster has no default partition"
+
+
+def log_warnings() -> list[str]:
+    """The distinct warning lines of the study's job logs (a small corpus, many epochs, ...),
+    each with the number of jobs that printed it, so a run that ends well still shows them."""
+    from collections import Counter
+
+    from moebench.cli import WARNING_MARK
+
+    found = Counter(
+        line
+        for log in sorted(paths.log_file(STUDY_NAME, "x").parent.rglob("*.log"))
+        for line in set(log.read_text(errors="replace").splitlines())
+        if f"] {WARNING_MARK}" in line
+    )
+    return [f"{line} ({n} jobs)" if n > 1 else line for line, n in sorted(found.items())]
