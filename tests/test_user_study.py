@@ -166,3 +166,13 @@ def test_cli_version_and_plain_help() -> None:
     # a docstring's paragraph is re-wrapped, not cut where the source line ended
     assert "Exit 2: bad input (nothing written under --out)" in " ".join(train.split())
     assert "(nothing\n" not in train  # the source's line break inside the sentence is gone
+
+
+def test_environment_yml_pins_the_runtime_dependencies_of_pyproject() -> None:
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    (pip,) = [d["pip"] for d in env["dependencies"] if isinstance(d, dict)]
+    assert [p for p in pip if p != "-e ."] == project["dependencies"]
+    assert not set(project["optional-dependencies"]["dev"]) & set(pip)  # no test tools
