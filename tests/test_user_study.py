@@ -18,6 +18,7 @@ from moebench.cli import app
 from moebench.config import load_run_config, load_study
 from moebench.report.published import match_settings
 from moebench.report.study import grid_override_problem, typed_overrides
+from moebench.report.summary import load_settings
 from moebench.train.loop import epochs_warning
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,3 +177,26 @@ def test_environment_yml_pins_the_runtime_dependencies_of_pyproject() -> None:
     (pip,) = [d["pip"] for d in env["dependencies"] if isinstance(d, dict)]
     assert [p for p in pip if p != "-e ."] == project["dependencies"]
     assert not set(project["optional-dependencies"]["dev"]) & set(pip)  # no test tools
+
+
+def readme_block(after: str, lang: str) -> str:
+    """The first ```lang block of the README after the line holding `after`."""
+    text = (REPO / "README.md").read_text().split(after, 1)[1]
+    return text.split(f"```{lang}\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_new_strategy_block_is_matched_to_the_aux_free_runs(tmp_path: Path) -> None:
+    study = yaml.safe_load(TEST_STUDY.read_text())
+    study["strategies"] |= yaml.safe_load(readme_block("**A new strategy**", "yaml"))
+    study["strategies"].pop("aux_free")  # the user's study has only their own aux-free run
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(study))
+    runs = []
+    for strategy in load_study(path).strategies:
+        run = tmp_path / strategy / "seed~0"
+        args = ["resolve", "--study", str(path), "--dataset", "shakespeare",
+                "--strategy", strategy, "--seed", "0", "--out", str(run / "config.resolved.yaml")]
+        assert CliRunner().invoke(app, args).exit_code == 0
+        runs.append(run)
+    matched = match_settings(load_settings(runs))
+    assert matched == {"aux_free_fast": ["lf_t2_free", "v3_free", "v3_t5_free"]}
