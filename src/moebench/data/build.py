@@ -92,8 +92,8 @@ def split_warning(val_fraction: float, splits: dict[str, SplitData]) -> str | No
     return (
         f"the validation split holds {share:.0%} of the tokens ({docs['val']} of "
         f"{docs['val'] + docs['train']} documents), not data.val_fraction={val_fraction:g}: "
-        "the corpus is split by whole documents (a text file into sections of ~8 KB at blank "
-        "lines), and it has too few; use a longer text for a finer split"
+        "the split keeps documents whole (a play, a source file, a ~8 KB section of a text "
+        "file, a dataset row) and this corpus has too few; use more text for a finer split"
     )
 
 
