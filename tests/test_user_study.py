@@ -200,3 +200,36 @@ def test_readme_new_strategy_block_is_matched_to_the_aux_free_runs(tmp_path: Pat
         runs.append(run)
     matched = match_settings(load_settings(runs))
     assert matched == {"aux_free_fast": ["lf_t2_free", "v3_free", "v3_t5_free"]}
+
+
+def test_mlflow_study_run_marks_the_experiment_and_logs_comm_to_each_child(
+    tmp_path: Path,
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from moebench.report.tracking import init_parent, log_study
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    old = client.create_experiment("mine")  # made by an earlier moebench, unmarked
+    study = load_study(TEST_STUDY).model_copy(update={"study": "mine"})
+    study = study.model_copy(update={"tracking": study.tracking.model_copy(update={"uri": uri})})
+    parent = init_parent(study, tmp_path / "parent.txt")
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    children = {
+        seed: client.create_run(old, run_name=f"aux_free/seed~{seed} (shakespeare)", tags={
+            "mlflow.parentRunId": parent, "dataset": "shakespeare", "strategy": "aux_free",
+            "seed": str(seed)}).info.run_id
+        for seed in (0, 1)
+    }
+    table = tmp_path / "tables" / "mine.md"
+    table.parent.mkdir()
+    table.write_text("# Study\n")
+    comm = {("shakespeare", "aux_free", 0): {"ib_bytes_per_token": 10.0},
+            ("shakespeare", "aux_free", 1): {"ib_bytes_per_token": 12.0}}
+    log_study(uri, parent, comm, [table])
+    got = {s: client.get_run(r).data.metrics for s, r in children.items()}
+    assert got == {0: {"comm.ib_bytes_per_token": 10.0}, 1: {"comm.ib_bytes_per_token": 12.0}}
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert client.get_run(parent).data.metrics == {}
+    assert [a.path for a in client.list_artifacts(parent, "tables")] == ["tables/mine.md"]

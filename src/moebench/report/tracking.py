@@ -10,6 +10,7 @@ and closes it. Files stay the source of truth."""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,13 +62,14 @@ def init_parent(study: StudyConfig, out: Path) -> str:
         raise ValueError(f"study {study.study!r}: tracking.uri is null, MLflow is disabled")
     client = _client(uri)
     exp = client.get_experiment_by_name(study.experiment)
-    exp_id = (
-        exp.experiment_id
-        if exp is not None
-        else client.create_experiment(
+    if exp is None:
+        exp_id = client.create_experiment(
             study.experiment, artifact_location(study), tags=EXPERIMENT_KIND
         )
-    )
+    else:  # made before experiments were marked: mark it now
+        exp_id = exp.experiment_id
+        for key, value in EXPERIMENT_KIND.items():
+            client.set_experiment_tag(exp_id, key, value)
     found = client.search_runs(
         [exp_id],
         filter_string=(
@@ -107,7 +109,8 @@ def log_study(
     for child in children:
         tags = child.data.tags
         numbers = comm.get((tags["dataset"], tags["strategy"], int(tags["seed"])), {})
-        metrics = [Metric(f"comm.{k}", v, 0, 0) for k, v in sorted(numbers.items())]
+        now = int(time.time() * 1000)
+        metrics = [Metric(f"comm.{k}", v, now, 0) for k, v in sorted(numbers.items())]
         if metrics:
             client.log_batch(child.info.run_id, metrics=metrics)
     for path in artifacts:
