@@ -88,7 +88,7 @@ def test_snakemake_config_accepts_typed_values_and_refuses_a_silent_merge(
     assert (cfg.data.vocab_size, cfg.train.steps, cfg.train.lr) == (512, 20, 1e-3)
 
 
-def test_new_study_on_a_text_file_plans_with_snakemake(tmp_path: Path) -> None:
+def test_new_study_on_a_text_file_plans_on_slurm(tmp_path: Path) -> None:
     text = small_text(tmp_path / "mytext.txt")
     out = tmp_path / "mine.yaml"
     args = ["new-study", "--name", "mine", "--text", str(text), "--vocab-size", "300",
@@ -106,7 +106,11 @@ def test_new_study_on_a_text_file_plans_with_snakemake(tmp_path: Path) -> None:
     assert again.exit_code == 2 and "exists; allowed: a new file" in again.output
     both = CliRunner().invoke(app, ["new-study", "--name", "x", "--out", str(tmp_path / "x")])
     assert both.exit_code == 2 and "exactly one of --text and --hf" in both.output
-    plan = snakemake_n(tmp_path, "--configfile", str(out))
+    # the README's SLURM command (planned only: -n submits nothing)
+    plan = snakemake_n(
+        tmp_path, "--workflow-profile", str(REPO / "workflow/profiles/slurm"), "--configfile",
+        str(out), "--default-resources", "slurm_partition=debug",
+    )
     assert plan.returncode == 0, plan.stdout + plan.stderr
     assert "work/runs/mine/mytext/aux_free/seed~1" in plan.stdout
 
