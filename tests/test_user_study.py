@@ -106,6 +106,11 @@ def test_new_study_on_a_text_file_plans_on_slurm(tmp_path: Path) -> None:
     assert again.exit_code == 2 and "exists; allowed: a new file" in again.output
     both = CliRunner().invoke(app, ["new-study", "--name", "x", "--out", str(tmp_path / "x")])
     assert both.exit_code == 2 and "exactly one of --text and --hf" in both.output
+    missing = CliRunner().invoke(app, ["new-study", "--name", "x", "--text", "nope.txt",
+                                       "--out", str(tmp_path / "x")])
+    assert missing.exit_code == 2 and "data.path='nope.txt' is not a file or a folder" in (
+        missing.output)
+    assert not (tmp_path / "x").exists()
     # the README's SLURM command (planned only: -n submits nothing)
     plan = snakemake_n(
         tmp_path, "--workflow-profile", str(REPO / "workflow/profiles/slurm"), "--configfile",

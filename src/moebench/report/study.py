@@ -100,6 +100,10 @@ def new_study(
     the template's names (aggregation matches by what each strategy does)."""
     if out.exists():
         raise ValueError(f"--out={str(out)!r} exists; allowed: a new file")
+    if source == "file":
+        from moebench.data.sources import text_files
+
+        text_files(data)  # the text is there (a ValueError names it otherwise)
     raw = read_yaml_mapping(template, "study file")
     dataset = Path(data).stem if source == "file" else data.rsplit("/", 1)[-1]
     spec = {"source": source, "vocab_size": vocab_size}
