@@ -54,6 +54,7 @@ import logging
 import math
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,6 +62,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from moebench.balancing import BiasController, all_reduce_sum
 from moebench.comm.alltoall import PhaseTimer
@@ -652,7 +655,17 @@ class Trainer:
         return summary
 
     def _loop(self, tracker: Any) -> dict[str, Any]:
-        cfg, t = self.cfg, self.cfg.train
+        """The training steps (a progress bar with ETA on a terminal), then the summary."""
+        bar = tqdm(total=self.cfg.train.steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   desc=f"{self.cfg.strategy}/seed~{self.cfg.seed}",
+                   disable=not (self.lead and sys.stderr.isatty()))
+        with bar, logging_redirect_tqdm([logging.getLogger("moebench")]):
+            self._steps(tracker, bar)
+        return self._finish(tracker)
+
+    def _steps(self, tracker: Any, bar: tqdm) -> None:
+        """Optimizer steps up to train.steps: records, evaluations and checkpoints on schedule."""
+        t = self.cfg.train
         tokens_per_step = t.grad_accum * t.batch_size * t.seq_len
         started, first_step = time.perf_counter(), self.step
         elapsed_before = self.sums["elapsed_s"]
@@ -683,6 +696,11 @@ class Trainer:
                 self._log_eval(tracker)
             if step % t.ckpt_every == 0 or step == t.steps:
                 self.save()
+            bar.update()
+
+    def _finish(self, tracker: Any) -> dict[str, Any]:
+        """The final evaluation, the routing trace and the summary."""
+        cfg, t = self.cfg, self.cfg.train
         eval_record, load_DLE = self._log_eval(tracker)
         load_global = load_DLE.sum(dim=0)
         self._close_logs()
