@@ -220,7 +220,8 @@ def test_mlflow_study_run_marks_the_experiment_and_logs_comm_to_each_child(
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    old = client.create_experiment("mine")  # made by an earlier moebench, unmarked
+    # made by an earlier moebench, unmarked
+    old = client.create_experiment("mine", (tmp_path / "artifacts").as_uri())
     study = load_study(TEST_STUDY).model_copy(update={"study": "mine"})
     study = study.model_copy(update={"tracking": study.tracking.model_copy(update={"uri": uri})})
     parent = init_parent(study, tmp_path / "parent.txt")
