@@ -30,8 +30,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# --quiet rules: one progress line per finished job instead of each job's file lists (the
+# job logs under $(OUT)/logs/ keep the details; warnings are repeated at the end).
 run: $(STAMP)
-	$(BIN)/python -m snakemake --cores $(CORES) --configfile $(STUDY)
+	$(BIN)/python -m snakemake --cores $(CORES) --quiet rules --configfile $(STUDY)
 	$(BIN)/python -m snakemake --configfile $(STUDY) --report $(OUT)/$(STUDY_NAME)-report.html
 	$(BIN)/python -m moebench where --study $(STUDY)
 	@if [ -d results/reference/$(STUDY_NAME) ]; then \

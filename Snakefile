@@ -27,6 +27,11 @@ include: "workflow/rules/placement.smk"
 include: "workflow/rules/aggregate.smk"
 
 
+onsuccess:
+    for line in log_warnings():
+        print(line, file=sys.stderr)
+
+
 onstart:
     problem = slurm_partition_problem()
     if problem:

@@ -28,7 +28,13 @@ from moebench.data import (
     train_bpe,
     zipf_probs,
 )
-from moebench.data.sources import FILE_DOC_BYTES, FILE_DOC_MAX_BYTES, cap_bytes, split_sections
+from moebench.data.sources import (
+    FILE_DOC_BYTES,
+    FILE_DOC_MAX_BYTES,
+    cap_bytes,
+    source_fingerprint,
+    split_sections,
+)
 
 SHAKESPEARE = DataConfig(source="shakespeare", vocab_size=512, max_bytes=250_000)
 CPYTHON = DataConfig(source="cpython", vocab_size=512, max_bytes=120_000)
@@ -349,7 +355,7 @@ def test_prepare_input_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match=r"out_dir=.*a_file.* is not a directory"):
         prepare(SHAKESPEARE, tmp_path / "a_file", seed=0)
-    with pytest.raises(ValueError, match=r"data.path='/no/such/file' is not a file"):
+    with pytest.raises(ValueError, match=r"data.path='/no/such/file' is not a file or a folder"):
         prepare(DataConfig(source="file", path="/no/such/file"), tmp_path, seed=0)
     with pytest.raises(ValueError, match=r"1 document.*at least 2"):
         prepare(DataConfig(source="shakespeare", max_bytes=5000), tmp_path, seed=0)
@@ -390,6 +396,25 @@ def test_file_source_prepare(tmp_path: Path) -> None:
     tok = load_tokenizer(tmp_path / "out")
     first = first_doc_tokens(TokenStream(tmp_path / "out", "train"))
     assert tok.decode(first).startswith(paragraphs[0])
+
+
+def test_file_source_reads_every_file_of_a_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "corpus"
+    (folder / "b").mkdir(parents=True)
+    (folder / "a.txt").write_text("first file\n")
+    (folder / "b" / "c.md").write_text("second file\n")
+    (folder / ".hidden").write_text("never read\n")
+    cfg = DataConfig(source="file", path=str(folder), vocab_size=300)
+    docs = load_documents(cfg)
+    assert [(d.id, d.text) for d in docs] == [("a.txt#000000", "first file"),
+                                              ("b/c.md#000000", "second file")]
+    before = source_fingerprint(cfg)
+    assert before.startswith("folder sha256 ")
+    (folder / "a.txt").rename(folder / "z.txt")  # the same bytes under another name
+    assert source_fingerprint(cfg) != before
+    (folder / "bad.txt").write_bytes(b"caf\xe9\n")
+    with pytest.raises(ValueError, match=r"data.path='.*bad.txt' is not UTF-8 text"):
+        load_documents(cfg)
 
 
 # --- CLI ------------------------------------------------------------------------------------

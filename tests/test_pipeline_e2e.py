@@ -6,6 +6,8 @@ reruns only that run and what depends on it."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 import socket
@@ -52,7 +54,14 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     res = snakemake(workdir, "--cores", "2", "--configfile", str(TEST_STUDY))
     logs = "\n".join(p.read_text() for p in sorted((workdir / "work/logs").rglob("*.log")))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + logs[-3000:]
+    (workdir / "snakemake.stderr").write_text(res.stderr)
     return workdir
+
+
+def test_warnings_of_the_jobs_are_repeated_at_the_end(built: Path) -> None:
+    # the test study's 300 KB of Shakespeare are a few plays: its validation split is coarse
+    end = (built / "snakemake.stderr").read_text().split("100%) done")[-1]
+    assert "[moebench.data.build] warning: the validation split holds" in end
 
 
 def test_summary_passes_the_schema(built: Path) -> None:
@@ -109,7 +118,7 @@ def check_runs(runs: list[dict[str, str]]) -> None:
     assert len(parents) == 1 and parents[0]["name"] == "test"
     children = sorted(r["name"] for r in runs if r["parent"] == parents[0]["run_id"])
     assert children == [
-        f"shakespeare/{s}/seed~{n}" for s in ("aux_free", "aux_loss") for n in (0, 1)
+        f"{s}/seed~{n} (shakespeare)" for s in ("aux_free", "aux_loss") for n in (0, 1)
     ]
     assert {r["status"] for r in runs} == {"FINISHED"}
 
@@ -118,8 +127,33 @@ def test_mlflow_sqlite_store_has_parent_and_children(built: Path) -> None:
     uri = f"sqlite:///{built}/work/mlflow/test.db"
     check_runs(study_runs(uri, "test"))
     parent = (built / "work/mlflow/parents/test.txt").read_text().strip()
-    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(parent, "tables")}
-    assert {"tables/test.md", "tables/test.csv"} <= artifacts
+    client = MlflowClient(uri)
+    artifacts = {a.path for a in client.list_artifacts(parent, "tables")}
+    assert {"tables/test.md", "tables/test.csv", "tables/test.html"} <= artifacts
+    experiment = client.get_experiment_by_name("test")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # What the chart view compares: every child has the same metric keys and its strategy
+    # as a param (group by it), none encodes the strategy in a key; the parent has no metrics.
+    children = client.search_runs(
+        [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'"
+    )
+    shared = set.intersection(*(set(c.data.metrics) for c in children))
+    assert {"val_ppl", "maxvio_global", "comm.ib_bytes_per_token", "comm.nodes_per_token"} <= (
+        shared
+    )
+    every = set.union(*(set(c.data.metrics) for c in children))
+    assert not any("aux_free" in k or k.startswith("summary.") for k in every)
+    assert "bias_spread" in every  # the aux-free runs' bias trajectory
+    assert sorted(c.data.params["strategy"] for c in children) == [
+        "aux_free", "aux_free", "aux_loss", "aux_loss"
+    ]
+    assert client.get_run(parent).data.metrics == {}
+    comm = json.loads(
+        (paths.run_dir("test", "shakespeare", "aux_free", 0, built / "work") / "comm.json")
+        .read_text()
+    )
+    free0 = next(c for c in children if c.info.run_name == "aux_free/seed~0 (shakespeare)")
+    assert free0.data.metrics["comm.ib_bytes_per_token"] == comm["ib_bytes_per_token"]
 
 
 def test_report_html(built: Path) -> None:
@@ -127,6 +161,10 @@ def test_report_html(built: Path) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     html = (built / "work/test-report.html").read_text()
     assert "MaxVio_batch over training steps" in html and "test-shakespeare-load_heatmap" in html
+    # the tables page is embedded (base64) as a report item
+    page = paths.table_file("test", "html", built / "work").read_bytes()
+    assert base64.b64encode(page).decode() in html
+    assert "Every table of study" in html
 
 
 def test_nothing_to_do_then_only_the_deleted_run_reruns(built: Path) -> None:

@@ -402,7 +402,7 @@ CASES = [
     Case("file_source_without_path", lambda c: c.data_cmd(*sets("data.source=file")),
          ("data.path is required when data.source='file'",)),
     Case("text_file_missing", lambda c: c.text_source("corpus.txt", None),
-         ("data.path=", "corpus.txt", "is not a file")),
+         ("data.path=", "corpus.txt", "is not a file or a folder")),
     Case("text_file_empty", lambda c: c.text_source("empty.txt", b" \n\n "),
          ("data.path=", "empty.txt", "holds no text")),
     Case("text_file_not_utf8", lambda c: c.text_source("latin1.txt", "café".encode("latin-1")),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from scipy import stats
 from typer.testing import CliRunner
 
 from moebench.cli import app
-from moebench.config import StudyConfig, study_from_dict
+from moebench.config import ReportSettings, StudyConfig, study_from_dict
 from moebench.io import write_json, write_text, write_yaml
 from moebench.report import paths
 from moebench.report.aggregate import aggregate
@@ -231,6 +232,40 @@ def test_markdown_prints_paired_differences_published_numbers_and_claims(
     csv = pd.read_csv(paths.table_file("syn", "csv", results))
     assert list(csv["strategy"]) == ["aux_loss", "aux_free", "node_limited"]
     assert {"val_ppl_mean", "val_ppl_ci95", "nodes_per_token_mean"} <= set(csv.columns)
+
+
+def test_html_page_renders_every_table_with_published_numbers_and_claims(
+    built: tuple[Path, pd.DataFrame, list[Path]],
+) -> None:
+    html = paths.table_file("syn", "html", built[0]).read_text()
+    assert html.startswith("<!DOCTYPE html>") and "<title>Study syn</title>" in html
+    assert html.count("<table>") == 6  # quality, communication, paired, published, claims, domains
+    assert "<h3>Published numbers beside ours</h3>" in html
+    assert "<h3>Published claims, checked on ours</h3>" in html
+    assert "<strong>reproduced</strong>" in html and "0.04 vs 0.72" in html
+    assert "<img" not in html  # the report shows the figures as its own items
+
+
+def test_without_compare_to_strategies_are_matched_by_what_they_do(
+    built: tuple[Path, pd.DataFrame, list[Path]], tmp_path: Path
+) -> None:
+    runs = sorted(find_runs(built[0]))
+    renamed = []  # the same runs under a user's names
+    for run in runs:
+        name = {"aux_free": "aux_free_fast", "aux_loss": "my_switch"}.get(run.parent.name)
+        target = tmp_path / "runs/syn/shakespeare" / (name or run.parent.name) / run.name
+        shutil.copytree(run, target)
+        for file in ("summary.json", "config.resolved.yaml"):
+            text = (target / file).read_text()
+            (target / file).write_text(text.replace(run.parent.name, name or run.parent.name))
+        renamed.append(target)
+    aggregate("syn", renamed, tmp_path, ReportSettings(baseline="aux_free_fast"))
+    md = paths.table_file("syn", "md", tmp_path).read_text()
+    published = md.split("### Published numbers beside ours")[1].split("###")[0]
+    assert re.search(r"\| aux_free_fast\s+\|.*\|\s+0\.04 \|", published)  # lf_t2_free
+    assert "my_switch" not in published  # a softmax Switch loss stands for no published run
+    claim = next(x for x in md.splitlines() if "aux-loss-free balances far better" in x)
+    assert "**not run**" in claim  # [LF]'s aux side needs a sigmoid global-batch loss
 
 
 def test_figures_are_pngs_with_svgs_beside(

@@ -323,25 +323,47 @@ def test_cli_bad_input_exits_2_and_writes_nothing(
     assert not out.exists()
 
 
-def test_mlflow_sqlite_logs_params_metrics_and_artifacts(shakespeare_dir: Path,
-                                                         tmp_path: Path) -> None:
+def test_mlflow_sqlite_logs_params_metrics_and_artifacts(
+        shakespeare_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow.tracking import MlflowClient
 
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")  # a 3-second run
+
     uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
-    cfg = make_cfg(shakespeare_dir, study="demo", tracking={"uri": uri, "experiment": "demo"})
+    cfg = make_cfg(shakespeare_dir, study="demo", tracking={"uri": uri, "experiment": "demo"},
+                   strategy="aux_free", router={"num_experts": 16, "top_k": 4,
+                                                "score_fn": "sigmoid"},
+                   balance={"bias": {"enabled": True, "rate": 1e-2}})
     summary = train(cfg, tmp_path / "run", tmp_path / "ck")
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("demo")
     assert experiment.artifact_location.startswith((tmp_path / "mlflow" / "mlruns").as_uri())
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
+    assert run.info.run_name == "aux_free/seed~0 (shakespeare)"
     assert run.data.params["model.d_model"] == "32"
     assert run.data.params["router.num_experts"] == "16"
-    assert run.data.metrics["summary.val_loss"] == pytest.approx(summary["val_loss"])
+    assert run.data.params["seed"] == "0" and "seed" not in run.data.metrics
+    assert run.data.tags["mlflow.source.name"] == "moebench train"
+    assert run.data.tags["mlflow.source.git.commit"] == summary["git_sha"]
+    # one key per number: the final evaluation's val_loss, no summary.* copy of it
+    assert run.data.metrics["val_loss"] == pytest.approx(summary["val_loss"])
+    assert not any(k.startswith("summary.") for k in run.data.metrics)
+    assert run.data.metrics["maxvio_batch_mean"] == pytest.approx(summary["maxvio_batch_mean"])
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == [5, 10, 15, 20]
     assert {"maxvio_batch", "maxvio_batch_layers.1", "val_ppl", "tokens_per_s"} <= set(
         run.data.metrics)
+    assert "system/cpu_utilization_percentage" in run.data.metrics
+    bias = client.get_metric_history(run.info.run_id, "bias_spread")
+    assert [m.step for m in bias] == [5, 10, 15, 20] and bias[-1].value > 0
+    assert {"bias_norm", "bias_norm_layers.1", "bias_spread_layers.0"} <= set(run.data.metrics)
+    (data_input,) = run.inputs.dataset_inputs
+    assert data_input.dataset.name == "shakespeare"
+    assert data_input.dataset.source_type == "local"
+    assert str(shakespeare_dir.resolve()) in data_input.dataset.source
+    assert {(t.key, t.value) for t in data_input.tags} == {("mlflow.data.context", "training")}
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"summary.json", "metrics.jsonl", "config.resolved.yaml"} <= artifacts
 

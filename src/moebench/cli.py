@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import TextIO
+from typing import Annotated, TextIO
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+# Plain Click help: paragraphs re-wrapped to the terminal, no type labels on flags.
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help=__doc__, rich_markup_mode=None
+)
 
 
 class StderrHandler(logging.StreamHandler):
@@ -25,18 +28,48 @@ class StderrHandler(logging.StreamHandler):
         """The stream is always the current sys.stderr."""
 
 
+WARNING_MARK = "warning: "
+"""Begins the message of a warning line (`[module] warning: ...`); the workflow collects
+these lines from the job logs when it ends."""
+
+
+class LevelFormatter(logging.Formatter):
+    """`[module] message`, with WARNING_MARK (or the level's name) before warnings and errors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        mark = "" if record.levelno < logging.WARNING else (
+            WARNING_MARK if record.levelno == logging.WARNING else f"{record.levelname.lower()}: "
+        )
+        return f"[{record.name}] {mark}{record.getMessage()}"
+
+
 def configure_logging() -> None:
     """INFO progress of every `moebench.*` module on stderr, one `[module] message` line each;
     calling it again replaces the handler instead of adding one."""
     handler = StderrHandler()
-    handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+    handler.setFormatter(LevelFormatter())
     logger = logging.getLogger("moebench")
     logger.handlers = [handler]
     logger.setLevel(logging.INFO)
 
 
+def _print_version(value: bool) -> None:
+    """`--version`: print the package version and exit."""
+    if value:
+        from moebench import __version__
+
+        typer.echo(f"moebench {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _logging() -> None:
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="print the "
+                     "version and exit"),
+    ] = False,
+) -> None:
     configure_logging()
 
 
@@ -56,12 +89,14 @@ from moebench.report.cli import (  # noqa: E402
     aggregate,
     check,
     mlflow_init,
+    new_study,
     reference,
     resolve,
     schema,
     where,
 )
 
+app.command("new-study")(new_study)
 app.command("resolve")(resolve)
 app.command("schema")(schema)
 app.command("mlflow-init")(mlflow_init)

@@ -63,7 +63,7 @@ class DataConfig(Strict):
         "shakespeare", description="mixed: Shakespeare + CPython + synthetic topics, each "
         "window from one domain (moebench.data.sources)"
     )
-    path: str | None = Field(None, description="text file for source=file")
+    path: str | None = Field(None, description="text file or folder of them (source=file)")
     hf_name: str | None = Field(None, description="Hugging Face dataset name for source=hf")
     vocab_size: Int = Field(1024, ge=260, le=262144, description="byte-level BPE vocabulary")
     val_fraction: Float = Field(0.1, gt=0.0, lt=0.5, description="documents held out")
@@ -663,7 +663,8 @@ class ReportSettings(Strict):
         {},
         description="strategy -> the published settings it reproduces (keys of "
         "moebench.report.published.SETTINGS, e.g. lf_t2_free); published claims are checked "
-        "on the strategies matched here",
+        "on the strategies matched here; empty = each strategy matched by what its config "
+        "does (gate, limit, balance terms: moebench.report.published.Recipe)",
     )
     domain_strategies: list[str] = Field(
         [],

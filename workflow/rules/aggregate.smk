@@ -1,7 +1,7 @@
 # Aggregation: the study's run directories -> its summary (pandera-checked), its
 # tables (mean and 95% CI over seeds, paired differences against the baseline, published
-# numbers and claims beside ours) and figures (optional ones when the runs allow; PNG + SVG);
-# logged to the study's MLflow parent run.
+# numbers and claims beside ours; Markdown, CSV and the HTML page the report shows) and
+# figures (optional ones when the runs allow; PNG + SVG); logged to the study's MLflow runs.
 
 
 rule aggregate:
@@ -13,8 +13,9 @@ rule aggregate:
         md=str(paths.table_file(STUDY_NAME, "md")),
         paired=str(paths.paired_file(STUDY_NAME)),
         claims=str(paths.claims_file(STUDY_NAME)),
-        csv=report(
-            str(paths.table_file(STUDY_NAME, "csv")),
+        csv=str(paths.table_file(STUDY_NAME, "csv")),
+        html=report(
+            str(paths.table_file(STUDY_NAME, "html")),
             caption="../report/table.rst",
             category="Tables",
         ),

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
+from snakemake.utils import update_config, validate
 
 from moebench.config import RunConfig, read_yaml_mapping, study_from_dict
 from moebench.report import paths
-from moebench.report.study import write_study_copy
+from moebench.report.study import grid_override_problem, typed_overrides, write_study_copy
 
 
 # 0. The study files read again strictly (Snakemake's YAML loader keeps the last of two equal
@@ -21,11 +21,18 @@ from moebench.report.study import write_study_copy
 #    unknown keys, strategy overrides field by field); 2. pydantic: cross-field rules of every
 #    grid point's RunConfig.
 STUDY_FILES = workflow.overwrite_configfiles or [Path(workflow.basedir, "configs/default.yaml")]
+#    `--config` values are read again with their YAML types (Snakemake reads nested ones as
+#    strings) and may not add datasets or strategies to a study without renaming it.
 try:
+    FILE_CONFIG = {}
     for study_path in STUDY_FILES:
-        read_yaml_mapping(Path(study_path), "study file")
+        update_config(FILE_CONFIG, read_yaml_mapping(Path(study_path), "study file"))
+    OVERRIDES = typed_overrides(workflow.config_settings.config)
 except ValueError as err:
     raise WorkflowError(str(err)) from None
+if problem := grid_override_problem(FILE_CONFIG, OVERRIDES):
+    raise WorkflowError(problem)
+update_config(config, OVERRIDES)
 validate(config, "../schemas/study.schema.json", set_default=False)
 try:
     STUDY = study_from_dict(config, "study config (configfile + --config)")
@@ -199,3 +206,19 @@ def slurm_partition_problem() -> str | None:
         if any(p.endswith("*") for p in res.stdout.split()):
             return None
     return "slurm_partition is not set (default-resources) and the cluster has no default partition"
+
+
+def log_warnings() -> list[str]:
+    """The distinct warning lines of the study's job logs (a small corpus, many epochs, ...),
+    each with the number of jobs that printed it, so a run that ends well still shows them."""
+    from collections import Counter
+
+    from moebench.cli import WARNING_MARK
+
+    found = Counter(
+        line
+        for log in sorted(paths.log_file(STUDY_NAME, "x").parent.rglob("*.log"))
+        for line in set(log.read_text(errors="replace").splitlines())
+        if f"] {WARNING_MARK}" in line
+    )
+    return [f"{line} ({n} jobs)" if n > 1 else line for line, n in sorted(found.items())]

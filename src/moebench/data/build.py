@@ -76,6 +76,27 @@ class SplitData:
     domains: list[dict[str, Any]] | None = None
 
 
+SPLIT_TOLERANCE = 0.05
+"""Largest gap between the validation share of the tokens and `data.val_fraction` that
+passes without a warning (a small corpus has too few documents to split finely)."""
+
+
+def split_warning(val_fraction: float, splits: dict[str, SplitData]) -> str | None:
+    """A warning when the validation split's share of the tokens is more than
+    SPLIT_TOLERANCE away from `val_fraction` (the split is by whole documents), else None."""
+    n_val, n_train = splits["val"].tokens.size, splits["train"].tokens.size
+    share = n_val / max(1, n_val + n_train)
+    if abs(share - val_fraction) <= SPLIT_TOLERANCE:
+        return None
+    docs = {k: len(v.doc_ids) for k, v in splits.items()}
+    return (
+        f"the validation split holds {share:.0%} of the tokens ({docs['val']} of "
+        f"{docs['val'] + docs['train']} documents), not data.val_fraction={val_fraction:g}: "
+        "the split keeps documents whole (a play, a source file, a ~8 KB section of a text "
+        "file, a dataset row) and this corpus has too few; use more text for a finer split"
+    )
+
+
 def bin_file(split: str) -> str:
     return f"{split}.bin"
 
@@ -218,6 +239,8 @@ def prepare(cfg: DataConfig, out_dir: str | Path, seed: int) -> dict[str, Any]:
     else:
         tok, kind, splits = text_splits(cfg, seed)
 
+    if warning := split_warning(cfg.val_fraction, splits):
+        logger.warning(warning)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
     remove_temporaries(out, (TOKENIZER_FILE, MANIFEST, *map(bin_file, SPLITS)))

@@ -16,7 +16,8 @@ def data(
         Path | None, typer.Option("--config", help="run config YAML (default: built-in defaults)")
     ] = None,
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="override, e.g. data.vocab_size=512")
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="override, e.g. data.vocab_size=512"),
     ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", help="output directory (default: the config's data_dir)")

@@ -11,7 +11,9 @@ of a Hugging Face dataset), so validation text never shares a document with trai
 - file: a local UTF-8 text file cut into sections: a section ends at the first blank line
   after it has reached `FILE_DOC_BYTES`, or at the first line break after
   `FILE_DOC_MAX_BYTES` when no blank line comes (text without paragraphs). Sections, not
-  single paragraphs, so that held-out text is contiguous rather than interleaved.
+  single paragraphs, so that held-out text is contiguous rather than interleaved. A folder:
+  every file under it (hidden ones left out), in path order, each cut the same way; ids
+  "<path relative to the folder>#<index>".
 - hf: a Hugging Face dataset `name` or `name:config` (train split, streamed), one document
   per row of its "text" column (else its first string column). Needs `datasets` and a
   network; `datasets` is imported lazily and is not a dependency of moebench.
@@ -106,20 +108,36 @@ def split_sections(text: str) -> list[str]:
     return [s.strip() for s in sections if s.strip()]
 
 
-def file_documents(path: str) -> Iterator[Document]:
-    """Sections of a local UTF-8 text file, id "<file name>#<index>"."""
+def text_files(path: str) -> list[Path]:
+    """The file at `path`, or every non-hidden file under the folder `path`, sorted."""
     p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"data.path={path!r} is not a file")
-    try:
-        text = p.read_text("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"data.path={path!r} is not UTF-8 text ({err})") from None
-    sections = split_sections(text)
-    if not sections:
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise ValueError(f"data.path={path!r} is not a file or a folder")
+    return sorted(
+        f for f in p.rglob("*")
+        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
+    )
+
+
+def file_documents(path: str) -> Iterator[Document]:
+    """Sections of a local UTF-8 text file, id "<file name>#<index>", or of every file of a
+    folder, id "<relative path>#<index>"."""
+    p = Path(path)
+    files = text_files(path)
+    n_sections = 0
+    for f in files:
+        try:
+            text = f.read_text("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"data.path={str(f)!r} is not UTF-8 text ({err})") from None
+        name = f.name if f == p else f.relative_to(p).as_posix()
+        for i, s in enumerate(split_sections(text)):
+            n_sections += 1
+            yield Document(f"{name}#{i:06d}", s)
+    if not n_sections:
         raise ValueError(f"data.path={path!r} holds no text")
-    for i, s in enumerate(sections):
-        yield Document(f"{p.name}#{i:06d}", s)
 
 
 def hf_documents(hf_name: str) -> Iterator[Document]:
@@ -226,8 +244,15 @@ def source_fingerprint(cfg: DataConfig) -> str:
         return f"cpython {platform.python_version()} stdlib"
     if cfg.source == "file":
         p = Path(str(cfg.path))
-        digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "missing"
-        return f"file sha256 {digest}"
+        if p.is_file():
+            return f"file sha256 {hashlib.sha256(p.read_bytes()).hexdigest()}"
+        if not p.is_dir():
+            return "file missing"
+        digest = hashlib.sha256()
+        for f in text_files(str(p)):  # names and contents: a renamed or edited file counts
+            digest.update(f"{f.relative_to(p).as_posix()}\0".encode())
+            digest.update(hashlib.sha256(f.read_bytes()).digest())
+        return f"folder sha256 {digest.hexdigest()}"
     if cfg.source == "hf":
         return f"hf {cfg.hf_name} (unversioned)"
     if cfg.source == "mixed":

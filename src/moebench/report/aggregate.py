@@ -1,5 +1,6 @@
 """`moebench aggregate`: one study's run directories -> its summary (Parquet, pandera-validated)
--> its tables (Markdown with paired differences, published numbers and claims; CSV), the
+-> its tables (Markdown with paired differences, published numbers and claims; the same as
+an HTML page for the report; CSV), the
 paired and claims files and figures (PNG + SVG), under the output root (docs/run-directory.md).
 Needs only the run directories, so every table regenerates without training; the same run
 directories always give the same bytes (sorted rows, no timestamps)."""
@@ -7,6 +8,7 @@ directories always give the same bytes (sorted rows, no timestamps)."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from moebench.config import ReportSettings
 from moebench.io import remove_temporaries, write_parquet, write_text
 from moebench.report import figures
 from moebench.report.domains import relative_share, specialisation_bits
+from moebench.report.markdown import markdown_html
 from moebench.report.paths import (
     FIGURES,
     OPTIONAL_FIGURES,
@@ -28,6 +31,7 @@ from moebench.report.paths import (
     summary_file,
     table_file,
 )
+from moebench.report.published import match_settings
 from moebench.report.stats import default_baseline, paired_table, strategy_order
 from moebench.report.summary import (
     collect,
@@ -175,21 +179,30 @@ def aggregate(
     baseline = report.baseline or default_baseline(strategy_order(set(df["strategy"])))
     pt = paired_table(df, {study: baseline})
     links, scores, drawn = _draw(study, runs, df, st, domain_loads, report, baseline, root)
+    compare_to = report.compare_to or match_settings(load_settings(runs))
     datasets = {
         dataset: DatasetReport(
             stats=st[st["dataset"] == dataset],
             paired=pt[pt["dataset"] == dataset],
-            claims=claim_table(df[df["dataset"] == dataset], report.compare_to),
-            compare_to=report.compare_to,
+            claims=claim_table(df[df["dataset"] == dataset], compare_to),
+            compare_to=compare_to,
             specialisation=scores.get(dataset),
             figures=links[dataset],
         )
         for dataset in sorted(set(df["dataset"]))
     }
-    md = study_markdown(study, setting_line(runs[0]), baseline, datasets, missing or [])
+    setting = setting_line(runs[0])
+    missing = missing or []
+    md = study_markdown(study, setting, baseline, datasets, missing)
+    # the HTML report shows the figures itself: its table page leaves them out
+    no_figures = {d: replace(rep, figures=[]) for d, rep in datasets.items()}
+    html = markdown_html(
+        f"Study {study}", study_markdown(study, setting, baseline, no_figures, missing)
+    )
     write_parquet(summary_file(study, root), pa.Table.from_pandas(df, preserve_index=False))
     outputs = {
         table_file(study, "md", root): md,
+        table_file(study, "html", root): html,
         table_file(study, "csv", root): st.to_csv(index=False, float_format="%.6g"),
         paired_file(study, root): pt.to_csv(index=False, float_format="%.6g"),
         claims_file(study, root): claims_file_markdown(
@@ -203,15 +216,3 @@ def aggregate(
         remove_temporaries(folder, [p.name for p in written if p.parent == folder])
     return df, written
 
-
-HEADLINE = ("val_loss", "val_ppl", "maxvio_global", "maxvio_batch_mean", "nodes_per_token")
-
-
-def study_means(df_study: pd.DataFrame) -> dict[str, float]:
-    """Mean over seeds of the HEADLINE metrics, keyed `<metric>/<dataset>/<strategy>` (logged
-    to the study's MLflow parent run)."""
-    out = {}
-    for (dataset, strategy), part in df_study.groupby(["dataset", "strategy"], sort=True):
-        for col in HEADLINE:
-            out[f"{col}/{dataset}/{strategy}"] = float(part[col].mean())
-    return out

@@ -1,10 +1,11 @@
-"""Pipeline commands: `moebench resolve`, `schema`, `mlflow-init`, `aggregate`, `where`,
-`check`, `reference`.
+"""Pipeline commands: `moebench new-study`, `resolve`, `schema`, `mlflow-init`, `aggregate`,
+`where`, `check`, `reference`.
 Heavy imports (mlflow, matplotlib, pandas) happen inside the commands that need them."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +49,34 @@ def resolve(
 
     with _user_errors():
         resolve_to(load_study(study), dataset, strategy, seed, out)
+
+
+def new_study(
+    name: Annotated[str, typer.Option(help="the study's name: its runs go to <root>/runs/<name>")],
+    out: Annotated[Path, typer.Option(help="study YAML to write (a new file)")],
+    text: Annotated[
+        str | None, typer.Option(help="a local UTF-8 text file to train on (data.source: file)")
+    ] = None,
+    hf: Annotated[
+        str | None, typer.Option(help="a Hugging Face dataset name instead (data.source: hf)")
+    ] = None,
+    vocab_size: Annotated[int, typer.Option(help="BPE vocabulary (>= 260)")] = 512,
+    template: Annotated[
+        Path, typer.Option(help="study whose model, strategies and seeds are copied")
+    ] = Path("configs/default.yaml"),
+) -> None:
+    """Write a starter study on your own data: the template's strategies and seeds on one
+    dataset, under its own name and MLflow store. Run it with `snakemake --configfile`."""
+    from moebench.report.study import new_study as write_new_study
+
+    with _user_errors():
+        if (text is None) == (hf is None):
+            raise ValueError("give exactly one of --text and --hf")
+        source, data = ("file", text) if text is not None else ("hf", hf)
+        study = write_new_study(template, name, source, str(data), vocab_size, out)
+    runs = len(study.grid())
+    typer.echo(f"wrote {out}: study {name!r}, {runs} runs; run it with\n"
+               f"  snakemake --cores 2 --configfile {out}")
 
 
 def schema(
@@ -96,7 +125,6 @@ def aggregate(
     """Collect the study's run directories into its summary, tables (compared as its `report`
     section says) and figures; log them to its MLflow parent run."""
     from moebench.report.aggregate import aggregate as run_aggregate
-    from moebench.report.aggregate import study_means
 
     with _user_errors():
         cfg = load_study(study)
@@ -107,18 +135,26 @@ def aggregate(
             hint = "" if partial else " (--partial aggregates the finished ones)"
             raise ValueError(f"unfinished runs of study {cfg.study!r}{hint}: {unfinished}")
         runs = [run for key, run in grid.items() if key not in missing]
-        df, written = run_aggregate(cfg.study, runs, results, cfg.report, missing)
+        _, written = run_aggregate(cfg.study, runs, results, cfg.report, missing)
         if cfg.tracking.uri:
-            _log_parent(cfg, results, study_means(df), written)
+            _log_parent(cfg, results, written)
     for path in written:
         typer.echo(str(path))
 
 
-def _log_parent(
-    cfg: StudyConfig, results: Path, means: dict[str, float], files: list[Path]
-) -> None:
-    """Log the study's means, tables and figures to its MLflow parent run (if `mlflow-init`
-    made one)."""
+COMM_METRICS = (
+    "devices_per_token",
+    "nodes_per_token",
+    "nvlink_bytes_per_token",
+    "ib_bytes_per_token",
+    "a2a_time_modeled_us",
+)
+"""The communication numbers of a run's comm.json that MLflow gets (dedup dispatcher)."""
+
+
+def _log_parent(cfg: StudyConfig, results: Path, files: list[Path]) -> None:
+    """Log each run's communication numbers to its MLflow run and the study's tables and
+    figures to its parent run (if `mlflow-init` made one)."""
     from moebench.report.tracking import log_study
 
     parent_file = paths.parent_run_file(cfg.study, results)
@@ -126,17 +162,18 @@ def _log_parent(
         logger.warning(f"no MLflow parent run ({parent_file} missing): not logged")
         return
     assert cfg.tracking.uri is not None
-    artifacts = [p for p in files if p.suffix in (".md", ".csv", ".png", ".svg")]
+    comm = {}
+    for d, s, n in cfg.grid():
+        numbers = json.loads((paths.run_dir(cfg.study, d, s, n, results) / "comm.json").read_text())
+        comm[d, s, n] = {k: numbers[k] for k in COMM_METRICS if numbers.get(k) is not None}
+    artifacts = [p for p in files if p.suffix in (".md", ".csv", ".png", ".svg", ".html")]
     try:
-        log_study(cfg.tracking.uri, parent_file.read_text().strip(), means, artifacts)
+        log_study(cfg.tracking.uri, parent_file.read_text().strip(), comm, artifacts)
     except Exception as err:  # MLflow only mirrors the files just written: warn, do not fail
         logger.warning(f"not logged to MLflow at {cfg.tracking.uri}: {err}")
 
 
-def where(
-    study: Annotated[Path, typer.Option(help="study YAML")] = Path("configs/default.yaml"),
-    results: ResultsDir = paths.OUT,
-) -> None:
+def where(study: StudyFile, results: ResultsDir = paths.OUT) -> None:
     """Print where the tables, figures, report and MLflow store of a study are."""
     with _user_errors():
         cfg = load_study(study)

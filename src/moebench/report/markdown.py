@@ -1,11 +1,20 @@
 """The one Markdown table writer of moebench (tabulate's GitHub "pipe" format), so every
-table in results/ and the README is drawn the same way."""
+table in results/ and the README is drawn the same way; and the one Markdown -> HTML
+renderer (markdown-it, CommonMark with tables) for the HTML report."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from markdown_it import MarkdownIt
 from tabulate import tabulate
+
+HTML_STYLE = (
+    "body{font-family:sans-serif;max-width:72em;margin:1em auto;padding:0 1em}"
+    "table{border-collapse:collapse;margin:.5em 0}"
+    "th,td{border:1px solid #bbb;padding:.2em .5em}th{background:#eee}"
+    "tr:nth-child(even) td{background:#f7f7f7}code{background:#f2f2f2}"
+)
 
 
 def markdown_table(
@@ -22,4 +31,13 @@ def markdown_table(
         tablefmt="pipe",
         colalign=["left" if a == "l" else "right" for a in align],
         disable_numparse=True,
+    )
+
+
+def markdown_html(title: str, text: str) -> str:
+    """A standalone HTML page of Markdown `text` (tables rendered, raw HTML escaped)."""
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{HTML_STYLE}</style></head>\n<body>\n{body}</body></html>\n"
     )

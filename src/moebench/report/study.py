@@ -1,15 +1,17 @@
 """Study files on disk: the JSON schema Snakemake validates them against, the validated copy
-the rules read, and the resolved per-run configs (`moebench resolve`)."""
+the rules read, the resolved per-run configs (`moebench resolve`), `snakemake --config`
+overrides read with their YAML types, and a user's starter study (`moebench new-study`)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from moebench.config import StudyConfig
+from moebench.config import StudyConfig, read_yaml, read_yaml_mapping, study_from_dict
 from moebench.io import write_text, write_yaml
 from moebench.report.paths import study_copy_file
 
@@ -51,3 +53,70 @@ def resolve(
         else study.run_config(dataset, strategy, seed)
     )
     write_yaml(out, cfg.model_dump(mode="json"))
+
+
+def typed_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`snakemake --config` values with their YAML types: Snakemake reads nested values as
+    strings ('512'), so every string leaf is read again as YAML (strictly, `1e-3` a number)."""
+
+    def typed(value: Any, where: str) -> Any:
+        if isinstance(value, Mapping):
+            return {k: typed(v, f"{where}.{k}") for k, v in value.items()}
+        if isinstance(value, list):
+            return [typed(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return read_yaml(value, f"--config {where}") if isinstance(value, str) else value
+
+    return {key: typed(value, key) for key, value in overrides.items()}
+
+
+GRID_SECTIONS = ("datasets", "strategies")
+
+
+def grid_override_problem(files: Mapping[str, Any], overrides: Mapping[str, Any]) -> str | None:
+    """Why `--config` may not add datasets or strategies to the study files' grid under the
+    same study name (they would join that study's runs, tables and MLflow experiment), or None."""
+    if "study" in overrides:
+        return None
+    for section in GRID_SECTIONS:
+        added = sorted(set(overrides.get(section) or {}) - set(files.get(section) or {}))
+        if added:
+            return (
+                f"--config {section}: {added} would be added to study {files.get('study')!r} "
+                "(its runs, tables and MLflow experiment); allowed: name your own study "
+                "(--config study=<name>), or write a study file (`moebench new-study`) and "
+                "pass it with --configfile"
+            )
+    return None
+
+
+DataKind = Literal["file", "hf"]
+
+
+def new_study(
+    template: Path, name: str, source: DataKind, data: str, vocab_size: int, out: Path
+) -> StudyConfig:
+    """Write study `name`: `template`'s model, strategies and seeds on one dataset (a local
+    text file or a Hugging Face dataset), its own MLflow store and no published matching of
+    the template's names (aggregation matches by what each strategy does)."""
+    if out.exists():
+        raise ValueError(f"--out={str(out)!r} exists; allowed: a new file")
+    if source == "file":
+        from moebench.data.sources import text_files
+
+        text_files(data)  # the text is there (a ValueError names it otherwise)
+    raw = read_yaml_mapping(template, "study file")
+    dataset = Path(data).stem if source == "file" else data.rsplit("/", 1)[-1]
+    spec = {"source": source, "vocab_size": vocab_size}
+    spec |= {"path": data} if source == "file" else {"hf_name": data}
+    raw |= {"study": name, "datasets": {_safe_name(dataset): spec}}
+    raw["tracking"] = {"uri": f"sqlite:///work/mlflow/{name}.db"}
+    raw.pop("report", None)
+    study = study_from_dict(raw, f"new study {name!r}")
+    write_text(out, yaml.safe_dump(study.to_dict(), sort_keys=False))
+    return study
+
+
+def _safe_name(text: str) -> str:
+    """`text` as a dataset name (letters, digits, `_ . -`; starting with a letter or digit)."""
+    safe = "".join(c if c.isalnum() or c in "_.-" else "_" for c in text).lstrip("_.-")
+    return safe or "data"

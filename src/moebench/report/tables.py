@@ -245,7 +245,8 @@ PAIRED_NOTE = (
 )
 CLAIMS_NOTE = (
     "Each claim is checked on the strategies the study matches to the published settings "
-    "(`report.compare_to`), with the paired difference lhs − rhs: **reproduced** when the "
+    "(`report.compare_to`, or without it by what each strategy's config does), with the "
+    "paired difference lhs − rhs: **reproduced** when the "
     "95% CI lies on the published side of zero (for ≈ claims: inside ± the margin), "
     "**contradicted** when it lies on the other side (for ≈: entirely outside the margin), "
     "**not resolved** otherwise. *Smallest resolvable* is the CI half-width: a true "

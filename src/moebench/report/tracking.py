@@ -1,17 +1,22 @@
 """MLflow for a study: the experiment and its parent run are created once, before training
 jobs write to the store concurrently (several processes creating a fresh sqlite store at
-once race on its schema migration). Training runs log themselves as
-children (`tracking.parent_run_id`, passed by the train rule); aggregation logs the study's
-tables and figures to the parent and closes it. Files stay the source of truth."""
+once race on its schema migration); the experiment is marked as model training. Training
+runs log themselves as children (`tracking.parent_run_id`, passed by the train rule), each
+with the same metric keys and its strategy, dataset and seed as params, so MLflow's own
+comparison (chart view, grouped by `strategy`) compares strategies; aggregation adds each
+child's communication numbers (`comm.*`), logs the study's tables and figures to the parent
+and closes it. Files stay the source of truth."""
 
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moebench.config import StudyConfig
 from moebench.io import write_text
+from moebench.train.tracking import EXPERIMENT_KIND
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -57,11 +62,14 @@ def init_parent(study: StudyConfig, out: Path) -> str:
         raise ValueError(f"study {study.study!r}: tracking.uri is null, MLflow is disabled")
     client = _client(uri)
     exp = client.get_experiment_by_name(study.experiment)
-    exp_id = (
-        exp.experiment_id
-        if exp is not None
-        else client.create_experiment(study.experiment, artifact_location=artifact_location(study))
-    )
+    if exp is None:
+        exp_id = client.create_experiment(
+            study.experiment, artifact_location(study), tags=EXPERIMENT_KIND
+        )
+    else:  # made before experiments were marked: mark it now
+        exp_id = exp.experiment_id
+        for key, value in EXPERIMENT_KIND.items():
+            client.set_experiment_tag(exp_id, key, value)
     found = client.search_runs(
         [exp_id],
         filter_string=(
@@ -84,12 +92,27 @@ def init_parent(study: StudyConfig, out: Path) -> str:
 
 
 def log_study(
-    uri: str, parent_run_id: str, metrics: dict[str, float], artifacts: list[Path]
+    uri: str,
+    parent_run_id: str,
+    comm: dict[tuple[str, str, int], dict[str, float]],
+    artifacts: list[Path],
 ) -> None:
-    """Log the study's mean metrics and its tables/figures to the parent run and finish it."""
+    """Log each child run's communication numbers (`comm`: by dataset, strategy and seed) as
+    `comm.*` metrics, the study's tables and figures to the parent run, and finish it."""
+    from mlflow.entities import Metric
+
     client = _client(uri)
-    for key, value in sorted(metrics.items()):
-        client.log_metric(parent_run_id, key, value)
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    children = client.search_runs(
+        [experiment], f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=10000
+    )
+    for child in children:
+        tags = child.data.tags
+        numbers = comm.get((tags["dataset"], tags["strategy"], int(tags["seed"])), {})
+        now = int(time.time() * 1000)
+        metrics = [Metric(f"comm.{k}", v, now, 0) for k, v in sorted(numbers.items())]
+        if metrics:
+            client.log_batch(child.info.run_id, metrics=metrics)
     for path in artifacts:
         client.log_artifact(parent_run_id, str(path), artifact_path=path.parent.name)
     client.set_terminated(parent_run_id, "FINISHED")

@@ -20,7 +20,8 @@ def train(
         Path | None, typer.Option("--config", help="run config YAML (default: built-in defaults)")
     ] = None,
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="override, e.g. train.steps=100 (repeatable)")
+        list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
+                                         help="override, e.g. train.steps=100 (repeatable)")
     ] = None,
     *,
     out: Annotated[Path, typer.Option("--out", help="run directory to write")],

@@ -48,11 +48,13 @@ Legend: L MoE layers, E routed experts, K experts per token, B batch, S sequence
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import math
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,6 +62,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from moebench.balancing import BiasController, all_reduce_sum
 from moebench.comm.alltoall import PhaseTimer
@@ -90,6 +94,8 @@ logger = logging.getLogger(__name__)
 TIMING_KEYS = ("elapsed_s", "mfu", "tokens_per_s")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12}
 MLFLOW_ARTIFACTS = ("config.resolved.yaml", "summary.json", "metrics.jsonl", "timing.jsonl")
+SUMMARY_PARAMS = ("study", "dataset", "strategy", "seed", "steps", "world_size")
+"""summary.json fields that are already MLflow params or tags of the run, never metrics."""
 RUN_FILES = (*MLFLOW_ARTIFACTS, "routing_trace.parquet")
 """Every file of a run directory."""
 
@@ -135,6 +141,11 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def eta(seconds: float, done: int, left: int) -> str:
+    """Time left as h:mm:ss at this process's pace so far (`done` steps in `seconds`)."""
+    return str(datetime.timedelta(seconds=round(seconds / max(done, 1) * left)))
 
 
 def git_sha() -> str:
@@ -184,6 +195,25 @@ class Run:
     parallel: Parallel | None = None
 
 
+MAX_EPOCHS = 4.0
+"""Passes over the training tokens above which a run warns: up to about 4 epochs, repeated
+tokens train almost as well as new ones (Muennighoff et al. 2023, arXiv 2305.16264, Fig. 3)."""
+
+
+def epochs_warning(cfg: RunConfig, n_train_tokens: int) -> str | None:
+    """A warning when the run sees its training tokens more than MAX_EPOCHS times, else None."""
+    t = cfg.train
+    seen = t.steps * t.grad_accum * t.batch_size * t.seq_len
+    epochs = seen / max(1, n_train_tokens)
+    if epochs <= MAX_EPOCHS:
+        return None
+    return (
+        f"train.steps={t.steps} x {seen // t.steps} tokens per step is {epochs:.1f} epochs of "
+        f"the {n_train_tokens} training tokens in {cfg.data_dir}: expect overfitting (validation "
+        f"loss far above training loss); use more data or fewer steps (<= {MAX_EPOCHS:g} epochs)"
+    )
+
+
 def prepare(cfg: RunConfig, out: Path, ckpt_dir: Path | None = None,
             parallel: Parallel | None = None) -> Run:
     """Check everything a run needs (device, data, tracking store, checkpoint) and write
@@ -202,6 +232,8 @@ def prepare(cfg: RunConfig, out: Path, ckpt_dir: Path | None = None,
                 f"train.seq_len={cfg.train.seq_len} needs {cfg.train.seq_len + 1} tokens; split "
                 f"{stream.split!r} of {cfg.data_dir} has {len(stream)}"
             )
+    if (warning := epochs_warning(cfg, len(streams[0]))) and (parallel is None or parallel.lead):
+        logger.warning(warning)
     if cfg.tracking.uri is not None and (parallel is None or parallel.lead):
         from moebench.train.tracking import check_uri
 
@@ -279,6 +311,7 @@ class Trainer:
         self.sums = {"maxvio_batch": 0.0, "drop_frac": 0.0, "tokens": 0, "train_s": 0.0,
                      "elapsed_s": 0.0}
         self.mlflow_run_id: str | None = None
+        self._last_eval: dict[str, Any] = {}  # the last evaluation record (for MLflow)
         self.last_ckpt = "none"
         self._window = {"tokens": 0, "seconds": 0.0}
         self._files: dict[str, IO[str]] = {}
@@ -566,8 +599,20 @@ class Trainer:
             record["a2a"], self._a2a_record = self._a2a_record, None
         return record
 
+    def _bias_metrics(self) -> dict[str, Any]:
+        """The aux-loss-free bias per MoE layer for MLflow (not the files, whose bytes stay
+        fixed): its L2 norm and its spread (max - min), the layers' mean beside them."""
+        if self.bias is None:
+            return {}
+        bias_LE = self.bias.bias_LE.detach().float().cpu()
+        norm_L = bias_LE.norm(dim=1)
+        spread_L = bias_LE.max(dim=1).values - bias_LE.min(dim=1).values
+        return {"bias_norm": norm_L.mean().item(), "bias_spread": spread_L.mean().item(),
+                "bias_norm_layers": norm_L.tolist(), "bias_spread_layers": spread_L.tolist()}
+
     def _log_eval(self, tracker: Any) -> tuple[dict[str, Any], torch.Tensor]:
         record, load = self.evaluate()
+        self._last_eval = record
         self._append("metrics.jsonl", record)
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in record.items() if k not in ("kind", "step")},
@@ -585,8 +630,10 @@ class Trainer:
         if cfg.tracking.uri is not None and self.lead:
             from moebench.train.tracking import Tracker
 
+            resumed = self.mlflow_run_id is not None
             tracker = Tracker(cfg, self.mlflow_run_id)
             self.mlflow_run_id = tracker.run_id
+            tracker.start_system_metrics(resumed)
         if self.lead:
             self.out.mkdir(parents=True, exist_ok=True)
             remove_temporaries(self.out, RUN_FILES)  # cut short by a kill of an earlier attempt
@@ -599,16 +646,28 @@ class Trainer:
             if tracker is not None:
                 tracker.finish("FAILED")
             raise
-        if tracker is not None:
-            tracker.log_metrics({f"summary.{k}": v for k, v in summary.items()}, self.step)
+        if tracker is not None:  # the numbers no step logged (val_* are the last eval's)
+            tracker.log_metrics({k: v for k, v in summary.items()
+                                 if k not in self._last_eval and k not in SUMMARY_PARAMS},
+                                self.step)
             tracker.log_artifacts(self.out / name for name in MLFLOW_ARTIFACTS)
             tracker.finish()
         return summary
 
     def _loop(self, tracker: Any) -> dict[str, Any]:
-        cfg, t = self.cfg, self.cfg.train
+        """The training steps (a progress bar with ETA on a terminal), then the summary."""
+        bar = tqdm(total=self.cfg.train.steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   desc=f"{self.cfg.strategy}/seed~{self.cfg.seed}",
+                   disable=not (self.lead and sys.stderr.isatty()))
+        with bar, logging_redirect_tqdm([logging.getLogger("moebench")]):
+            self._steps(tracker, bar)
+        return self._finish(tracker)
+
+    def _steps(self, tracker: Any, bar: tqdm) -> None:
+        """Optimizer steps up to train.steps: records, evaluations and checkpoints on schedule."""
+        t = self.cfg.train
         tokens_per_step = t.grad_accum * t.batch_size * t.seq_len
-        started = time.perf_counter()
+        started, first_step = time.perf_counter(), self.step
         elapsed_before = self.sums["elapsed_s"]
         while self.step < t.steps:
             tic = time.perf_counter()
@@ -625,15 +684,23 @@ class Trainer:
                 self._append("timing.jsonl", timing)
                 if tracker is not None:
                     tracker.log_metrics({k: v for k, v in {**record, **timing}.items()
-                                         if k not in ("kind", "load", "step")}, step)
+                                         if k not in ("kind", "load", "step")}
+                                        | self._bias_metrics(), step)
                 tps, vio = timing["tokens_per_s"], record["maxvio_batch"]
+                left = eta(time.perf_counter() - started, step - first_step, t.steps - step)
                 self._log(f"step {step}/{t.steps} loss {record['loss']:.4f} "
                     + (f"maxvio {vio:.3f} " if vio is not None else "") + f"tok/s {tps or 0:.0f}"
-                    + (f" mfu {timing['mfu']:.3f}" if timing["mfu"] is not None else ""))
+                    + (f" mfu {timing['mfu']:.3f}" if timing["mfu"] is not None else "")
+                    + f" eta {left}")
             if step % t.eval_every == 0 and step < t.steps:
                 self._log_eval(tracker)
             if step % t.ckpt_every == 0 or step == t.steps:
                 self.save()
+            bar.update()
+
+    def _finish(self, tracker: Any) -> dict[str, Any]:
+        """The final evaluation, the routing trace and the summary."""
+        cfg, t = self.cfg, self.cfg.train
         eval_record, load_DLE = self._log_eval(tracker)
         load_global = load_DLE.sum(dim=0)
         self._close_logs()

@@ -1,17 +1,24 @@
 """MLflow mirror of a training run; the files in the run directory stay the source of truth.
 
-With `tracking.uri` set, a run logs its flattened resolved config as params, every logged
-step's metrics live, the summary numbers as `summary.*` metrics and the run files as
-artifacts. Experiments are per study (the pipeline resolves `tracking.experiment` to the
+With `tracking.uri` set, a run is named `<strategy>/seed~<n> (<dataset>)` and logs its
+flattened resolved config as params (the seed among them), its source tags (git commit,
+entry point), the prepared data directory as a dataset input, system metrics
+(`system/*`), every logged step's metrics live (the bias norm and spread per layer beside
+the file records), the summary numbers no step logged, and the run files as artifacts.
+`moebench aggregate` later adds the communication numbers (`comm.*`). Experiments are per
+study (the pipeline resolves `tracking.experiment` to the
 study's experiment and creates its parent run): the child of `tracking.parent_run_id` (tag
 `mlflow.parentRunId`) goes into its parent's experiment, a run without parent into
 `tracking.experiment` (created if missing). For a sqlite store a new experiment's artifacts go
-next to the database (`<db dir>/mlruns/<experiment>`), not into the working directory.
+next to the database (`<db dir>/mlruns/<experiment>`), not into the working directory; every
+experiment is marked as model training (`EXPERIMENT_KIND`), so the UI does not open it in
+its GenAI view.
 A store that does not answer is a ValueError before training starts (`check_uri`).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import urllib.error
@@ -23,6 +30,9 @@ from typing import Any
 from moebench.config import RunConfig
 
 HEALTH_TIMEOUT_S = 5.0
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+"""The experiment tag that makes the MLflow UI show runs, charts and comparison (training)
+rather than traces and evaluations (its GenAI view, the default for an untagged one)."""
 _BATCH = 100  # MLflow accepts at most 100 params per log_batch call
 
 
@@ -95,6 +105,7 @@ class Tracker:
         if uri is None:
             raise ValueError("Tracker needs tracking.uri; got None")
         self.client = MlflowClient(tracking_uri=uri)
+        self._monitor: Any = None
         if run_id is not None:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
@@ -111,13 +122,35 @@ class Tracker:
             tags["mlflow.parentRunId"] = parent
         else:
             experiment_id = self._experiment(uri, cfg.tracking.experiment)
-        run = self.client.create_run(
-            experiment_id,
-            run_name=f"{cfg.dataset}/{cfg.strategy}/seed~{cfg.seed}",
-            tags=tags,
-        )
+        tags |= source_tags()
+        run = self.client.create_run(experiment_id, run_name=run_name(cfg), tags=tags)
         self.run_id = run.info.run_id
         self.log_params(flatten(cfg.model_dump(mode="json")))
+        self._log_data_input(cfg)
+
+    def _log_data_input(self, cfg: RunConfig) -> None:
+        """The prepared data directory as the run's training dataset (digest: its token files)."""
+        from mlflow.data.dataset_source_registry import get_registered_sources
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        folder = Path(cfg.data_dir).resolve()
+        splits = json.loads((folder / "manifest.json").read_text())["splits"]
+        digest = "".join(splits[s]["sha256"][:4] for s in ("train", "val"))
+        local = next(s for s in get_registered_sources() if s._get_source_type() == "local")
+        data = MetaDataset(local(str(folder)), name=cfg.dataset, digest=digest)
+        context = InputTag(MLFLOW_DATASET_CONTEXT, "training")
+        self.client.log_inputs(self.run_id, [DatasetInput(data._to_mlflow_entity(), [context])])
+
+    def start_system_metrics(self, resumed: bool) -> None:
+        """Sample CPU, memory, disk, network (and GPU) into `system/*` metrics until finish."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(
+            self.run_id, resume_logging=resumed, tracking_uri=self.client.tracking_uri
+        )
+        self._monitor.start()
 
     def _experiment(self, uri: str, name: str) -> str:
         """Id of experiment `name`, created (artifacts beside a sqlite store) if missing."""
@@ -129,7 +162,7 @@ class Tracker:
         if db is not None:
             safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
             location = (db.parent.resolve() / "mlruns" / safe).as_uri()
-        return self.client.create_experiment(name, artifact_location=location)
+        return self.client.create_experiment(name, location, tags=EXPERIMENT_KIND)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -157,5 +190,22 @@ class Tracker:
                 self.client.log_artifact(self.run_id, str(path))
 
     def finish(self, status: str = "FINISHED") -> None:
-        """Mark the run FINISHED or FAILED."""
+        """Stop the system metrics; mark the run FINISHED or FAILED."""
+        if self._monitor is not None:
+            self._monitor.finish()
         self.client.set_terminated(self.run_id, status=status)
+
+
+def run_name(cfg: RunConfig) -> str:
+    """`<strategy>/seed~<n> (<dataset>)`: the strategy first, so a shortened name keeps it."""
+    return f"{cfg.strategy}/seed~{cfg.seed} ({cfg.dataset})"
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's source tags of a training run: entry point and the code's git commit."""
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
+
+    from moebench.train.loop import git_sha
+
+    return {MLFLOW_SOURCE_NAME: "moebench train", MLFLOW_SOURCE_TYPE: "LOCAL",
+            MLFLOW_GIT_COMMIT: git_sha()}
