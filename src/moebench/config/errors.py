@@ -73,7 +73,7 @@ def describe_errors(err: ValidationError, model: type[BaseModel]) -> list[str]:
         got = "" if not loc or isinstance(value, dict) else f" (got {shown(value)})"
         hint = _unknown_key_hint(model, e["loc"]) if e["type"] == "extra_forbidden" else ""
         if e["type"] == "less_than_equal" and e.get("ctx", {}).get("le", 0) > 1:
-            hint = "; the bound is a choice of moebench/config/fields.py, raise it there if needed"
+            hint = "; the bound is a choice of moebench/config, raise it there if needed"
         named = not loc or msg.startswith(loc)  # a validator's message names field and value
         out.append(msg if named else f"{loc}: {msg}{got}{hint}")
     return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import AllowInfNan, BaseModel, ConfigDict
+from pydantic import AfterValidator, AllowInfNan, BaseModel, ConfigDict
 from pydantic import Strict as StrictType
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -26,7 +26,27 @@ SEED_MAX = 2**31 - 2
 """Largest seed: seed + 1 (the drop seed) still fits a signed 32-bit integer."""
 BIG = 1 << 20
 """Upper bound of sizes (widths, counts, tokens): far above any CPU or single-node study; a
-refusal names the bound, which is a choice made here (raise it in moebench/config/fields.py)."""
+refusal names the bound, which is a choice made here (raise it in moebench/config/)."""
+
+TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql")
+"""MLflow stores a run may log to: a sqlite file, a tracking server, a SQL database. MLflow's
+own file store (a bare path) is deprecated and refused by MLflow 3."""
+
+
+def _tracking_uri(uri: str) -> str:
+    """Refuse an empty URI (MLflow would write mlflow.db into the working directory) and any
+    scheme but TRACKING_SCHEMES, before any work."""
+    scheme, sep, rest = uri.partition("://")
+    if not (sep and rest.strip("/") and scheme.split("+")[0] in TRACKING_SCHEMES):
+        raise ValueError(
+            "not a supported MLflow store; allowed: sqlite:///<file>, http(s)://<server>, "
+            "postgresql://, mysql://, mssql:// database URIs, or null (MLflow off)"
+        )
+    return uri
+
+
+TrackingUri = Annotated[str, AfterValidator(_tracking_uri)]
+"""The URI of an MLflow store (TRACKING_SCHEMES); an empty string is refused."""
 
 
 class Strict(BaseModel):

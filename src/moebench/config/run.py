@@ -9,7 +9,16 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pydantic import BaseModel, Field, model_validator
 
-from moebench.config.fields import BIG, NAME_PATTERN, SEED_MAX, Bool, Float, Int, Strict
+from moebench.config.fields import (
+    BIG,
+    NAME_PATTERN,
+    SEED_MAX,
+    Bool,
+    Float,
+    Int,
+    Strict,
+    TrackingUri,
+)
 
 if TYPE_CHECKING:
     from moebench.model import TransformerConfig
@@ -194,7 +203,7 @@ class TrainConfig(Strict):
 class TrackingConfig(Strict):
     """MLflow: None disables it; files stay the source of truth."""
 
-    uri: str | None = None
+    uri: TrackingUri | None = None
     experiment: str = "moebench"
     parent_run_id: str | None = None
 

@@ -18,7 +18,7 @@ from pydantic import (
 )
 
 from moebench.config.errors import describe_errors, format_validation_error
-from moebench.config.fields import BIG, NAME_PATTERN, SEED_MAX, Float, Int, Strict
+from moebench.config.fields import BIG, NAME_PATTERN, SEED_MAX, Float, Int, Strict, TrackingUri
 from moebench.config.loading import deep_merge, read_yaml_mapping
 from moebench.config.run import (
     BalanceConfig,
@@ -81,7 +81,7 @@ class RunDefaults(Strict):
 class StudyTracking(Strict):
     """MLflow for a study: one experiment, one parent run, one child run per training run."""
 
-    uri: str | None = Field(
+    uri: TrackingUri | None = Field(
         "sqlite:///work/mlflow/mlflow.db",
         description="tracking URI (sqlite file or http(s) server); null disables MLflow",
     )
