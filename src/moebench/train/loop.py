@@ -75,6 +75,7 @@ from moebench.io import (
 )
 from moebench.metrics import expert_load, max_vio, max_vio_layers
 from moebench.model import MoETransformer
+from moebench.report import paths
 from moebench.train.checkpoint import (
     CKPT_NAME,
     identity,
@@ -90,8 +91,6 @@ logger = logging.getLogger(__name__)
 TIMING_KEYS = ("elapsed_s", "mfu", "tokens_per_s")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12}
 MLFLOW_ARTIFACTS = ("config.resolved.yaml", "summary.json", "metrics.jsonl", "timing.jsonl")
-RUN_FILES = (*MLFLOW_ARTIFACTS, "routing_trace.parquet")
-"""Every file of a run directory."""
 
 
 class TrainingDivergedError(RuntimeError):
@@ -589,7 +588,11 @@ class Trainer:
             self.mlflow_run_id = tracker.run_id
         if self.lead:
             self.out.mkdir(parents=True, exist_ok=True)
-            remove_temporaries(self.out, RUN_FILES)  # cut short by a kill of an earlier attempt
+            remove_temporaries(self.out, paths.RUN_FILES)  # cut short by a killed attempt
+            # an earlier run's files never stand beside this run's: the directory is
+            # incomplete (no summary.json) until this run ends
+            for name in paths.RUN_FILES:
+                (self.out / name).unlink(missing_ok=True)
             write_yaml(self.out / "config.resolved.yaml", cfg.model_dump(mode="json"))
         self._rewrite_logs()
         try:
