@@ -82,14 +82,20 @@ class DiskFullError(OSError):
 
 @contextlib.contextmanager
 def _disk_full_message(path: Path) -> Iterator[None]:
-    """ENOSPC/EDQUOT while writing `path` -> a DiskFullError that says what and where."""
+    """ENOSPC/EDQUOT while writing `path` -> a DiskFullError that says what and where (also
+    when a writer turned it into another error, as torch.save's zip writer does)."""
     try:
         yield
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as err:
+        cause: BaseException | None = err
+        while cause is not None and not (
+            isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
+        ):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
             raise
         raise DiskFullError(
-            err.errno, f"no space left on the device of {path.parent} while writing "
+            errno.ENOSPC, f"no space left on the device of {path.parent} while writing "
             f"{path.name}; the previous {path.name}, if any, is unchanged: free space and rerun"
         ) from None
 

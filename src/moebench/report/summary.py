@@ -191,8 +191,8 @@ def check_run(run: Path) -> None:
             f"{', '.join(REQUIRED_FILES)}: rerun its train and comm jobs"
         )
     read_config(run)
-    run_row(run)
     _train_records(run)
+    run_row(run)
 
 
 def read_config(run: Path) -> RunConfig:

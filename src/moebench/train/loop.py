@@ -84,6 +84,7 @@ from moebench.train.checkpoint import (
     save_checkpoint,
 )
 from moebench.train.distributed import A2AMeter, Parallel, ProcessLaunch, check_world, process_group
+from moebench.train.memory import check_memory
 from moebench.train.trace import write_trace
 
 logger = logging.getLogger(__name__)
@@ -192,6 +193,7 @@ def prepare(cfg: RunConfig, out: Path, ckpt_dir: Path | None = None,
     check_writable_dir(out, "--out")
     check_writable_dir(ckpt_dir, "--ckpt-dir")
     device = resolve_device(cfg) if parallel is None else parallel.device
+    check_memory(cfg, device, 1 if parallel is None else parallel.world_size)
     streams = [TokenStream(cfg.data_dir, split, vocab_size=cfg.data.vocab_size, config=cfg.data,
                            verify=True)  # SHA-256: a damaged file is refused, not trained on
                for split in ("train", "val")]
