@@ -3,7 +3,8 @@ table in results/ and the README is drawn the same way."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from tabulate import tabulate
 
@@ -23,3 +24,10 @@ def markdown_table(
         colalign=["left" if a == "l" else "right" for a in align],
         disable_numparse=True,
     )
+
+
+def records_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """`markdown_table` of `columns` of dict rows, floats to 4 significant digits (benchmark
+    and replay results)."""
+    cells = [[f"{r[c]:.4g}" if isinstance(r[c], float) else r[c] for c in columns] for r in rows]
+    return markdown_table(columns, cells)
