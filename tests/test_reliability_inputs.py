@@ -283,7 +283,7 @@ CASES = [
          ("router.group_limit=5", "4 nodes", "allowed: 1..4")),
     Case("top_k_above_limited_experts",
          lambda c: c.train(*sets("router.limit=device", "router.group_limit=1")),
-         ("router.top_k=4", "group_limit x experts per device = 2", "allowed: 1..2")),
+         ("router.top_k=4", "group_limit x experts per device = 1 x 2 = 2", "allowed: 1..2")),
     Case("experts_not_divisible_by_devices", lambda c: c.train(*sets("router.num_experts=12")),
          ("router.num_experts=12", "topology.num_devices=8", "multiples of 8")),
     Case("experts_not_divisible_by_nodes", lambda c: c.train(*sets("topology.num_nodes=3")),

@@ -29,6 +29,7 @@ from moebench.config.run import (
     TopologyConfig,
     TrackingConfig,
     TrainConfig,
+    check_router,
     default_normalize,
     routing_groups,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "TrackingConfig",
     "TrainConfig",
     "TrainResources",
+    "check_router",
     "deep_merge",
     "default_normalize",
     "describe_errors",

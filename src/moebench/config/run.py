@@ -5,6 +5,7 @@ router, the layout, the model's own config)."""
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pydantic import BaseModel, Field, model_validator
@@ -109,6 +110,51 @@ LIMITS: tuple[str, ...] = get_args(Limit)
 def routing_groups(limit: str, num_nodes: int, gpus_per_node: int) -> int:
     """G, the groups of the group-limited router: devices, nodes, or 1 (no limit)."""
     return {"none": 1, "device": num_nodes * gpus_per_node, "node": num_nodes}[limit]
+
+
+def check_router(
+    num_experts: int, top_k: int, num_groups: int, group_limit: int, group_score: str
+) -> None:
+    """The router's cross-field rules, stated once: `RouterConfig` checks itself with them
+    and `RunConfig` checks a run's router (G from its topology) before any work. ValueError
+    naming the fields (bare names: `RunConfig` prefixes `router.`) and what is allowed."""
+    if top_k > num_experts:
+        raise ValueError(
+            f"top_k={top_k} exceeds num_experts={num_experts}; allowed: 1..{num_experts}"
+        )
+    if num_experts % num_groups:
+        divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
+        raise ValueError(
+            f"num_experts={num_experts} is not divisible by num_groups={num_groups}; "
+            f"allowed num_groups: {divisors}"
+        )
+    if num_groups == 1:
+        return
+    if group_limit > num_groups:
+        raise ValueError(
+            f"group_limit={group_limit} exceeds num_groups={num_groups}; allowed: 1..{num_groups}"
+        )
+    per_group = num_experts // num_groups
+    reachable = group_limit * per_group
+    if top_k > reachable:
+        raise ValueError(
+            f"top_k={top_k} exceeds group_limit x experts per group = {group_limit} x "
+            f"{per_group} = {reachable}; allowed: 1..{reachable}"
+        )
+    if group_limit == num_groups:  # M = G: plain top-K, the group score is never used
+        return
+    if group_score == "top2_sum" and per_group < 2:
+        raise ValueError(
+            f"group_score='top2_sum' needs >= 2 experts per group, got {per_group} "
+            f"(num_experts={num_experts}, num_groups={num_groups}); allowed group_score "
+            "here: 'max', 'topk_sum'"
+        )
+    if group_score == "topk_sum" and top_k < group_limit:
+        raise ValueError(
+            f"group_score='topk_sum' sums the top top_k // group_limit = {top_k} // "
+            f"{group_limit} = 0 scores; allowed: top_k >= group_limit, or group_score 'max' / "
+            "'top2_sum'"
+        )
 
 
 class RouterSettings(Strict):
@@ -250,11 +296,6 @@ class RunConfig(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         r, t = self.router, self.topology
-        if r.top_k > r.num_experts:
-            raise ValueError(
-                f"router.top_k={r.top_k} exceeds router.num_experts={r.num_experts} "
-                f"(allowed: 1..{r.num_experts})"
-            )
         for name, n in (("num_nodes", t.num_nodes), ("num_devices", t.num_devices)):
             if r.num_experts % n:
                 raise ValueError(
@@ -262,17 +303,15 @@ class RunConfig(Strict):
                     f"(allowed: multiples of {n})"
                 )
         groups = self.num_groups
-        if r.limit != "none" and r.group_limit > groups:
-            raise ValueError(
-                f"router.group_limit={r.group_limit} exceeds the {groups} "
-                f"{r.limit}s of the topology (allowed: 1..{groups})"
-            )
-        reachable = r.group_limit * (r.num_experts // groups)
-        if r.limit != "none" and r.top_k > reachable:
-            raise ValueError(
-                f"router.top_k={r.top_k} exceeds group_limit x experts per {r.limit} "
-                f"= {reachable} (allowed: 1..{reachable})"
-            )
+        try:
+            check_router(r.num_experts, r.top_k, groups, r.group_limit if groups > 1 else 1,
+                         r.group_score)
+        except ValueError as err:  # in the run config's terms: router.<field>, G's origin
+            message = re.sub(r"\b(num_experts|top_k|group_limit|group_score)\b(?==)",
+                             r"router.\1", str(err))
+            message = message.replace(f"num_groups={groups}",
+                                      f"the {groups} {r.limit}s of the topology")
+            raise ValueError(message.replace("per group", f"per {r.limit}")) from None
         if self.balance.bias.rule == "multiplicative" and r.score_fn != "sigmoid":
             raise ValueError("balance.bias.rule='multiplicative' needs router.score_fn='sigmoid'")
         return self
