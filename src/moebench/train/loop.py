@@ -591,9 +591,9 @@ class Trainer:
         if self.lead:
             self.out.mkdir(parents=True, exist_ok=True)
             remove_temporaries(self.out, paths.RUN_FILES)  # cut short by a killed attempt
-            # an earlier run's files never stand beside this run's: the directory is
-            # incomplete (no summary.json) until this run ends
-            for name in paths.RUN_FILES:
+            # an earlier run's files never stand beside this run's: the completion markers
+            # go first, and the directory is incomplete until this run ends
+            for name in ("summary.json", "comm.json", *paths.RUN_FILES):
                 (self.out / name).unlink(missing_ok=True)
             write_yaml(self.out / "config.resolved.yaml", cfg.model_dump(mode="json"))
         self._rewrite_logs()
