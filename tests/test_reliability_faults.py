@@ -85,6 +85,23 @@ def test_full_disk_during_training_ends_with_a_message(
     assert not (tmp_path / "out" / "summary.json").exists()
 
 
+def test_full_disk_under_the_run_directory_ends_with_a_message(
+    tmp_path: Path, data_dir: Path  # noqa: F811
+) -> None:
+    """The run directory's device fills while the run writes its config or appends its
+    logs: exit 2 naming the device, no traceback, no summary.json, no temporary."""
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(RUN | {"data_dir": str(data_dir)}))
+    with small_disk(tmp_path / "disk", "64k") as disk:
+        fill(disk)
+        result = CliRunner().invoke(app, ["train", "--config", str(config), "--out",
+                                          str(disk / "run"), "--ckpt-dir", str(tmp_path / "ckpt")])
+        assert result.exit_code == 2, result.output
+        assert f"no space left on the device of {disk / 'run'}" in result.stderr
+        assert "Traceback" not in result.output
+        assert not (disk / "run" / "summary.json").exists() and hidden(disk) == []
+
+
 def test_full_disk_during_aggregation_leaves_no_summary_beside_other_tables(
     tmp_path: Path,
 ) -> None:

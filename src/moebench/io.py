@@ -81,9 +81,10 @@ class DiskFullError(OSError):
 
 
 @contextlib.contextmanager
-def _disk_full_message(path: Path) -> Iterator[None]:
-    """ENOSPC/EDQUOT while writing `path` -> a DiskFullError that says what and where (also
-    when a writer turned it into another error, as torch.save's zip writer does)."""
+def disk_full_message(path: Path, state: str | None = None) -> Iterator[None]:
+    """ENOSPC/EDQUOT while writing `path` -> a DiskFullError that says what and where and
+    `state` (what is left; default: the previous file, unchanged, as `atomic_path` leaves
+    it), also when a writer turned it into another error, as torch.save's zip writer does."""
     try:
         yield
     except Exception as err:
@@ -96,7 +97,8 @@ def _disk_full_message(path: Path) -> Iterator[None]:
             raise
         raise DiskFullError(
             errno.ENOSPC, f"no space left on the device of {path.parent} while writing "
-            f"{path.name}; the previous {path.name}, if any, is unchanged: free space and rerun"
+            f"{path.name}; {state or f'the previous {path.name}, if any, is unchanged'}: "
+            "free space and rerun"
         ) from None
 
 
@@ -108,7 +110,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     lock, held until the rename onto `path`, tells `remove_temporaries` the writer is alive.
     A full disk is a DiskFullError naming the file."""
     path = Path(path)
-    with _disk_full_message(path):
+    with disk_full_message(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, new = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent)
         tmp_path = Path(new).with_suffix(".tmp")

@@ -67,6 +67,7 @@ from moebench.config import RunConfig
 from moebench.data import TokenStream
 from moebench.io import (
     check_writable_dir,
+    disk_full_message,
     remove_temporaries,
     write_json,
     write_text,
@@ -366,8 +367,9 @@ class Trainer:
         (self.metrics_lines if name == "metrics.jsonl" else self.timing_lines).append(line)
         if self.lead:
             f = self._files[name]
-            f.write(line)
-            f.flush()
+            with disk_full_message(self.out / name, "a rerun resumes from the last checkpoint"):
+                f.write(line)
+                f.flush()
 
     # ---- steps -------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
