@@ -201,3 +201,61 @@ def test_mlflow_telemetry_is_off_wherever_moebench_starts_mlflow(command: str) -
         capture_output=True, text=True, env=env, check=True,
     )
     assert proc.stdout.strip() == "True"
+
+
+# --- run directories at aggregation ---------------------------------------------------------
+
+RUN_VALUES = [None, True, "x", -1, 1.5, math.nan, [], {}, [[1.0]], 10**30]
+"""Values a mutated record field may take: wrong types, nulls, out-of-range numbers."""
+
+
+@pytest.fixture(scope="module")
+def valid_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic run directories of one study (test_report's), valid as written."""
+    from test_report import write_runs
+
+    return write_runs(tmp_path_factory.mktemp("fuzz_runs"))
+
+
+@FUZZ
+@given(data=st.data())
+def test_a_mutated_run_record_is_refused_by_name_or_read_validly(
+    valid_runs: Path, data: st.DataObject
+) -> None:
+    """A field of summary.json or comm.json removed or replaced, or a metrics.jsonl line
+    mangled: aggregation's reader (`collect`, then the curves) either reads valid rows or
+    raises a ValueError naming the file; never another exception."""
+    from moebench.report.summary import collect, find_runs, load_curves
+
+    runs = find_runs(valid_runs)
+    run = data.draw(st.sampled_from(runs))
+    name = data.draw(st.sampled_from(["summary.json", "comm.json", "metrics.jsonl"]))
+    path = run / name
+    original = path.read_bytes()
+    try:
+        if name == "metrics.jsonl":
+            lines = original.decode().splitlines()
+            i = data.draw(st.integers(0, len(lines) - 1))
+            record = json.loads(lines[i])
+            key = data.draw(st.sampled_from(sorted(record)))
+            record[key] = data.draw(st.sampled_from(RUN_VALUES))
+            lines[i] = json.dumps(record)
+            path.write_text("\n".join(lines) + "\n")
+        else:
+            record = json.loads(original)
+            key = data.draw(st.sampled_from(sorted(record)))
+            if data.draw(st.booleans()):
+                del record[key]
+            else:
+                record[key] = data.draw(st.sampled_from(RUN_VALUES))
+            path.write_text(json.dumps(record))
+        try:
+            df = collect(runs)
+            curves = load_curves(runs)
+        except ValueError as err:
+            assert str(run) in str(err) or "summary table fails its schema" in str(err)
+            assert len(str(err)) < MAX_MESSAGE
+        else:
+            assert df["val_loss"].notna().all() and len(curves) > 0
+    finally:
+        path.write_bytes(original)

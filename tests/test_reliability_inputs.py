@@ -137,6 +137,15 @@ class Ctx:
             _write(run / name, content)
         return run
 
+    def run_with(self, **files: bytes) -> Path:
+        """The results root of one run directory holding a valid config.resolved.yaml, an
+        empty metrics.jsonl and `{}` summary and comm files, with `files` replacing them."""
+        cfg = RunConfig.model_validate(RUN | {"data_dir": str(self.data)})
+        valid = {"config.resolved.yaml": yaml.safe_dump(cfg.model_dump(mode="json")).encode(),
+                 "metrics.jsonl": b"", "summary.json": b"{}", "comm.json": b"{}"}
+        return self.run_dir({k.replace("_", "."): v for k, v in (valid | files).items()}
+                            ).parents[4]
+
     def damaged_data(self, damage: Callable[[Path], None]) -> str:
         """A copy of the prepared data with `damage` applied; returns `--set data_dir=...`."""
         copy = self.root / "damaged"
@@ -274,7 +283,7 @@ CASES = [
          ("router.group_limit=5", "4 nodes", "allowed: 1..4")),
     Case("top_k_above_limited_experts",
          lambda c: c.train(*sets("router.limit=device", "router.group_limit=1")),
-         ("router.top_k=4", "group_limit x experts per device = 2", "allowed: 1..2")),
+         ("router.top_k=4", "group_limit x experts per device = 1 x 2 = 2", "allowed: 1..2")),
     Case("experts_not_divisible_by_devices", lambda c: c.train(*sets("router.num_experts=12")),
          ("router.num_experts=12", "topology.num_devices=8", "multiples of 8")),
     Case("experts_not_divisible_by_nodes", lambda c: c.train(*sets("topology.num_nodes=3")),
@@ -393,6 +402,18 @@ CASES = [
     Case("mlflow_not_answering",
          lambda c: c.train(*sets(f"tracking.uri=http://127.0.0.1:{_free_port()}")),
          ("tracking.uri='http://127.0.0.1:", "does not answer")),
+    Case("batch_cannot_fit_memory", lambda c: c.train(*sets("train.batch_size=1048576")),
+         ("train.batch_size=1048576", "training needs at least", "GiB", "lower bound")),
+    Case("width_cannot_fit_memory", lambda c: c.train(*sets(
+        "model.d_model=65536", "model.expert_hidden=1048576")),
+         ("model.d_model=65536", "model.expert_hidden=1048576", "parameters", "GiB")),
+    Case("tracking_uri_empty", lambda c: c.train(*sets("tracking.uri=''")),
+         ("tracking.uri", "not a supported MLflow store", "(got '')", "or null")),
+    Case("tracking_uri_unsupported_scheme", lambda c: c.train(*sets("tracking.uri=ftp://h/x")),
+         ("tracking.uri", "not a supported MLflow store", "ftp://h/x", "sqlite:///<file>")),
+    Case("tracking_store_garbage", lambda c: c.train(*sets(
+        f"tracking.uri=sqlite:///{_write(c.root / 'garbage.db', bytes(range(256)) * 8)}")),
+         ("garbage.db", "is not a usable MLflow store", "file is not a database")),
     Case("checkpoint_unreadable", lambda c: c.train() if _broken_checkpoint(c.ckpt) else [],
          ("checkpoint", "last.pt cannot be read", "delete it to restart")),
     # --- moebench data ---------------------------------------------------------------------
@@ -477,8 +498,21 @@ CASES = [
     Case("aggregate_without_runs", lambda c: c.aggregate(c.root / "results"),
          ("unfinished runs of study 'rel'", "seed~0")),
     Case("aggregate_corrupt_summary", lambda c: c.aggregate(
-        c.run_dir({"summary.json": b'{"study": "rel"', "comm.json": b"{}"}).parents[4]),
+        c.run_with(summary_json=b'{"study": "rel"')),
          ("cannot read", "seed~0/summary.json", "Expecting ',' delimiter")),
+    Case("aggregate_run_without_metrics_and_config", lambda c: c.aggregate(
+        c.run_dir({"summary.json": b"{}", "comm.json": b"{}"}).parents[4]),
+         ("seed~0 lacks config.resolved.yaml, metrics.jsonl", "rerun its train and comm jobs")),
+    Case("aggregate_summary_missing_fields", lambda c: c.aggregate(
+        c.run_with(summary_json=b'{"study": "rel", "seed": "0"}')),
+         ("seed~0/summary.json", "seed: Input should be a valid integer (got '0')",
+          "dataset: Field required", "more")),
+    Case("aggregate_metrics_record_without_step", lambda c: c.aggregate(
+        c.run_with(metrics_jsonl=b'{"kind": "train", "maxvio_batch": 0.5}\n')),
+         ("seed~0/metrics.jsonl, line 1", "step: Field required")),
+    Case("aggregate_config_resolved_invalid", lambda c: c.aggregate(
+        c.run_with(config_resolved_yaml=b"train: {steps: true}\n")),
+         ("seed~0/config.resolved.yaml", "train.steps", "valid integer")),
     Case("aggregate_unknown_study_file", lambda c: [
         "aggregate", "--results", str(c.root / "results"), "--study", str(c.root / "s.yaml")],
          ("study file", "s.yaml does not exist")),

@@ -290,14 +290,16 @@ def test_kill_during_comm_then_rerun_gives_identical_outputs(
 def test_kill_during_aggregation_then_rerun_gives_identical_outputs(
     reference: Path, tmp_path: Path
 ) -> None:
-    """Killed inside the write of the study's Markdown table, after summary.parquet and the
-    figures are in place."""
+    """Killed inside the write of the study's Markdown table, after the figures are in
+    place: no summary.parquet (removed first, written last), so nothing reads the
+    aggregation as complete."""
     results = tmp_path / "results"
     shutil.copytree(reference / "results" / "runs", results / "runs")
     argv = ["aggregate", "--results", str(results), "--study", str(rel_study(tmp_path))]
     run_killed(tmp_path, argv, "write:rel.md:1")
     visible = assert_no_partial_file(results)
-    assert "tables/rel.parquet" in visible and "tables/rel.md" not in visible
+    assert "tables/rel.parquet" not in visible and "tables/rel.md" not in visible
+    assert "figures/rel-syn-maxvio_batch.png" in visible
 
     assert CliRunner().invoke(app, argv).exit_code == 0
     same_files(results, reference / "results")

@@ -4,6 +4,8 @@ so a reader (or a kill -9) never sees a half-written file."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import tempfile
@@ -62,28 +64,68 @@ def writer_lock(folder: Path, name: str) -> Iterator[None]:
 
 def remove_temporaries(folder: str | Path, names: Iterable[str]) -> None:
     """Delete the temporary files `atomic_path` left beside `folder/<name>` when a process was
-    killed before its rename (`.<name>.*.tmp`); call it before rewriting those files."""
+    killed before its rename (`.<name>.*.tmp`). A live writer holds a lock on its temporary,
+    so only a dead writer's file is deleted, never a concurrent writer's."""
     for name in names:
         for stale in Path(folder).glob(f".{name}.*.tmp"):
-            stale.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError), stale.open("rb") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # its writer is alive
+                stale.unlink(missing_ok=True)
+
+
+class DiskFullError(OSError):
+    """The device holding an output is full (or over quota): nothing was replaced."""
+
+
+@contextlib.contextmanager
+def disk_full_message(path: Path, state: str | None = None) -> Iterator[None]:
+    """ENOSPC/EDQUOT while writing `path` -> a DiskFullError that says what and where and
+    `state` (what is left; default: the previous file, unchanged, as `atomic_path` leaves
+    it), also when a writer turned it into another error, as torch.save's zip writer does."""
+    try:
+        yield
+    except Exception as err:
+        cause: BaseException | None = err
+        while cause is not None and not (
+            isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
+        ):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise DiskFullError(
+            errno.ENOSPC, f"no space left on the device of {path.parent} while writing "
+            f"{path.name}; {state or f'the previous {path.name}, if any, is unchanged'}: "
+            "free space and rerun"
+        ) from None
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; rename it onto `path` only if the body succeeds."""
+    """Yield a temporary path next to `path`; rename it onto `path` only if the body succeeds.
+
+    The temporary is created as `.<name>.*.new`, locked, then renamed to `.<name>.*.tmp`: the
+    lock, held until the rename onto `path`, tells `remove_temporaries` the writer is alive.
+    A full disk is a DiskFullError naming the file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with tmp_path.open("rb+") as f:
-            os.fsync(f.fileno())
-        tmp_path.chmod(0o644)  # mkstemp creates 0600; results are meant to be shared
-        tmp_path.replace(path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
+    with disk_full_message(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, new = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent)
+        tmp_path = Path(new).with_suffix(".tmp")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            Path(new).replace(tmp_path)
+            yield tmp_path
+            with tmp_path.open("rb+") as f:
+                os.fsync(f.fileno())
+            tmp_path.chmod(0o644)  # mkstemp creates 0600; results are meant to be shared
+            tmp_path.replace(path)
+        finally:
+            Path(new).unlink(missing_ok=True)
+            tmp_path.unlink(missing_ok=True)
+            os.close(fd)
 
 
 @contextlib.contextmanager

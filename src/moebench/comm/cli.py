@@ -24,6 +24,7 @@ from moebench.io import (
     write_parquet,
     write_text,
 )
+from moebench.report.markdown import records_table
 
 Nodes = Annotated[int | None, typer.Option(help="nodes (default: the trace's num_nodes)")]
 Gpus = Annotated[int | None, typer.Option(help="GPUs per node (default: the trace's)")]
@@ -38,17 +39,6 @@ Threads = Annotated[int | None, typer.Option(help="worker threads (default: all 
 def _fail(cmd: str, err: Exception) -> typer.Exit:
     typer.echo(f"moebench {cmd}: error: {err}", err=True)
     return typer.Exit(2)
-
-
-def markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """A GitHub Markdown table of `columns` of `rows` (floats to 4 significant digits)."""
-
-    def cell(v: Any) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
 
 
 def comm(
@@ -116,7 +106,7 @@ REPLAY_COLUMNS = [
 def write_replay(rows: list[dict[str, Any]], out: Path, header: str = "") -> None:
     """`out` (Parquet, all columns) and its Markdown twin `out.with_suffix(".md")`."""
     write_parquet(out, pa.Table.from_pylist(rows))
-    write_text(out.with_suffix(".md"), header + markdown(rows, REPLAY_COLUMNS))
+    write_text(out.with_suffix(".md"), header + records_table(rows, REPLAY_COLUMNS) + "\n")
 
 
 def comm_replay(
@@ -168,7 +158,7 @@ def comm_replay(
         write_replay(rows, out)
     except (ValueError, OSError) as err:
         raise _fail("comm-replay", err) from None
-    typer.echo(markdown(rows, REPLAY_COLUMNS))
+    typer.echo(records_table(rows, REPLAY_COLUMNS))
 
 
 Redundant = Annotated[

@@ -23,6 +23,7 @@ from moebench.comm.replay import (
 )
 from moebench.comm.topology import Topology
 from moebench.io import atomic_path
+from moebench.report.markdown import markdown_table
 from moebench.report.tables import fmt, mean_ci95, strategy_order
 
 METRICS = (
@@ -194,12 +195,12 @@ def markdown(table: pd.DataFrame, header: str = "") -> str:
         "a2a_time_modeled_us": ("a2a µs (model)", 1),
     }
     names = ["dataset", "strategy", "rule", "R", "n", *(c[0] for c in columns.values())]
-    lines = ["| " + " | ".join(names) + " |", "|" + " --- |" * len(names)]
-    for _, r in table.iterrows():
-        cells = [r["dataset"], r["strategy"], r["rule"], str(r["redundant"]), str(r["n"])]
-        cells += [fmt(r[f"{k}_mean"], r[f"{k}_ci95"], d) for k, (_, d) in columns.items()]
-        lines.append("| " + " | ".join(cells) + " |")
-    return header + "\n".join(lines) + "\n"
+    rows = [
+        [r["dataset"], r["strategy"], r["rule"], r["redundant"], r["n"]]
+        + [fmt(r[f"{k}_mean"], r[f"{k}_ci95"], d) for k, (_, d) in columns.items()]
+        for _, r in table.iterrows()
+    ]
+    return header + markdown_table(names, rows, align="lll" + "r" * (len(names) - 3)) + "\n"
 
 
 def figure(table: pd.DataFrame, stem: Path) -> None:

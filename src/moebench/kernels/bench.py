@@ -24,6 +24,7 @@ import torch
 import triton
 
 from moebench.io import write_parquet, write_text
+from moebench.report.markdown import records_table
 
 
 def env_columns() -> dict[str, str]:
@@ -92,15 +93,6 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / (best * 1e-6)
 
 
-def _markdown(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    def fmt(v: Any) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
 def write_results(
     rows: Sequence[dict[str, Any]], out_dir: str | Path, name: str, md_columns: Sequence[str]
 ) -> None:
@@ -112,4 +104,4 @@ def write_results(
         f"# {name}\n\n{env['gpu']}; torch {env['torch_version']}, triton "
         f"{env['triton_version']}, CUDA {env['cuda_version']}; {env['date']}\n\n"
     )
-    write_text(out_dir / f"{name}.md", head + _markdown(rows, md_columns))
+    write_text(out_dir / f"{name}.md", head + records_table(rows, md_columns) + "\n")

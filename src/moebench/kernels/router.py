@@ -509,43 +509,28 @@ def supports(
     cfg: RouterConfig, logits_TE: torch.Tensor, bias_E: torch.Tensor | None = None
 ) -> bool:
     """True when the fused kernel computes exactly `route(logits_TE, cfg, bias_E)`."""
-    return (
-        logits_TE.dim() == 2
-        and logits_TE.shape[1] == cfg.num_experts
-        and cfg.num_experts <= MAX_EXPERTS
-        and cfg.top_k <= MAX_TOP_K
-        and _pow2(_groups(cfg)) <= 32
-        and logits_TE.dtype in LOGIT_DTYPES
-        and (bias_E is None or tuple(bias_E.shape) == (cfg.num_experts,))
-    )
+    return _problem(cfg, logits_TE, bias_E) is None
 
 
-def _check(cfg: RouterConfig, logits_TE: torch.Tensor, bias_E: torch.Tensor | None) -> None:
-    if logits_TE.dim() != 2 or logits_TE.shape[1] != cfg.num_experts:
-        raise ValueError(
-            f"logits_TE shape={tuple(logits_TE.shape)} is invalid; allowed: (T, {cfg.num_experts})"
-        )
+def _problem(cfg: RouterConfig, logits_TE: torch.Tensor, bias_E: torch.Tensor | None) -> str | None:
+    """Why the fused kernel cannot route `logits_TE` for `cfg` (the one list of its limits,
+    read by `supports` and by `fused_route`'s refusal); None when it can."""
+    E = cfg.num_experts
+    if logits_TE.dim() != 2 or logits_TE.shape[1] != E:
+        return f"logits_TE shape={tuple(logits_TE.shape)} is invalid; allowed: (T, {E})"
     if logits_TE.dtype not in LOGIT_DTYPES:
-        raise ValueError(f"logits_TE dtype={logits_TE.dtype} is invalid; allowed: {LOGIT_DTYPES}")
+        return f"logits_TE dtype={logits_TE.dtype} is invalid; allowed: {LOGIT_DTYPES}"
     if logits_TE.shape[0] * cfg.top_k >= 2**31:
-        raise ValueError(f"logits_TE has T={logits_TE.shape[0]} rows; allowed: T * top_k < 2**31")
-    if cfg.num_experts > MAX_EXPERTS:
-        raise ValueError(
-            f"num_experts={cfg.num_experts} is invalid for the fused router; "
-            f"allowed: 1..{MAX_EXPERTS}"
-        )
+        return f"logits_TE has T={logits_TE.shape[0]} rows; allowed: T * top_k < 2**31"
+    if E > MAX_EXPERTS:
+        return f"num_experts={E} is invalid for the fused router; allowed: 1..{MAX_EXPERTS}"
     if cfg.top_k > MAX_TOP_K:
-        raise ValueError(
-            f"top_k={cfg.top_k} is invalid for the fused router; allowed: 1..{MAX_TOP_K}"
-        )
+        return f"top_k={cfg.top_k} is invalid for the fused router; allowed: 1..{MAX_TOP_K}"
     if _pow2(_groups(cfg)) > 32:
-        raise ValueError(
-            f"num_groups={cfg.num_groups} is invalid for the fused router; allowed: 1..32"
-        )
-    if bias_E is not None and tuple(bias_E.shape) != (cfg.num_experts,):
-        raise ValueError(
-            f"bias_E shape={tuple(bias_E.shape)} is invalid; allowed: ({cfg.num_experts},)"
-        )
+        return f"num_groups={cfg.num_groups} is invalid for the fused router; allowed: 1..32"
+    if bias_E is not None and tuple(bias_E.shape) != (E,):
+        return f"bias_E shape={tuple(bias_E.shape)} is invalid; allowed: ({E},)"
+    return None
 
 
 def router_forward(
@@ -556,7 +541,8 @@ def router_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward kernel (no autograd): experts int64 [T,K], weights f32 [T,K],
     load int64 [E]."""
-    _check(cfg, logits_TE, bias_E)
+    if (problem := _problem(cfg, logits_TE, bias_E)) is not None:
+        raise ValueError(problem)
     launch = launch or default_launch(cfg, logits_TE.device)
     logits_TE = logits_TE.contiguous()
     T, E = logits_TE.shape

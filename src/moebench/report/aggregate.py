@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import yaml
 
 from moebench.config import ReportSettings
 from moebench.io import remove_temporaries, write_parquet, write_text
@@ -39,6 +38,7 @@ from moebench.report.summary import (
     load_domain_loads,
     load_matrices,
     load_settings,
+    read_config,
 )
 from moebench.report.tables import (
     DatasetReport,
@@ -68,14 +68,14 @@ FIGURE_TITLES = dict(
 
 def setting_line(run: Path) -> str:
     """One sentence on the model, topology and training budget shared by a study's runs."""
-    cfg = yaml.safe_load((run / "config.resolved.yaml").read_text())
-    m, t, r, tr = cfg["model"], cfg["topology"], cfg["router"], cfg["train"]
-    tokens = tr["batch_size"] * tr["grad_accum"] * tr["seq_len"]
+    cfg = read_config(run)
+    m, t, r, tr = cfg.model, cfg.topology, cfg.router, cfg.train
+    tokens = tr.batch_size * tr.grad_accum * tr.seq_len
     return (
-        f"Setting: {m['n_layers']} layers ({m['n_dense_layers']} dense), d_model "
-        f"{m['d_model']}, {r['num_experts']} routed experts (top-{r['top_k']}) + "
-        f"{m['n_shared_experts']} shared, placed on {t['num_nodes']} nodes x "
-        f"{t['gpus_per_node']} devices; {tr['steps']} steps of {tokens} tokens."
+        f"Setting: {m.n_layers} layers ({m.n_dense_layers} dense), d_model "
+        f"{m.d_model}, {r.num_experts} routed experts (top-{r.top_k}) + "
+        f"{m.n_shared_experts} shared, placed on {t.num_nodes} nodes x "
+        f"{t.gpus_per_node} devices; {tr.steps} steps of {tokens} tokens."
     )
 
 
@@ -178,6 +178,9 @@ def aggregate(
     st = stats_table(df)
     baseline = report.baseline or default_baseline(strategy_order(set(df["strategy"])))
     pt = paired_table(df, {study: baseline})
+    # summary.parquet marks a complete aggregation: removed first, written last, so a kill
+    # in between leaves no summary beside tables and figures of two aggregations
+    summary_file(study, root).unlink(missing_ok=True)
     links, scores, drawn = _draw(study, runs, df, st, domain_loads, report, baseline, root)
     compare_to = report.compare_to or match_settings(load_settings(runs))
     datasets = {
@@ -199,7 +202,6 @@ def aggregate(
     html = markdown_html(
         f"Study {study}", study_markdown(study, setting, baseline, no_figures, missing)
     )
-    write_parquet(summary_file(study, root), pa.Table.from_pandas(df, preserve_index=False))
     outputs = {
         table_file(study, "md", root): md,
         table_file(study, "html", root): html,
@@ -211,6 +213,7 @@ def aggregate(
     }
     for path, text in outputs.items():
         write_text(path, text)
+    write_parquet(summary_file(study, root), pa.Table.from_pandas(df, preserve_index=False))
     written = [summary_file(study, root), *outputs, *drawn]
     for folder in {p.parent for p in written}:  # left by a killed earlier aggregation
         remove_temporaries(folder, [p.name for p in written if p.parent == folder])

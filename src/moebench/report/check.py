@@ -132,6 +132,7 @@ def check(study: StudyConfig, out: Path, reference: Path) -> tuple[list[Verdict]
         (ref_sig_file, "reference signature"),
         (ref_table, "reference table"),
         (my_table, "table (run the study first)"),
+        (paths.summary_file(name, out), "summary (an aggregation cut short leaves none: rerun)"),
     ):
         if not f.is_file():
             raise ValueError(f"{what} {f} is missing")

@@ -27,10 +27,11 @@ logger = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
-    """Bad input (ValueError) ends the command with its message and exit code 2."""
+    """Bad input (ValueError) or an unusable file system (OSError: a full disk, a missing
+    permission) ends the command with its message and exit code 2."""
     try:
         yield
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
 

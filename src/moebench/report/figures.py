@@ -5,6 +5,7 @@ balance strengths, nodes and devices per token, the M sweep, and domain speciali
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,16 @@ def _grid(n: int, ncols: int, size: tuple[float, float]) -> tuple[Figure, np.nda
     return fig, axes
 
 
+def _save_heatmaps(fig: Figure, axes: np.ndarray, image: Any, label: str, path: Path) -> None:
+    """Label a grid of layer x expert heatmaps, add the colour bar of `image`, save."""
+    for ax in axes[-1, :]:
+        ax.set_xlabel("MoE layer")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("expert")
+    fig.colorbar(image, ax=axes, shrink=0.8, label=label)
+    _save(fig, path)
+
+
 def _mean_band(ax: Any, x: Any, values_XS: np.ndarray, color: Any, label: str,
                floor: float = -np.inf, **line: Any) -> None:
     """The mean over seeds (columns) of each row as a line, its 95% CI as a band; values
@@ -81,24 +92,32 @@ def _mean_band(ax: Any, x: Any, values_XS: np.ndarray, color: Any, label: str,
         ax.fill_between(x, lo, hi, color=color, alpha=0.2, linewidth=0)
 
 
+def _by_strategy(
+    frame: pd.DataFrame, index: str, values: str
+) -> Iterator[tuple[str, Any, pd.DataFrame]]:
+    """Per strategy of `frame` (canonical order) with rows: its colour and `values` by
+    `index` (rows) and seed (columns)."""
+    order = strategy_order(set(frame["strategy"]))
+    colors = _colors(order)
+    for strategy in order:
+        by_seed = frame[frame["strategy"] == strategy].pivot_table(
+            index=index, columns="seed", values=values
+        )
+        if not by_seed.empty:  # a dense model has no expert load
+            yield strategy, colors[strategy], by_seed
+
+
 def maxvio_curves(curves: pd.DataFrame, path: Path, smooth: int = 5) -> None:
     """MaxVio_batch (mean over layers) against step per strategy: each seed's curve smoothed
     by a centred moving average over `smooth` logged steps ([LF] Fig. 3 averages over 100
     neighbouring steps), then the mean over seeds with its 95% CI as a band. Runs without
     MaxVio (a dense model) are left out."""
-    curves = curves.dropna(subset=["maxvio_batch"])
-    order = strategy_order(set(curves["strategy"]))
-    colors = _colors(order)
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.subplots()
-    for strategy in order:
-        by_seed = curves[curves["strategy"] == strategy].pivot_table(
-            index="step", columns="seed", values="maxvio_batch"
-        )
-        if by_seed.empty:  # a dense model has no expert load
-            continue
+    for strategy, color, by_seed in _by_strategy(curves.dropna(subset=["maxvio_batch"]),
+                                                 "step", "maxvio_batch"):
         smoothed = by_seed.rolling(smooth, center=True, min_periods=1).mean().to_numpy()
-        _mean_band(ax, by_seed.index, smoothed, colors[strategy], strategy, floor=_LOG_FLOOR)
+        _mean_band(ax, by_seed.index, smoothed, color, strategy, floor=_LOG_FLOOR)
     ax.set_xlabel("training step")
     ax.set_ylabel("MaxVio_batch (mean over MoE layers)")
     ax.set_yscale("log")
@@ -126,12 +145,7 @@ def load_heatmaps(loads: dict[str, tuple[int, np.ndarray]], path: Path) -> None:
         ax.set_title(f"{strategy} (seed {loads[strategy][0]})", fontsize=9)
         ax.set_xticks(range(layers))
         ax.set_yticks(range(0, experts, max(1, experts // 8)))
-    for ax in axes[-1, :]:
-        ax.set_xlabel("MoE layer")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("expert")
-    fig.colorbar(image, ax=axes, shrink=0.8, label="load / mean load of the layer")
-    _save(fig, path)
+    _save_heatmaps(fig, axes, image, "load / mean load of the layer", path)
 
 
 def _errorbar(
@@ -281,27 +295,16 @@ def domain_share(shares: dict[str, tuple[int, list[str], np.ndarray]], path: Pat
             ax.set_title(f"{strategy} (seed {seed}): {domain}", fontsize=8)
             ax.set_xticks(range(rel_LE.shape[0]))
             ax.yaxis.set_major_locator(MaxNLocator(8, integer=True))
-    for ax in axes[-1, :]:
-        ax.set_xlabel("MoE layer")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("expert")
-    fig.colorbar(image, ax=axes, shrink=0.8, label="p(expert | domain) / p(expert)")
-    _save(fig, path)
+    _save_heatmaps(fig, axes, image, "p(expert | domain) / p(expert)", path)
 
 
 def specialisation(scores: pd.DataFrame, path: Path) -> None:
     """Specialisation score I(domain; expert) in bits per MoE layer, one line per strategy:
     mean over seeds with its 95% CI as a band (`scores`: strategy, seed, layer, bits)."""
-    order = strategy_order(set(scores["strategy"]))
-    colors = _colors(order)
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.subplots()
-    for strategy in order:
-        by_seed = scores[scores["strategy"] == strategy].pivot_table(
-            index="layer", columns="seed", values="bits"
-        )
-        _mean_band(ax, by_seed.index, by_seed.to_numpy(), colors[strategy], strategy,
-                   marker="o")
+    for strategy, color, by_seed in _by_strategy(scores, "layer", "bits"):
+        _mean_band(ax, by_seed.index, by_seed.to_numpy(), color, strategy, marker="o")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("MoE layer")
     ax.set_ylabel("I(domain; expert), bits per assignment")

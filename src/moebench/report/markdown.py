@@ -4,7 +4,8 @@ renderer (markdown-it, CommonMark with tables) for the HTML report."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from markdown_it import MarkdownIt
 from tabulate import tabulate
@@ -41,3 +42,10 @@ def markdown_html(title: str, text: str) -> str:
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
         f"<style>{HTML_STYLE}</style></head>\n<body>\n{body}</body></html>\n"
     )
+
+
+def records_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """`markdown_table` of `columns` of dict rows, floats to 4 significant digits (benchmark
+    and replay results)."""
+    cells = [[f"{r[c]:.4g}" if isinstance(r[c], float) else r[c] for c in columns] for r in rows]
+    return markdown_table(columns, cells)

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import pandera.pandas as pa
-import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from moebench.config import RunConfig
+from moebench.config import (
+    RunConfig,
+    describe_errors,
+    format_validation_error,
+    read_yaml_mapping,
+)
 from moebench.report.domains import domain_loads
 from moebench.report.paths import OUT, SEED_PREFIX
 
@@ -114,6 +119,107 @@ def _read_json(path: Path) -> dict[str, Any]:
     return obj
 
 
+class _Record(BaseModel):
+    """A record a run directory holds: the fields aggregation reads, typed (others pass)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class SummaryRecord(_Record):
+    """summary.json, as aggregation reads it (docs/run-directory.md)."""
+
+    study: str
+    dataset: str
+    strategy: str
+    seed: int
+    steps: int
+    val_loss: float
+    val_ppl: float
+    val_bpb: float | None
+    maxvio_global: float | None
+    maxvio_batch_mean: float | None
+    drop_frac: float | None
+    tokens_per_s: float
+    mfu: float | None
+    elapsed_s: float
+    machine: str
+    device: str
+    git_sha: str
+    torch_version: str
+    load_global: list[list[float]]
+    load_by_domain: dict[str, list[list[float]]] = {}
+
+
+class CommRecord(_Record):
+    """comm.json's per-token means (dedup dispatcher), as aggregation reads them."""
+
+    devices_per_token: float | None
+    nodes_per_token: float | None
+    nvlink_bytes_per_token: float | None
+    ib_bytes_per_token: float | None
+    a2a_time_modeled_us: float | None
+
+
+class TrainRecord(_Record):
+    """A `{"kind": "train"}` line of metrics.jsonl (eval lines are not read here)."""
+
+    kind: Literal["train"]
+    step: int
+    maxvio_batch: float | None
+
+
+REQUIRED_FILES = ("config.resolved.yaml", "metrics.jsonl", "summary.json", "comm.json")
+"""The files of a run directory that aggregation reads: each is checked when read."""
+
+
+def _typed(model: type[_Record], obj: Any, where: str) -> Any:
+    try:
+        return model.model_validate(obj)
+    except ValidationError as err:
+        problems = describe_errors(err, model)
+        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise ValueError(f"{where}: " + "; ".join(problems[:3]) + more) from None
+
+
+def check_run(run: Path) -> None:
+    """ValueError naming the run directory, the file and the field unless every file
+    aggregation reads is there and holds typed records (REQUIRED_FILES)."""
+    missing = [name for name in REQUIRED_FILES if not (run / name).is_file()]
+    if missing:
+        raise ValueError(
+            f"run {run} lacks {', '.join(missing)}; a complete run directory holds "
+            f"{', '.join(REQUIRED_FILES)}: rerun its train and comm jobs"
+        )
+    read_config(run)
+    _train_records(run)
+    run_row(run)
+
+
+def read_config(run: Path) -> RunConfig:
+    """The run's config.resolved.yaml, validated as a RunConfig."""
+    path = run / "config.resolved.yaml"
+    raw = read_yaml_mapping(path, "run config")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ValueError(format_validation_error(err, RunConfig, str(path))) from None
+
+
+def _train_records(run: Path) -> list[TrainRecord]:
+    """The training records of metrics.jsonl, typed; ValueError naming the line if bad."""
+    path, records = run / "metrics.jsonl", []
+    with path.open() as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not JSON ({err})") from None
+            if isinstance(obj, dict) and obj.get("kind") == "eval":
+                continue
+            records.append(_typed(TrainRecord, obj, f"{path}, line {number}"))
+    return records
+
+
 def find_runs(root: Path = OUT, studies: list[str] | None = None) -> list[Path]:
     """Complete run directories (summary.json and comm.json present), sorted by path."""
     runs = sorted((root / "runs").glob(f"*/*/*/{SEED_PREFIX}*"))
@@ -128,22 +234,16 @@ def find_runs(root: Path = OUT, studies: list[str] | None = None) -> list[Path]:
 
 def run_row(run: Path) -> dict[str, Any]:
     """The summary row of one run directory; ValueError if a field is missing or mislabelled."""
-    summary, comm = _read_json(run / "summary.json"), _read_json(run / "comm.json")
+    summary = _typed(SummaryRecord, _read_json(run / "summary.json"), f"{run / 'summary.json'}")
+    comm = _typed(CommRecord, _read_json(run / "comm.json"), f"{run / 'comm.json'}")
     path_identity = {
         "study": run.parts[-4],
         "dataset": run.parts[-3],
         "strategy": run.parts[-2],
         "seed": int(run.name.removeprefix(SEED_PREFIX)),
     }
-    row: dict[str, Any] = {}
-    for source, fields, name in (
-        (summary, (*IDENTITY, *SUMMARY_FIELDS), "summary.json"),
-        (comm, COMM_FIELDS, "comm.json"),
-    ):
-        missing = [f for f in fields if f not in source]
-        if missing:
-            raise ValueError(f"{run / name} lacks the fields {missing}")
-        row |= {f: source[f] for f in fields}
+    row = {f: getattr(summary, f) for f in (*IDENTITY, *SUMMARY_FIELDS)}
+    row |= {f: getattr(comm, f) for f in COMM_FIELDS}
     for key, expected in path_identity.items():
         if row[key] != expected:
             raise ValueError(
@@ -157,6 +257,8 @@ def collect(runs: list[Path]) -> pd.DataFrame:
     """Validated summary frame of `runs`: columns COLUMNS, rows sorted by identity."""
     if not runs:
         raise ValueError("no complete run directories (summary.json + comm.json) found")
+    for run in runs:  # every file read below, typed, before anything is computed
+        check_run(run)
     df = pd.DataFrame([run_row(r) for r in runs], columns=list(COLUMNS))
     ints = ["seed", "steps"]
     floats = [c for c in COLUMNS if c not in (*IDENTITY, *ints, *TEXT_FIELDS)]
@@ -180,16 +282,10 @@ def load_curves(runs: list[Path]) -> pd.DataFrame:
     frames = []
     for run in runs:
         ident = run_row(run)
-        steps, vio = [], []
-        with (run / "metrics.jsonl").open() as f:
-            for line in f:
-                rec = json.loads(line)
-                if rec.get("kind") == "train":
-                    steps.append(rec["step"])
-                    vio.append(rec["maxvio_batch"])
-        frames.append(
-            pd.DataFrame({k: ident[k] for k in IDENTITY} | {"step": steps, "maxvio_batch": vio})
-        )
+        records = _train_records(run)
+        steps, vio = [r.step for r in records], [r.maxvio_batch for r in records]
+        curve = {"step": steps, "maxvio_batch": vio}
+        frames.append(pd.DataFrame({k: ident[k] for k in IDENTITY} | curve))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -220,10 +316,11 @@ def load_settings(runs: list[Path]) -> pd.DataFrame:
     knob values)."""
     rows = []
     for run in runs:
-        cfg = yaml.safe_load((run / "config.resolved.yaml").read_text())
+        config = read_config(run)
+        cfg = config.model_dump(mode="json")
         knobs = balance_knobs(cfg)
         router = cfg["router"]
-        groups = RunConfig.model_validate(cfg).num_groups  # an unset M is every group
+        groups = config.num_groups  # an unset M is every group
         rows.append(
             {k: cfg[k] for k in IDENTITY}
             | {

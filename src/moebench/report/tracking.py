@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from moebench.config import StudyConfig
 from moebench.io import write_text
-from moebench.train.tracking import EXPERIMENT_KIND
+from moebench.train.tracking import EXPERIMENT_KIND, check_uri
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -60,6 +60,7 @@ def init_parent(study: StudyConfig, out: Path) -> str:
     uri = study.tracking.uri
     if uri is None:
         raise ValueError(f"study {study.study!r}: tracking.uri is null, MLflow is disabled")
+    check_uri(uri)  # garbage, read-only or unreachable: a message, not a traceback
     client = _client(uri)
     exp = client.get_experiment_by_name(study.experiment)
     if exp is None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from moebench.config import default_normalize
+from moebench.config import check_router, default_normalize
 
 SCORE_FNS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum", "topk_sum")
@@ -73,11 +73,6 @@ class RouterConfig:
     def __post_init__(self) -> None:
         _check_int("num_experts", self.num_experts, 1)
         _check_int("top_k", self.top_k, 1)
-        if self.top_k > self.num_experts:
-            raise ValueError(
-                f"top_k={self.top_k} exceeds num_experts={self.num_experts}; "
-                f"allowed: 1..{self.num_experts}"
-            )
         _check_choice("score_fn", self.score_fn, SCORE_FNS)
         _check_choice("group_score", self.group_score, GROUP_SCORES)
         _check_choice("bias_mode", self.bias_mode, BIAS_MODES)
@@ -96,40 +91,9 @@ class RouterConfig:
         if self.group_limit is None:
             object.__setattr__(self, "group_limit", self.num_groups)
         _check_int("group_limit", self.group_limit, 1)
-        if self.num_experts % self.num_groups:
-            divisors = [d for d in range(1, self.num_experts + 1) if self.num_experts % d == 0]
-            raise ValueError(
-                f"num_experts={self.num_experts} is not divisible by num_groups="
-                f"{self.num_groups}; allowed num_groups: {divisors}"
-            )
-        if self.num_groups == 1:
-            return
-        if self.group_limit > self.num_groups:
-            raise ValueError(
-                f"group_limit={self.group_limit} exceeds num_groups={self.num_groups}; "
-                f"allowed: 1..{self.num_groups}"
-            )
-        reachable = self.group_limit * self.experts_per_group
-        if self.top_k > reachable:
-            raise ValueError(
-                f"top_k={self.top_k} exceeds group_limit x experts per group = "
-                f"{self.group_limit} x {self.experts_per_group} = {reachable}; "
-                f"allowed: 1..{reachable}"
-            )
-        if not self.group_limited:  # M = G: plain top-K, the group score is never used
-            return
-        if self.group_score == "top2_sum" and self.experts_per_group < 2:
-            raise ValueError(
-                f"group_score='top2_sum' needs >= 2 experts per group, got "
-                f"{self.experts_per_group} (num_experts={self.num_experts}, num_groups="
-                f"{self.num_groups}); allowed group_score here: 'max', 'topk_sum'"
-            )
-        if self.group_score == "topk_sum" and self.top_k < self.group_limit:
-            raise ValueError(
-                f"group_score='topk_sum' sums the top top_k // group_limit = "
-                f"{self.top_k} // {self.group_limit} = 0 scores; allowed: top_k >= "
-                f"group_limit, or group_score 'max' / 'top2_sum'"
-            )
+        check_router(
+            self.num_experts, self.top_k, self.num_groups, self.group_limit, self.group_score
+        )
 
     @property
     def experts_per_group(self) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from moebench.config import RunConfig
-from moebench.io import atomic_path, remove_temporaries
+from moebench.io import atomic_open, remove_temporaries
 
 CKPT_NAME = "last.pt"
 
@@ -35,8 +35,8 @@ def save_checkpoint(ckpt_dir: Path, state: dict[str, Any]) -> Path:
     """Write `state` to ckpt_dir/last.pt atomically; returns the path."""
     path = Path(ckpt_dir) / CKPT_NAME
     remove_temporaries(ckpt_dir, [CKPT_NAME])  # a checkpoint write cut short by a kill
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with atomic_open(path, "wb") as f:  # a file object: a full disk is an OSError, not a
+        torch.save(state, f)  # RuntimeError of torch's own writer
     return path
 
 

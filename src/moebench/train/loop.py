@@ -71,6 +71,7 @@ from moebench.config import RunConfig
 from moebench.data import TokenStream
 from moebench.io import (
     check_writable_dir,
+    disk_full_message,
     remove_temporaries,
     write_json,
     write_text,
@@ -79,6 +80,7 @@ from moebench.io import (
 )
 from moebench.metrics import expert_load, max_vio, max_vio_layers
 from moebench.model import MoETransformer
+from moebench.report import paths
 from moebench.train.checkpoint import (
     CKPT_NAME,
     identity,
@@ -87,6 +89,7 @@ from moebench.train.checkpoint import (
     save_checkpoint,
 )
 from moebench.train.distributed import A2AMeter, Parallel, ProcessLaunch, check_world, process_group
+from moebench.train.memory import check_memory
 from moebench.train.trace import write_trace
 
 logger = logging.getLogger(__name__)
@@ -96,8 +99,6 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e1
 MLFLOW_ARTIFACTS = ("config.resolved.yaml", "summary.json", "metrics.jsonl", "timing.jsonl")
 SUMMARY_PARAMS = ("study", "dataset", "strategy", "seed", "steps", "world_size")
 """summary.json fields that are already MLflow params or tags of the run, never metrics."""
-RUN_FILES = (*MLFLOW_ARTIFACTS, "routing_trace.parquet")
-"""Every file of a run directory."""
 
 
 class TrainingDivergedError(RuntimeError):
@@ -223,6 +224,7 @@ def prepare(cfg: RunConfig, out: Path, ckpt_dir: Path | None = None,
     check_writable_dir(out, "--out")
     check_writable_dir(ckpt_dir, "--ckpt-dir")
     device = resolve_device(cfg) if parallel is None else parallel.device
+    check_memory(cfg, device, 1 if parallel is None else parallel.world_size)
     streams = [TokenStream(cfg.data_dir, split, vocab_size=cfg.data.vocab_size, config=cfg.data,
                            verify=True)  # SHA-256: a damaged file is refused, not trained on
                for split in ("train", "val")]
@@ -398,8 +400,9 @@ class Trainer:
         (self.metrics_lines if name == "metrics.jsonl" else self.timing_lines).append(line)
         if self.lead:
             f = self._files[name]
-            f.write(line)
-            f.flush()
+            with disk_full_message(self.out / name, "a rerun resumes from the last checkpoint"):
+                f.write(line)
+                f.flush()
 
     # ---- steps -------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -636,7 +639,11 @@ class Trainer:
             tracker.start_system_metrics(resumed)
         if self.lead:
             self.out.mkdir(parents=True, exist_ok=True)
-            remove_temporaries(self.out, RUN_FILES)  # cut short by a kill of an earlier attempt
+            remove_temporaries(self.out, paths.RUN_FILES)  # cut short by a killed attempt
+            # an earlier run's files never stand beside this run's: the completion markers
+            # go first, and the directory is incomplete until this run ends
+            for name in ("summary.json", "comm.json", *paths.RUN_FILES):
+                (self.out / name).unlink(missing_ok=True)
             write_yaml(self.out / "config.resolved.yaml", cfg.model_dump(mode="json"))
         self._rewrite_logs()
         try:

@@ -19,6 +19,8 @@ A store that does not answer is a ValueError before training starts (`check_uri`
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 import time
 import urllib.error
@@ -29,6 +31,7 @@ from typing import Any
 
 from moebench.config import RunConfig
 
+logger = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 5.0
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 """The experiment tag that makes the MLflow UI show runs, charts and comparison (training)
@@ -60,11 +63,13 @@ def _sqlite_path(uri: str) -> Path | None:
 
 
 def check_uri(uri: str, parent_run_id: str | None = None) -> None:
-    """ValueError unless the tracking store at `uri` answers (and holds `parent_run_id`).
+    """ValueError unless the tracking store at `uri` answers, can be written (and holds
+    `parent_run_id`).
 
     http(s): GET <uri>/health within HEALTH_TIMEOUT_S (the MLflow client itself retries for
-    minutes); sqlite: the database's folder must exist or be creatable; then, for every
-    scheme, one `search_experiments` call must succeed."""
+    minutes); sqlite: the database and its folder must be writable (or creatable); then, for
+    every scheme, the client must open the store (a file that is not a database fails here)
+    and one `search_experiments` call must succeed."""
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S):
@@ -77,13 +82,20 @@ def check_uri(uri: str, parent_run_id: str | None = None) -> None:
             db.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise ValueError(f"tracking.uri={uri!r}: cannot create {db.parent} ({err})") from None
+        for path in (db.parent, db):  # sqlite writes a journal beside the database
+            if path.exists() and not os.access(path, os.W_OK):
+                raise ValueError(
+                    f"tracking.uri={uri!r}: {path} is read-only; allowed: a writable store, "
+                    "or tracking.uri null (MLflow off)"
+                )
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
     try:
+        client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)
     except Exception as err:  # any backend failure means "not usable"
-        raise ValueError(f"tracking.uri={uri!r} is not a usable MLflow store: {err}") from None
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ValueError(f"tracking.uri={uri!r} is not a usable MLflow store: {reason}") from None
     if parent_run_id is not None:
         try:
             client.get_run(parent_run_id)
@@ -106,9 +118,7 @@ class Tracker:
             raise ValueError("Tracker needs tracking.uri; got None")
         self.client = MlflowClient(tracking_uri=uri)
         self._monitor: Any = None
-        if run_id is not None:
-            self.run_id = run_id
-            self.client.update_run(run_id, status="RUNNING")
+        if run_id is not None and self._reopen(run_id):
             return
         parent = cfg.tracking.parent_run_id
         tags = {
@@ -151,6 +161,19 @@ class Tracker:
             self.run_id, resume_logging=resumed, tracking_uri=self.client.tracking_uri
         )
         self._monitor.start()
+
+    def _reopen(self, run_id: str) -> bool:
+        """Continue the checkpoint's run `run_id`; False if this store does not hold it (the
+        checkpoint was written while logging to another store): a new run is started."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.update_run(run_id, status="RUNNING")
+        except MlflowException:
+            logger.info(f"MLflow run {run_id} of the checkpoint is not in this store: new run")
+            return False
+        self.run_id = run_id
+        return True
 
     def _experiment(self, uri: str, name: str) -> str:
         """Id of experiment `name`, created (artifacts beside a sqlite store) if missing."""
