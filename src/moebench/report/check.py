@@ -176,7 +176,7 @@ def write_reference(study: StudyConfig, out: Path, reference: Path) -> list[Path
         for d, s, n in study.grid()
         for f in REFERENCE_RUN_FILES
     ]
-    files += [paths.table_file(name, suffix, out) for suffix in ("md", "csv", "parquet")]
+    files += [paths.table_file(name, suffix, out) for suffix in ("md", "html", "csv", "parquet")]
     files += [paths.paired_file(name, out), paths.claims_file(name, out)]
     figures = {
         fig: [f for d in study.datasets for f in figure_paths(paths.figure_file(name, d, fig, out))]
