@@ -5,6 +5,7 @@ under `snakemake --resources gpu=1`."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,9 @@ from snakemake.settings.types import (
     Quietness,
     ResourceSettings,
 )
+from typer.testing import CliRunner
 
+from moebench.cli import app
 from moebench.config import DataConfig, RunConfig, StudyConfig, deep_merge, load_study
 from moebench.data import prepare as prepare_data
 from moebench.model import MoETransformer
@@ -159,3 +162,17 @@ def test_three_runs_share_one_gpu(tmp_path: Path) -> None:
         assert (job.resources["gpu"], job.resources["gpu_slots"]) == (0, 1)
     (kernels,) = [j for j in jobs if j.rule.name == "kernels"]
     assert kernels.resources["gpu"] == 1
+
+
+def test_committed_tables_regenerate_from_the_committed_runs(tmp_path: Path) -> None:
+    """`moebench aggregate --partial` over results/reference/gpu_study's run directories
+    rewrites the committed tables byte for byte (figures are left to matplotlib's version)."""
+    committed = REPO / "results/reference/gpu_study"
+    shutil.copytree(committed / "runs", tmp_path / "runs")
+    result = CliRunner().invoke(app, ["aggregate", "--study", str(STUDY), "--results",
+                                      str(tmp_path), "--partial"])
+    assert result.exit_code == 0, result.output
+    for name in ("gpu_study.md", "gpu_study.csv", "gpu_study-paired.csv",
+                 "gpu_study-claims.md", "gpu_study.html"):
+        assert (tmp_path / "tables" / name).read_bytes() == (
+            committed / "tables" / name).read_bytes(), name
