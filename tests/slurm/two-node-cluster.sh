@@ -91,6 +91,7 @@ SelectTypeParameters=CR_Core_Memory
 SchedulerType=sched/backfill
 ReturnToService=2
 SlurmdTimeout=10
+KillWait=3
 MpiDefault=none
 NodeName=node1 NodeAddr=10.231.0.11 CPUs=2 RealMemory=$mem State=UNKNOWN
 NodeName=node2 NodeAddr=10.231.0.12 CPUs=2 RealMemory=$mem State=UNKNOWN
