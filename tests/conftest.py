@@ -22,7 +22,7 @@ torch.set_num_threads(1)
 
 CLUSTER = Path(__file__).parent / "slurm" / "local-cluster.sh"
 TWO_NODES = Path(__file__).parent / "slurm" / "two-node-cluster.sh"
-TWO_NODE_CONF = "/var/tmp/moebench-slurm2/slurm.conf"
+TWO_NODE_CONF = "/var/tmp/moebench-slurm2/etc/slurm.conf"
 
 
 def slurm_cluster_up() -> bool:

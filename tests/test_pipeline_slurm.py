@@ -1,7 +1,9 @@
 """A tiny study through `--executor slurm` on a real one-node SLURM cluster, started here by
 tests/slurm/local-cluster.sh (root: it installs slurm-wlm + munge with apt-get and writes
 /etc/slurm/slurm.conf), with the test profile workflow/profiles/slurm-test (squeue status,
-no account, partition debug); its training is a 2-task job launched through srun."""
+no account, partition debug); its training is a 2-task job launched through srun. Then the
+same on the two-node cluster of tests/slurm/two-node-cluster.sh (tasks 4, nodes 2), and a
+node failure in the middle of its training, resumed by `--rerun-incomplete`."""
 
 from __future__ import annotations
 
@@ -9,19 +11,34 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from moebench.report import paths
 from moebench.report.summary import SUMMARY_SCHEMA
+from moebench.train.checkpoint import CKPT_NAME
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+TWO_NODES = REPO / "tests" / "slurm" / "two-node-cluster.sh"
+
+
+def snakemake(study_file: Path, workdir: Path, *extra: str) -> list[str]:
+    """The Snakemake command of `study_file` in `workdir` with the SLURM test profile."""
+    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+            "--workflow-profile", str(REPO / "workflow/profiles/slurm-test"),
+            "--configfile", str(study_file), *extra]
+
+
+def with_bin(env: dict[str, str]) -> dict[str, str]:
+    return env | {"PATH": f"{BIN}{os.pathsep}{env['PATH']}"}
 
 
 def test_tiny_dag_runs_through_slurm(slurm_cluster: None, tmp_path: Path) -> None:
@@ -40,15 +57,9 @@ def test_tiny_dag_runs_through_slurm(slurm_cluster: None, tmp_path: Path) -> Non
     study_file = tmp_path / "slurm.yaml"
     study_file.write_text(yaml.safe_dump(study))
     workdir = tmp_path / "wd"
-    res = subprocess.run(
-        [
-            sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-            "--workflow-profile", str(REPO / "workflow/profiles/slurm-test"),
-            "--configfile", str(study_file), "--slurm-keep-successful-logs",
-        ],
-        capture_output=True, text=True, timeout=900, check=False,
-        env=os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
-    )  # fmt: skip
+    res = subprocess.run(snakemake(study_file, workdir, "--slurm-keep-successful-logs"),
+                         capture_output=True, text=True, timeout=900, check=False,
+                         env=with_bin(dict(os.environ)))
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     df = pd.read_parquet(paths.summary_file("slurm", workdir / "work"))
     SUMMARY_SCHEMA.validate(df)
@@ -60,3 +71,89 @@ def test_tiny_dag_runs_through_slurm(slurm_cluster: None, tmp_path: Path) -> Non
     assert not {"rule_resolve", "rule_aggregate", "rule_data_config"} & ran
     run = paths.run_dir("slurm", "shakespeare", "aux_free", 0, workdir / "work")
     assert json.loads((run / "summary.json").read_text())["world_size"] == 2
+
+
+# ---- two nodes -------------------------------------------------------------------------------
+def two_node_study(tmp_path: Path) -> Path:
+    """The tiny study's aux_free run on 2 nodes x 2 GPUs: 4 ranks, 2 on each SLURM node."""
+    study = yaml.safe_load((REPO / "configs/test.yaml").read_text())
+    study["base"]["topology"] = {"num_nodes": 2, "gpus_per_node": 2}
+    study["resources"]["train"] |= {"tasks": 4, "nodes": 2}
+    study |= {
+        "study": "two",
+        "seeds": [0],
+        "strategies": {"aux_free": study["strategies"]["aux_free"]},
+        "tracking": {"uri": None},
+    }
+    study_file = tmp_path / "two.yaml"
+    study_file.write_text(yaml.safe_dump(study))
+    return study_file
+
+
+def run_of(workdir: Path) -> Path:
+    return paths.run_dir("two", "shakespeare", "aux_free", 0, workdir / "work")
+
+
+@pytest.fixture(scope="module")
+def two_node_dag(two_node_cluster: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+                 ) -> Path:
+    """The two-node study run straight through: its work directory."""
+    tmp = tmp_path_factory.mktemp("two_node_dag")
+    workdir = tmp / "wd"
+    res = subprocess.run(snakemake(two_node_study(tmp), workdir), capture_output=True,
+                         text=True, timeout=900, check=False, env=with_bin(two_node_cluster))
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    return workdir
+
+
+def test_tiny_dag_trains_across_two_slurm_nodes(two_node_dag: Path) -> None:
+    df = pd.read_parquet(paths.summary_file("two", two_node_dag / "work"))
+    SUMMARY_SCHEMA.validate(df)
+    assert df[["study", "strategy", "seed"]].values.tolist() == [["two", "aux_free", 0]]
+    assert json.loads((run_of(two_node_dag) / "summary.json").read_text())["world_size"] == 4
+    log = paths.log_file("two", "train/shakespeare/aux_free/seed~0")
+    assert "done: val_loss" in (two_node_dag / log).read_text()
+
+
+def test_node_failure_fails_the_run_and_rerun_incomplete_resumes_it(
+    two_node_cluster: dict[str, str], two_node_dag: Path, tmp_path: Path
+) -> None:
+    """node2 crashes (its slurmd, job step and ranks killed) once training has checkpointed:
+    the job and Snakemake fail, naming the node; with node2 back, `--rerun-incomplete`
+    resumes from the checkpoint to the files of the straight run."""
+    study_file, workdir = two_node_study(tmp_path), tmp_path / "wd"
+    env = with_bin(two_node_cluster)
+    ckpt = paths.ckpt_dir("two", "shakespeare", "aux_free", 0, workdir / "work") / CKPT_NAME
+    proc = subprocess.Popen(snakemake(study_file, workdir), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 600
+        while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        subprocess.run(["bash", str(TWO_NODES), "crash", "node2"], check=True)
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0, "the run ended before node2 crashed"
+    assert "Error in rule train" in output
+    log = workdir / paths.log_file("two", "train/shakespeare/aux_free/seed~0")
+    assert "Node failure on node2" in log.read_text()
+    killed_at = torch.load(ckpt, weights_only=True)["step"]
+    assert 0 < killed_at < 12
+
+    subprocess.run(["bash", str(TWO_NODES), "boot", "node2"], check=True)
+    for _ in range(120):
+        res = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
+                             env=env, check=True)
+        if res.stdout.split() == ["idle"]:
+            break
+        time.sleep(0.5)
+    res = subprocess.run(snakemake(study_file, workdir, "--rerun-incomplete"),
+                         capture_output=True, text=True, timeout=900, check=False, env=env)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert f"resuming from step {killed_at}" in log.read_text()
+    straight = run_of(two_node_dag)
+    for name in ("metrics.jsonl", "routing_trace.parquet"):
+        assert (run_of(workdir) / name).read_bytes() == (straight / name).read_bytes(), name

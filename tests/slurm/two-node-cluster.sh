@@ -4,7 +4,7 @@
 # each in its own network and UTS namespace: a host of its own, with its address, hostname,
 # spool and log. Munge is the host's (its socket is a file, seen from every namespace).
 #   two-node-cluster.sh start        install slurm-wlm + munge if missing, build the network,
-#                                    write $STATE/slurm.conf, start the daemons
+#                                    write $STATE/etc/slurm.conf, start the daemons
 #   two-node-cluster.sh stop         stop the daemons; remove the namespaces, links, files
 #   two-node-cluster.sh status       sinfo
 #   two-node-cluster.sh crash NODE   a node failure: SIGKILL every process of NODE (its
@@ -14,15 +14,17 @@
 #   management: bridge mbn-br 10.231.0.1/24 on the host, node<i>:eth0 10.231.0.1<i>; the
 #     SLURM traffic (NodeAddr, the controller at 10.231.0.1:6827)
 #   data, "the link": one veth pair, node1:ib0 10.231.1.1 <-> node2:ib0 10.231.1.2. Inside
-#     the nodes, node1 and node2 resolve to these (/etc/netns/<ns>/hosts), so the
+#     the nodes (/etc/netns/<ns>/hosts), the controller's host name resolves to 10.231.0.1,
+#     and node1 and node2 to their data addresses, so the
 #     rendezvous (MASTER_ADDR=node1) and gloo cross it, and its counters
 #     (ib0 in /proc/net/dev, read in a node) count every byte between the two nodes.
-# Clients use the cluster by SLURM_CONF=$STATE/slurm.conf (the one-node cluster of
-# local-cluster.sh keeps /etc/slurm/slurm.conf and port 6817; both can run at once).
+# Clients on the host use the cluster by SLURM_CONF=$STATE/etc/slurm.conf (inside the nodes
+# it is /etc/slurm/slurm.conf; the one-node cluster of local-cluster.sh keeps the host's
+# /etc/slurm/slurm.conf and port 6817; both can run at once).
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 STATE=${SLURM_TWO_NODE_STATE:-/var/tmp/moebench-slurm2}
-CONF=$STATE/slurm.conf
+CONF=$STATE/etc/slurm.conf
 NODES=(node1 node2)
 cmd=${1:-start}
 
@@ -53,8 +55,8 @@ build_network() {
     ip -n "$(ns "$node")" link set eth0 up
     ip netns exec "$(ns "$node")" sysctl -qw net.ipv6.conf.all.disable_ipv6=1
     mkdir -p "/etc/netns/$(ns "$node")"
-    printf '127.0.0.1 localhost\n10.231.1.1 node1\n10.231.1.2 node2\n' \
-      >"/etc/netns/$(ns "$node")/hosts"
+    printf '127.0.0.1 localhost\n10.231.0.1 %s\n10.231.1.1 node1\n10.231.1.2 node2\n' \
+      "$(hostname -s)" >"/etc/netns/$(ns "$node")/hosts"
   done
   ip link add ib0 netns "$(ns node1)" type veth peer name ib0 netns "$(ns node2)"
   for i in 1 2; do
@@ -67,7 +69,7 @@ write_conf() {
   local host mem
   host=$(hostname -s)
   mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 4 / 10 ))
-  mkdir -p "$STATE"/{state,spool,log}
+  mkdir -p "$STATE"/{etc,state,spool,log}
   cat >"$CONF" <<CONF
 ClusterName=moebench-two
 SlurmctldHost=$host(10.231.0.1)
@@ -99,11 +101,14 @@ PartitionName=debug Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP
 CONF
 }
 
-boot() {  # slurmd of node $1 in its namespaces: its network, hostname and /etc/hosts
-  # (`nsenter`, not `ip netns exec`, which mounts a /sys without the cgroup tree slurmd reads)
-  mkdir -p "$STATE/spool/$1"
+boot() {  # slurmd of node $1 in its namespaces: its network, hostname, /etc/hosts and
+  # /etc/slurm (so that clients in jobs, srun in a batch script, find this cluster's config
+  # at the default path, as on a real node); `nsenter`, not `ip netns exec`, which mounts a
+  # /sys without the cgroup tree slurmd reads
+  mkdir -p "$STATE/spool/$1" /etc/slurm
   nsenter --net="/var/run/netns/$(ns "$1")" unshare --mount --uts sh -c "hostname $1 &&
-    mount --bind /etc/netns/$(ns "$1")/hosts /etc/hosts && exec slurmd -f $CONF"
+    mount --bind /etc/netns/$(ns "$1")/hosts /etc/hosts &&
+    mount --bind $STATE/etc /etc/slurm && exec slurmd"
 }
 
 up() {
