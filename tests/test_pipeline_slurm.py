@@ -90,37 +90,14 @@ def two_node_study(tmp_path: Path) -> Path:
     return study_file
 
 
-def run_of(workdir: Path) -> Path:
-    return paths.run_dir("two", "shakespeare", "aux_free", 0, workdir / "work")
-
-
-@pytest.fixture(scope="module")
-def two_node_dag(two_node_cluster: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-                 ) -> Path:
-    """The two-node study run straight through: its work directory."""
-    tmp = tmp_path_factory.mktemp("two_node_dag")
-    workdir = tmp / "wd"
-    res = subprocess.run(snakemake(two_node_study(tmp), workdir), capture_output=True,
-                         text=True, timeout=900, check=False, env=with_bin(two_node_cluster))
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    return workdir
-
-
-def test_tiny_dag_trains_across_two_slurm_nodes(two_node_dag: Path) -> None:
-    df = pd.read_parquet(paths.summary_file("two", two_node_dag / "work"))
-    SUMMARY_SCHEMA.validate(df)
-    assert df[["study", "strategy", "seed"]].values.tolist() == [["two", "aux_free", 0]]
-    assert json.loads((run_of(two_node_dag) / "summary.json").read_text())["world_size"] == 4
-    log = paths.log_file("two", "train/shakespeare/aux_free/seed~0")
-    assert "done: val_loss" in (two_node_dag / log).read_text()
-
-
-def test_node_failure_fails_the_run_and_rerun_incomplete_resumes_it(
-    two_node_cluster: dict[str, str], two_node_dag: Path, tmp_path: Path
+def test_tiny_dag_across_two_nodes_survives_a_node_failure(
+    two_node_cluster: dict[str, str], tmp_path: Path
 ) -> None:
-    """node2 crashes (its slurmd, job step and ranks killed) once training has checkpointed:
-    the job and Snakemake fail, naming the node; with node2 back, `--rerun-incomplete`
-    resumes from the checkpoint to the files of the straight run."""
+    """The study through `--executor slurm` on the two-node cluster, its training a 4-task
+    job over both nodes. node2 crashes (its slurmd, job step and ranks killed) once training
+    has checkpointed: the job and Snakemake fail, naming the node. With node2 back,
+    `--rerun-incomplete` resumes from the checkpoint and finishes the study; its training
+    files are, byte for byte, those of the same config trained straight through by srun."""
     study_file, workdir = two_node_study(tmp_path), tmp_path / "wd"
     env = with_bin(two_node_cluster)
     ckpt = paths.ckpt_dir("two", "shakespeare", "aux_free", 0, workdir / "work") / CKPT_NAME
@@ -131,7 +108,7 @@ def test_node_failure_fails_the_run_and_rerun_incomplete_resumes_it(
         while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.02)
         subprocess.run(["bash", str(TWO_NODES), "crash", "node2"], check=True)
-        output, _ = proc.communicate(timeout=600)
+        output, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -151,9 +128,22 @@ def test_node_failure_fails_the_run_and_rerun_incomplete_resumes_it(
             break
         time.sleep(0.5)
     res = subprocess.run(snakemake(study_file, workdir, "--rerun-incomplete"),
-                         capture_output=True, text=True, timeout=900, check=False, env=env)
+                         capture_output=True, text=True, timeout=600, check=False, env=env)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert f"resuming from step {killed_at}" in log.read_text()
-    straight = run_of(two_node_dag)
+    df = pd.read_parquet(paths.summary_file("two", workdir / "work"))
+    SUMMARY_SCHEMA.validate(df)
+    assert df[["study", "strategy", "seed"]].values.tolist() == [["two", "aux_free", 0]]
+    run = paths.run_dir("two", "shakespeare", "aux_free", 0, workdir / "work")
+    assert json.loads((run / "summary.json").read_text())["world_size"] == 4
+
+    config = workdir / paths.run_config_file("two", "shakespeare", "aux_free", 0)
+    straight = tmp_path / "straight"
+    res = subprocess.run(
+        ["srun", "--nodes=2", "--ntasks-per-node=2", "--kill-on-bad-exit=1", "--time=10",
+         "moebench", "train", "--config", str(config), "--out", str(straight),
+         "--ckpt-dir", str(tmp_path / "ckpt")],
+        cwd=workdir, capture_output=True, text=True, timeout=600, check=False, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
     for name in ("metrics.jsonl", "routing_trace.parquet"):
-        assert (run_of(workdir) / name).read_bytes() == (straight / name).read_bytes(), name
+        assert (run / name).read_bytes() == (straight / name).read_bytes(), name

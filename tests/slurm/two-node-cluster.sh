@@ -92,8 +92,11 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 SchedulerType=sched/backfill
 ReturnToService=2
+# a node that stops answering is DOWN after 10 s, its job is killed (its step 3 s after the
+# signal) and fails (NODE_FAIL) instead of waiting in the queue for the node to return
 SlurmdTimeout=10
 KillWait=3
+JobRequeue=0
 MpiDefault=none
 NodeName=node1 NodeAddr=10.231.0.11 CPUs=2 RealMemory=$mem State=UNKNOWN
 NodeName=node2 NodeAddr=10.231.0.12 CPUs=2 RealMemory=$mem State=UNKNOWN
