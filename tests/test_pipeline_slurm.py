@@ -97,10 +97,13 @@ def test_tiny_dag_across_two_nodes_survives_a_node_failure(
     job over both nodes. node2 crashes (its slurmd, job step and ranks killed) once training
     has checkpointed: the job and Snakemake fail, naming the node. With node2 back,
     `--rerun-incomplete` resumes from the checkpoint and finishes the study; its training
-    files are, byte for byte, those of the same config trained straight through by srun."""
+    files are, byte for byte, those of the same config trained straight through by srun
+    (run while Snakemake waits out its status-check interval)."""
     study_file, workdir = two_node_study(tmp_path), tmp_path / "wd"
     env = with_bin(two_node_cluster)
     ckpt = paths.ckpt_dir("two", "shakespeare", "aux_free", 0, workdir / "work") / CKPT_NAME
+    log = workdir / paths.log_file("two", "train/shakespeare/aux_free/seed~0")
+    straight = tmp_path / "straight"
     proc = subprocess.Popen(snakemake(study_file, workdir), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     try:
@@ -108,6 +111,17 @@ def test_tiny_dag_across_two_nodes_survives_a_node_failure(
         while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.02)
         subprocess.run(["bash", str(TWO_NODES), "crash", "node2"], check=True)
+        while "Node failure on node2" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        subprocess.run(["bash", str(TWO_NODES), "boot", "node2"], check=True)
+        wait_for_idle_nodes(env)
+        config = workdir / paths.run_config_file("two", "shakespeare", "aux_free", 0)
+        res = subprocess.run(
+            ["srun", "--nodes=2", "--ntasks-per-node=2", "--kill-on-bad-exit=1", "--time=10",
+             "moebench", "train", "--config", str(config), "--out", str(straight),
+             "--ckpt-dir", str(tmp_path / "ckpt")],
+            cwd=workdir, capture_output=True, text=True, timeout=600, check=False, env=env)
+        assert res.returncode == 0, res.stderr[-3000:]
         output, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
@@ -115,18 +129,9 @@ def test_tiny_dag_across_two_nodes_survives_a_node_failure(
             proc.wait()
     assert proc.returncode != 0, "the run ended before node2 crashed"
     assert "Error in rule train" in output
-    log = workdir / paths.log_file("two", "train/shakespeare/aux_free/seed~0")
-    assert "Node failure on node2" in log.read_text()
     killed_at = torch.load(ckpt, weights_only=True)["step"]
     assert 0 < killed_at < 12
 
-    subprocess.run(["bash", str(TWO_NODES), "boot", "node2"], check=True)
-    for _ in range(120):
-        res = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
-                             env=env, check=True)
-        if res.stdout.split() == ["idle"]:
-            break
-        time.sleep(0.5)
     res = subprocess.run(snakemake(study_file, workdir, "--rerun-incomplete"),
                          capture_output=True, text=True, timeout=600, check=False, env=env)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
@@ -136,14 +141,15 @@ def test_tiny_dag_across_two_nodes_survives_a_node_failure(
     assert df[["study", "strategy", "seed"]].values.tolist() == [["two", "aux_free", 0]]
     run = paths.run_dir("two", "shakespeare", "aux_free", 0, workdir / "work")
     assert json.loads((run / "summary.json").read_text())["world_size"] == 4
-
-    config = workdir / paths.run_config_file("two", "shakespeare", "aux_free", 0)
-    straight = tmp_path / "straight"
-    res = subprocess.run(
-        ["srun", "--nodes=2", "--ntasks-per-node=2", "--kill-on-bad-exit=1", "--time=10",
-         "moebench", "train", "--config", str(config), "--out", str(straight),
-         "--ckpt-dir", str(tmp_path / "ckpt")],
-        cwd=workdir, capture_output=True, text=True, timeout=600, check=False, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
     for name in ("metrics.jsonl", "routing_trace.parquet"):
         assert (run / name).read_bytes() == (straight / name).read_bytes(), name
+
+
+def wait_for_idle_nodes(env: dict[str, str]) -> None:
+    """Until both nodes are back in service (a minute at most)."""
+    for _ in range(120):
+        res = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
+                             env=env, check=True)
+        if res.stdout.split() == ["idle"]:
+            return
+        time.sleep(0.5)
