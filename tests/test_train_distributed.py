@@ -371,6 +371,8 @@ def test_link_between_the_nodes_carries_the_accounted_all_to_all(
         row_bytes = 4 * cfgs[name].model.d_model
         assert accounted == 2 * row_bytes * p["copies"]["per_expert"]["ib"]
     free, node = (probe[name]["copies"] for name in ("free", "node"))
+    print(f"inter-node copies (free, node-limited): per_expert {free['per_expert']['ib']}, "
+          f"{node['per_expert']['ib']}; dedup {free['dedup']['ib']}, {node['dedup']['ib']}")
     assert node["dedup"]["ib"] < free["dedup"]["ib"]
 
 
