@@ -153,3 +153,16 @@ def wait_for_idle_nodes(env: dict[str, str]) -> None:
         if res.stdout.split() == ["idle"]:
             return
         time.sleep(0.5)
+
+
+def test_two_node_cluster_says_why_where_namespaces_are_not_permitted() -> None:
+    """In a user namespace (root inside, no privilege over the host's mounts), `ip netns
+    add` is refused: the script stops at once, naming the cause, and leaves nothing behind."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (to be refused for a missing privilege, not for the user)")
+    res = subprocess.run(["unshare", "--user", "--map-root-user", "bash", str(TWO_NODES),
+                          "start"], capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 1
+    assert "network namespaces are not permitted here" in res.stderr
+    assert "CAP_NET_ADMIN and CAP_SYS_ADMIN" in res.stderr
+    assert not list(Path("/var/run/netns").glob("moebench-*"))
