@@ -41,21 +41,31 @@ def with_bin(env: dict[str, str]) -> dict[str, str]:
     return env | {"PATH": f"{BIN}{os.pathsep}{env['PATH']}"}
 
 
-def test_tiny_dag_runs_through_slurm(slurm_cluster: None, tmp_path: Path) -> None:
+def slurm_study(tmp_path: Path, name: str, topology: dict[str, int], tasks: int, nodes: int,
+                router: dict[str, int] | None = None) -> Path:
+    """The tiny study's aux_free run, seed 0, as study `name` on `topology`, its training a
+    `tasks`-task job over `nodes` SLURM nodes: the study file."""
     study = yaml.safe_load((REPO / "configs/test.yaml").read_text())
-    # Training runs distributed: 2 processes (data + expert parallel), one per device of a
-    # 1 node x 2 GPU topology, launched by `srun -n 2` inside a 2-task SLURM job.
-    study["base"]["topology"] = {"num_nodes": 1, "gpus_per_node": 2}
-    study["base"]["router"] = {"num_experts": 8, "top_k": 2, "group_limit": 1}
-    study["resources"]["train"] |= {"tasks": 2}
+    study["base"]["topology"] = topology
+    if router is not None:
+        study["base"]["router"] = router
+    study["resources"]["train"] |= {"tasks": tasks, "nodes": nodes}
     study |= {
-        "study": "slurm",
+        "study": name,
         "seeds": [0],
         "strategies": {"aux_free": study["strategies"]["aux_free"]},
         "tracking": {"uri": None},
     }
-    study_file = tmp_path / "slurm.yaml"
+    study_file = tmp_path / f"{name}.yaml"
     study_file.write_text(yaml.safe_dump(study))
+    return study_file
+
+
+def test_tiny_dag_runs_through_slurm(slurm_cluster: None, tmp_path: Path) -> None:
+    # Training runs distributed: 2 processes (data + expert parallel), one per device of a
+    # 1 node x 2 GPU topology, launched by `srun -n 2` inside a 2-task SLURM job.
+    study_file = slurm_study(tmp_path, "slurm", {"num_nodes": 1, "gpus_per_node": 2}, 2, 1,
+                             {"num_experts": 8, "top_k": 2, "group_limit": 1})
     workdir = tmp_path / "wd"
     res = subprocess.run(snakemake(study_file, workdir, "--slurm-keep-successful-logs"),
                          capture_output=True, text=True, timeout=900, check=False,
@@ -75,19 +85,8 @@ def test_tiny_dag_runs_through_slurm(slurm_cluster: None, tmp_path: Path) -> Non
 
 # ---- two nodes -------------------------------------------------------------------------------
 def two_node_study(tmp_path: Path) -> Path:
-    """The tiny study's aux_free run on 2 nodes x 2 GPUs: 4 ranks, 2 on each SLURM node."""
-    study = yaml.safe_load((REPO / "configs/test.yaml").read_text())
-    study["base"]["topology"] = {"num_nodes": 2, "gpus_per_node": 2}
-    study["resources"]["train"] |= {"tasks": 4, "nodes": 2}
-    study |= {
-        "study": "two",
-        "seeds": [0],
-        "strategies": {"aux_free": study["strategies"]["aux_free"]},
-        "tracking": {"uri": None},
-    }
-    study_file = tmp_path / "two.yaml"
-    study_file.write_text(yaml.safe_dump(study))
-    return study_file
+    """On 2 nodes x 2 GPUs: 4 ranks, 2 on each SLURM node."""
+    return slurm_study(tmp_path, "two", {"num_nodes": 2, "gpus_per_node": 2}, 4, 2)
 
 
 def test_tiny_dag_across_two_nodes_survives_a_node_failure(
