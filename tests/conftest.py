@@ -1,6 +1,7 @@
 """Test-wide settings and fixtures: one torch thread (bitwise reproducible CPU math), Triton
-in interpreter mode (kernels run on CPU tensors), no network for Hugging Face libraries, and
-the real one-node SLURM cluster shared by every `slurm` test."""
+in interpreter mode (kernels run on CPU tensors), no network for Hugging Face libraries, the
+real one-node SLURM cluster shared by every `slurm` test, and the two-node one (network
+namespaces) of the multi-node tests."""
 
 import os
 import shutil
@@ -20,6 +21,8 @@ torch.set_num_threads(1)
 
 
 CLUSTER = Path(__file__).parent / "slurm" / "local-cluster.sh"
+TWO_NODES = Path(__file__).parent / "slurm" / "two-node-cluster.sh"
+TWO_NODE_CONF = "/var/tmp/moebench-slurm2/etc/slurm.conf"
 
 
 def slurm_cluster_up() -> bool:
@@ -62,3 +65,27 @@ def slurm_cluster(slurm_controller_up_while_installed: None) -> None:
         pytest.skip("the one-node SLURM cluster needs root (apt-get, /etc/slurm, daemons)")
     if not slurm_cluster_up():
         _start_cluster()
+
+
+@pytest.fixture(scope="session")
+def two_node_cluster(slurm_controller_up_while_installed: None) -> Iterator[dict[str, str]]:
+    """The real two-node cluster of tests/slurm/two-node-cluster.sh (root: network
+    namespaces, daemons): the environment that points SLURM clients at it. Started for the
+    session and torn down at its end (namespaces, links, files), unless it was up before."""
+    if os.geteuid() != 0:
+        pytest.skip("the two-node SLURM cluster needs root (network namespaces, daemons)")
+    env = os.environ | {"SLURM_CONF": TWO_NODE_CONF}
+    started = True
+    if Path(TWO_NODE_CONF).exists():  # (without it, sinfo looks for a config for a minute)
+        res = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
+                             env=env, check=False)
+        started = res.returncode != 0 or res.stdout.split() != ["idle"]
+    if started:
+        res = subprocess.run(["bash", str(TWO_NODES), "start"], capture_output=True, text=True,
+                             timeout=600, check=False)
+        if res.returncode != 0:
+            subprocess.run(["bash", str(TWO_NODES), "stop"], check=False, timeout=60)
+            pytest.fail(f"the two-node SLURM cluster did not start:\n{res.stderr}")
+    yield env
+    if started:
+        subprocess.run(["bash", str(TWO_NODES), "stop"], check=False, timeout=60)

@@ -141,43 +141,55 @@ def dist_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.mark.distributed
-@pytest.mark.slow
-def test_four_ranks_match_one_process_on_the_same_global_batch(
-    data_dir: Path, dist_run: Path, tmp_path: Path
-) -> None:
-    single = tmp_path / "single"
-    train(tiny_cfg(data_dir), single, tmp_path / "ckpt")
-    dist = dist_run / "run"
+@pytest.fixture(scope="module")
+def single_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny run in one process: its run directory (and its last checkpoint in ckpt/)."""
+    folder = tmp_path_factory.mktemp("single_run")
+    train(tiny_cfg(data_dir), folder / "run", folder / "ckpt")
+    return folder
+
+
+def assert_same_training(single: Path, dist: Path, world: int) -> None:
+    """Run directory `dist` (`world` ranks) trained what the one-process run `single` did:
+    the same records, identical routing and loads, losses within float tolerance."""
     a, b = lines(single / "metrics.jsonl"), lines(dist / "metrics.jsonl")
     assert [(r["kind"], r["step"]) for r in a] == [(r["kind"], r["step"]) for r in b]
     close = {"loss", "ce_loss", "grad_norm", "aux", "val_loss", "val_ppl", "val_bpb"}
-    for one, four in zip(a, b, strict=True):
-        assert one.keys() == four.keys()
+    for one, many in zip(a, b, strict=True):
+        assert one.keys() == many.keys()
         for key, value in one.items():
             # routing decisions: identical per-expert loads every step (so MaxVio, drops)
             approx = key in close and value is not None
-            expect = pytest.approx(four[key], rel=1e-5) if approx else four[key]
+            expect = pytest.approx(many[key], rel=1e-5) if approx else many[key]
             assert value == expect, (one["kind"], one["step"], key)
-    assert sorted(a[0]["aux"]) == ["global", "seq", "switch"]
-    trace_1, trace_4 = (pq.read_table(d / "routing_trace.parquet") for d in (single, dist))
-    assert trace_1.schema.metadata == trace_4.schema.metadata
+    trace_1, trace_w = (pq.read_table(d / "routing_trace.parquet") for d in (single, dist))
+    assert trace_1.schema.metadata == trace_w.schema.metadata
     for column in ("layer", "token", "slot", "expert"):
-        assert trace_1[column].equals(trace_4[column])
-    weights_1, weights_4 = (torch.tensor(t["weight"].to_numpy()) for t in (trace_1, trace_4))
-    torch.testing.assert_close(weights_1, weights_4, rtol=1e-5, atol=1e-6)
+        assert trace_1[column].equals(trace_w[column])
+    weights_1, weights_w = (torch.tensor(t["weight"].to_numpy()) for t in (trace_1, trace_w))
+    torch.testing.assert_close(weights_1, weights_w, rtol=1e-5, atol=1e-6)
+    s1, sw = summary_without_timing(single), summary_without_timing(dist)
+    assert (s1.pop("world_size"), sw.pop("world_size")) == (1, world)
+    assert s1.keys() == sw.keys()
+    for key, value in s1.items():
+        close = isinstance(value, float) or key == "maxvio_global_layers"
+        assert value == (pytest.approx(sw[key], rel=1e-5) if close else sw[key]), key
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_four_ranks_match_one_process_on_the_same_global_batch(
+    single_run: Path, dist_run: Path
+) -> None:
+    assert_same_training(single_run / "run", dist_run / "run", WORLD)
+    assert sorted(lines(single_run / "run" / "metrics.jsonl")[0]["aux"]) == [
+        "global", "seq", "switch"]
     # one bias update per step from the global loads: the same on every rank and as in one
     # process (the single run's last checkpoint holds its bias)
-    bias_1 = torch.load(tmp_path / "ckpt" / CKPT_NAME, weights_only=True)["bias"]["bias_LE"]
+    bias_1 = torch.load(single_run / "ckpt" / CKPT_NAME, weights_only=True)["bias"]["bias_LE"]
     assert bias_1.abs().sum() > 0
     for rank in range(WORLD):
         assert torch.equal(torch.load(dist_run / f"bias{rank}.pt"), bias_1)
-    s1, s4 = summary_without_timing(single), summary_without_timing(dist)
-    assert (s1.pop("world_size"), s4.pop("world_size")) == (1, 4)
-    assert s1.keys() == s4.keys()
-    for key, value in s1.items():
-        close = isinstance(value, float) or key == "maxvio_global_layers"
-        assert value == (pytest.approx(s4[key], rel=1e-5) if close else s4[key]), key
 
 
 @pytest.mark.distributed
@@ -266,6 +278,102 @@ def test_srun_with_four_tasks_gives_the_same_summary(
     straight = dist_run / "run"
     assert summary_without_timing(out) == summary_without_timing(straight)
     assert (out / "metrics.jsonl").read_bytes() == (straight / "metrics.jsonl").read_bytes()
+
+
+# ---- srun across two SLURM nodes (network namespaces) --------------------------------------
+PROBE = REPO / "tests" / "slurm" / "link_probe.py"
+NODE1 = "moebench-node1"  # node1's network namespace (tests/slurm/two-node-cluster.sh)
+HEADER_BYTES = 66  # per packet on the link: Ethernet 14 + IPv4 20 + TCP 32 (timestamps)
+
+
+def link_counters() -> tuple[int, int]:
+    """(bytes, packets) on the link between the two test nodes so far, both directions."""
+    stats = [f"/sys/class/net/ib0/statistics/{d}_{n}" for n in ("bytes", "packets")
+             for d in ("rx", "tx")]
+    res = subprocess.run(["ip", "netns", "exec", NODE1, "cat", *stats], capture_output=True,
+                         text=True, check=True)
+    rx_bytes, tx_bytes, rx_packets, tx_packets = map(int, res.stdout.split())
+    return rx_bytes + tx_bytes, rx_packets + tx_packets
+
+
+def srun_two_nodes(env: dict[str, str], *command: str) -> subprocess.CompletedProcess[str]:
+    """`command` as 4 tasks, 2 on node1 (ranks 0, 1) and 2 on node2 (ranks 2, 3)."""
+    return subprocess.run(["srun", "--nodes=2", "--ntasks-per-node=2", "--kill-on-bad-exit=1",
+                           "--time=10", *command], env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+
+
+def node_limited(cfg: RunConfig) -> RunConfig:
+    """`cfg` with node-limited routing: each token's experts on M = 1 of the 2 nodes."""
+    router = cfg.router.model_dump() | {"limit": "node", "group_limit": 1}
+    return RunConfig.model_validate(cfg.model_dump() | {"router": router})
+
+
+@pytest.mark.slurm
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_srun_across_two_nodes_trains_the_one_process_run(
+    two_node_cluster: dict[str, str], data_dir: Path, single_run: Path, dist_run: Path,
+    tmp_path: Path
+) -> None:
+    """Ranks 0, 1 on node1 and 2, 3 on node2 (their own network namespaces), rendezvous at
+    MASTER_ADDR=node1, gloo over the link between them."""
+    config = tmp_path / "run.yaml"
+    config.write_text(tiny_cfg(data_dir).model_dump_json())
+    out = tmp_path / "run"
+    before = link_counters()
+    res = srun_two_nodes(two_node_cluster, str(BIN / "moebench"), "train", "--config",
+                         str(config), "--out", str(out), "--ckpt-dir", str(tmp_path / "ckpt"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    crossed = link_counters()[0] - before[0]
+    assert_same_training(single_run / "run", out, WORLD)
+    # bitwise the 4 ranks of one host: the same collectives, whatever the network
+    assert (out / "metrics.jsonl").read_bytes() == (dist_run / "run" / "metrics.jsonl").read_bytes()
+    # the link carried at least the forward all-to-all's accounted inter-node bytes (the
+    # backward's, the all-reduces and the checkpoints' gathers cross it too)
+    accounted = sum(r["a2a"]["measured"]["bytes"][phase]["ib"]
+                    for r in lines(out / "timing.jsonl") for phase in ("dispatch", "combine"))
+    print(f"two-node training run: {crossed} bytes crossed the link; forward all-to-all "
+          f"accounted across nodes: {accounted} bytes")
+    assert crossed > accounted > 0
+
+
+@pytest.mark.slurm
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_link_between_the_nodes_carries_the_accounted_all_to_all(
+    two_node_cluster: dict[str, str], data_dir: Path, tmp_path: Path
+) -> None:
+    """One forward pass of the tiny model on the two nodes (tests/slurm/link_probe.py), with
+    unrestricted and node-limited routing: the link's bytes, less 66 header bytes per packet,
+    are the all-to-all's accounted inter-node bytes plus gloo's framing, the exchange of the
+    split sizes and the forward's small all-reduces. Node-limited routing cuts the nodes per
+    token, which only a deduplicating dispatcher turns into fewer bytes: moebench's real
+    all-to-all sends one copy per (token, expert), so the link carries what that accounting
+    says in both runs, not less."""
+    cfgs = {"free": tiny_cfg(data_dir), "node": node_limited(tiny_cfg(data_dir))}
+    for name, cfg in cfgs.items():
+        (tmp_path / f"{name}.yaml").write_text(cfg.model_dump_json())
+    out = tmp_path / "probe.json"
+    res = srun_two_nodes(two_node_cluster, sys.executable, str(PROBE),
+                         *(str(tmp_path / f"{name}.yaml") for name in cfgs), "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    probe = json.loads(out.read_text())
+    for name, p in probe.items():
+        assert p["hosts"] == ["node1", "node1", "node2", "node2"]
+        accounted = p["accounted"]["dispatch"]["ib"] + p["accounted"]["combine"]["ib"]
+        link = p["link_bytes"] - p["empty_window_bytes"]
+        payload = link - HEADER_BYTES * (p["link_packets"] - p["empty_window_packets"])
+        print(f"{name}: link {link} bytes ({link / accounted:.3f}x the accounted {accounted}),"
+              f" TCP payload {payload} ({payload / accounted:.3f}x)")
+        assert accounted <= payload <= 1.2 * accounted, name
+        # the all-to-all's count is the accounting's: one row per remote (token, expert)
+        row_bytes = 4 * cfgs[name].model.d_model
+        assert accounted == 2 * row_bytes * p["copies"]["per_expert"]["ib"]
+    free, node = (probe[name]["copies"] for name in ("free", "node"))
+    print(f"inter-node copies (free, node-limited): per_expert {free['per_expert']['ib']}, "
+          f"{node['per_expert']['ib']}; dedup {free['dedup']['ib']}, {node['dedup']['ib']}")
+    assert node["dedup"]["ib"] < free["dedup"]["ib"]
 
 
 def test_batch_losses_with_all_reduced_counts_average_to_the_whole_batch_loss() -> None:
