@@ -5,7 +5,8 @@ runs log themselves as children (`tracking.parent_run_id`, passed by the train r
 with the same metric keys and its strategy, dataset and seed as params, so MLflow's own
 comparison (chart view, grouped by `strategy`) compares strategies; aggregation adds each
 child's communication numbers (`comm.*`), logs the study's tables and figures to the parent
-and closes it. Files stay the source of truth."""
+and closes it. `moebench mlflow-import` logs runs trained with MLflow off the same way, from
+their files (`import_runs`). Files stay the source of truth."""
 
 from __future__ import annotations
 

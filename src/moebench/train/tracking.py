@@ -14,6 +14,8 @@ next to the database (`<db dir>/mlruns/<experiment>`), not into the working dire
 experiment is marked as model training (`EXPERIMENT_KIND`), so the UI does not open it in
 its GenAI view.
 A store that does not answer is a ValueError before training starts (`check_uri`).
+A run trained with MLflow off is logged afterwards from its files by the same functions
+(`log_run_files`, used by `moebench mlflow-import`).
 """
 
 from __future__ import annotations
