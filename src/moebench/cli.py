@@ -88,6 +88,7 @@ app.command("train")(train)
 from moebench.report.cli import (  # noqa: E402
     aggregate,
     check,
+    mlflow_import,
     mlflow_init,
     new_study,
     reference,
@@ -100,6 +101,7 @@ app.command("new-study")(new_study)
 app.command("resolve")(resolve)
 app.command("schema")(schema)
 app.command("mlflow-init")(mlflow_init)
+app.command("mlflow-import")(mlflow_import)
 app.command("aggregate")(aggregate)
 app.command("where")(where)
 app.command("check")(check)

@@ -5,7 +5,6 @@ Heavy imports (mlflow, matplotlib, pandas) happen inside the commands that need 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,8 +128,8 @@ def aggregate(
 
     with _user_errors():
         cfg = load_study(study)
-        grid = {(d, s, n): paths.run_dir(cfg.study, d, s, n, results) for d, s, n in cfg.grid()}
-        missing = [key for key, run in grid.items() if not (run / "comm.json").is_file()]
+        grid = _run_dirs(cfg, results)
+        missing = [key for key, run in grid.items() if not _finished(run)]
         if missing and (not partial or len(missing) == len(grid)):
             unfinished = ", ".join(str(grid[key]) for key in missing)
             hint = "" if partial else " (--partial aggregates the finished ones)"
@@ -143,31 +142,50 @@ def aggregate(
         typer.echo(str(path))
 
 
-COMM_METRICS = (
-    "devices_per_token",
-    "nodes_per_token",
-    "nvlink_bytes_per_token",
-    "ib_bytes_per_token",
-    "a2a_time_modeled_us",
-)
-"""The communication numbers of a run's comm.json that MLflow gets (dedup dispatcher)."""
+def _run_dirs(cfg: StudyConfig, results: Path) -> dict[tuple[str, str, int], Path]:
+    """The run directory of every grid point of the study under `results`."""
+    return {(d, s, n): paths.run_dir(cfg.study, d, s, n, results) for d, s, n in cfg.grid()}
+
+
+def _finished(run: Path) -> bool:
+    """A run directory is finished once its communication numbers are written (the last
+    step of a run: train, then comm)."""
+    return (run / "comm.json").is_file()
+
+
+def mlflow_import(study: StudyFile, results: ResultsDir = paths.OUT) -> None:
+    """Log the study's finished run directories under `results` (trained with MLflow off, e.g.
+    on a GPU machine) into its MLflow store as a live run would have appeared; importing again
+    skips the runs already there."""
+    from moebench.report.tracking import import_runs, tracking_uri
+
+    with _user_errors():
+        cfg = load_study(study)
+        uri = tracking_uri(cfg)
+        runs = [run for run in _run_dirs(cfg, results).values() if _finished(run)]
+        if not runs:
+            where = paths.run_dir(cfg.study, "<dataset>", "<strategy>", "<n>", results)
+            raise ValueError(f"no finished run of study {cfg.study!r} under {results}: no "
+                             f"{where}/comm.json")
+        done = import_runs(cfg, runs, results)
+    for run, what in done.items():
+        typer.echo(f"{what} {run}")
+    typer.echo(f"MLflow experiment {cfg.experiment!r} at {uri}")
 
 
 def _log_parent(cfg: StudyConfig, results: Path, files: list[Path]) -> None:
     """Log each run's communication numbers to its MLflow run and the study's tables and
     figures to its parent run (if `mlflow-init` made one)."""
-    from moebench.report.tracking import log_study
+    from moebench.report.tracking import PARENT_SUFFIXES, comm_metrics, log_study
 
     parent_file = paths.parent_run_file(cfg.study, results)
     if not parent_file.is_file():
         logger.warning(f"no MLflow parent run ({parent_file} missing): not logged")
         return
     assert cfg.tracking.uri is not None
-    comm = {}
-    for d, s, n in cfg.grid():
-        numbers = json.loads((paths.run_dir(cfg.study, d, s, n, results) / "comm.json").read_text())
-        comm[d, s, n] = {k: numbers[k] for k in COMM_METRICS if numbers.get(k) is not None}
-    artifacts = [p for p in files if p.suffix in (".md", ".csv", ".png", ".svg", ".html")]
+    comm = {key: comm_metrics(run) for key, run in _run_dirs(cfg, results).items()
+            if _finished(run)}
+    artifacts = [p for p in files if p.suffix in PARENT_SUFFIXES]
     try:
         log_study(cfg.tracking.uri, parent_file.read_text().strip(), comm, artifacts)
     except Exception as err:  # MLflow only mirrors the files just written: warn, do not fail

@@ -91,14 +91,12 @@ from moebench.train.checkpoint import (
 from moebench.train.distributed import A2AMeter, Parallel, ProcessLaunch, check_world, process_group
 from moebench.train.memory import check_memory
 from moebench.train.trace import write_trace
+from moebench.train.tracking import ARTIFACTS, step_metrics, summary_metrics
 
 logger = logging.getLogger(__name__)
 
 TIMING_KEYS = ("elapsed_s", "mfu", "tokens_per_s")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12}
-MLFLOW_ARTIFACTS = ("config.resolved.yaml", "summary.json", "metrics.jsonl", "timing.jsonl")
-SUMMARY_PARAMS = ("study", "dataset", "strategy", "seed", "steps", "world_size")
-"""summary.json fields that are already MLflow params or tags of the run, never metrics."""
 
 
 class TrainingDivergedError(RuntimeError):
@@ -618,8 +616,7 @@ class Trainer:
         self._last_eval = record
         self._append("metrics.jsonl", record)
         if tracker is not None:
-            tracker.log_metrics({k: v for k, v in record.items() if k not in ("kind", "step")},
-                                self.step)
+            tracker.log_metrics(step_metrics(record), self.step)
         bpb, vio = record["val_bpb"], record["maxvio_global"]
         self._log(f"eval step {self.step}: val_loss {record['val_loss']:.4f} "
             f"ppl {record['val_ppl']:.2f}" + (f" bpb {bpb:.4f}" if bpb is not None else "")
@@ -653,11 +650,9 @@ class Trainer:
             if tracker is not None:
                 tracker.finish("FAILED")
             raise
-        if tracker is not None:  # the numbers no step logged (val_* are the last eval's)
-            tracker.log_metrics({k: v for k, v in summary.items()
-                                 if k not in self._last_eval and k not in SUMMARY_PARAMS},
-                                self.step)
-            tracker.log_artifacts(self.out / name for name in MLFLOW_ARTIFACTS)
+        if tracker is not None:
+            tracker.log_metrics(summary_metrics(summary, self._last_eval), self.step)
+            tracker.log_artifacts(self.out / name for name in ARTIFACTS)
             tracker.finish()
         return summary
 
@@ -690,9 +685,8 @@ class Trainer:
                 self._append("metrics.jsonl", record)
                 self._append("timing.jsonl", timing)
                 if tracker is not None:
-                    tracker.log_metrics({k: v for k, v in {**record, **timing}.items()
-                                         if k not in ("kind", "load", "step")}
-                                        | self._bias_metrics(), step)
+                    tracker.log_metrics(step_metrics(record, timing) | self._bias_metrics(),
+                                        step)
                 tps, vio = timing["tokens_per_s"], record["maxvio_batch"]
                 left = eta(time.perf_counter() - started, step - first_step, t.steps - step)
                 self._log(f"step {step}/{t.steps} loss {record['loss']:.4f} "

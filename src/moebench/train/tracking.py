@@ -14,6 +14,8 @@ next to the database (`<db dir>/mlruns/<experiment>`), not into the working dire
 experiment is marked as model training (`EXPERIMENT_KIND`), so the UI does not open it in
 its GenAI view.
 A store that does not answer is a ValueError before training starts (`check_uri`).
+A run trained with MLflow off is logged afterwards from its files by the same functions
+(`log_run_files`, used by `moebench mlflow-import`).
 """
 
 from __future__ import annotations
@@ -27,9 +29,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moebench.config import RunConfig
+from moebench.io import read_jsonl
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 logger = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 5.0
@@ -37,6 +43,13 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 """The experiment tag that makes the MLflow UI show runs, charts and comparison (training)
 rather than traces and evaluations (its GenAI view, the default for an untagged one)."""
 _BATCH = 100  # MLflow accepts at most 100 params per log_batch call
+ARTIFACTS = ("config.resolved.yaml", "summary.json", "metrics.jsonl", "timing.jsonl")
+"""The run files an MLflow run holds as artifacts."""
+NOT_METRICS = ("kind", "load", "step")
+"""Fields of a metrics.jsonl or timing.jsonl record that are no metric (per-expert loads: a
+list of lists per layer, too many numbers for MLflow)."""
+SUMMARY_PARAMS = ("study", "dataset", "strategy", "seed", "steps", "world_size")
+"""summary.json fields that are already MLflow params or tags of the run, never metrics."""
 
 
 def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -55,11 +68,33 @@ def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _sqlite_path(uri: str) -> Path | None:
-    """Database file of a `sqlite:///path` URI (None for other schemes)."""
+def sqlite_path(uri: str) -> Path | None:
+    """Database file of a `sqlite:///path` URI (relative paths allowed; None for other
+    schemes)."""
     if not uri.startswith("sqlite:///"):
         return None
     return Path(uri.removeprefix("sqlite:///"))
+
+
+def default_artifact_location(uri: str, experiment: str) -> str | None:
+    """`<db dir>/mlruns/<experiment>` as a file URI beside a sqlite store (MLflow's default is
+    ./mlruns of whatever directory a job runs in); None (the server's default) otherwise."""
+    db = sqlite_path(uri)
+    if db is None:
+        return None
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment)
+    return (db.parent.resolve() / "mlruns" / safe).as_uri()
+
+
+def experiment_id(client: MlflowClient, name: str, location: str | None) -> str:
+    """Id of experiment `name`, created at artifact root `location` if missing; either way
+    marked as model training (EXPERIMENT_KIND: one made before the mark gets it now)."""
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        return client.create_experiment(name, location, tags=EXPERIMENT_KIND)
+    for key, value in EXPERIMENT_KIND.items():
+        client.set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
 
 
 def check_uri(uri: str, parent_run_id: str | None = None) -> None:
@@ -76,7 +111,7 @@ def check_uri(uri: str, parent_run_id: str | None = None) -> None:
                 pass
         except (urllib.error.URLError, OSError, ValueError) as err:
             raise ValueError(f"tracking.uri={uri!r} does not answer: {err}") from None
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is not None:
         try:
             db.parent.mkdir(parents=True, exist_ok=True)
@@ -108,9 +143,12 @@ def check_uri(uri: str, parent_run_id: str | None = None) -> None:
 class Tracker:
     """One MLflow run of one training run (see the module docstring).
 
-    `run_id` of a resumed run continues that run (its params are already logged)."""
+    `run_id` of a resumed run continues that run (its params are already logged); `commit`
+    is the code that trained the run (default: this checkout's)."""
 
-    def __init__(self, cfg: RunConfig, run_id: str | None = None) -> None:
+    def __init__(
+        self, cfg: RunConfig, run_id: str | None = None, commit: str | None = None
+    ) -> None:
         from mlflow.tracking import MlflowClient
 
         uri = cfg.tracking.uri
@@ -128,24 +166,29 @@ class Tracker:
             "seed": str(cfg.seed),
         }
         if parent is not None:
-            experiment_id = self.client.get_run(parent).info.experiment_id
+            experiment = self.client.get_run(parent).info.experiment_id
             tags["mlflow.parentRunId"] = parent
         else:
-            experiment_id = self._experiment(uri, cfg.tracking.experiment)
-        tags |= source_tags()
-        run = self.client.create_run(experiment_id, run_name=run_name(cfg), tags=tags)
+            name = cfg.tracking.experiment
+            experiment = experiment_id(self.client, name, default_artifact_location(uri, name))
+        tags |= source_tags(commit)
+        run = self.client.create_run(experiment, run_name=run_name(cfg), tags=tags)
         self.run_id = run.info.run_id
         self.log_params(flatten(cfg.model_dump(mode="json")))
         self._log_data_input(cfg)
 
     def _log_data_input(self, cfg: RunConfig) -> None:
-        """The prepared data directory as the run's training dataset (digest: its token files)."""
+        """The prepared data directory as the run's training dataset (digest: its token files);
+        none when it is not on this machine (a run imported from another one)."""
         from mlflow.data.dataset_source_registry import get_registered_sources
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
         folder = Path(cfg.data_dir).resolve()
+        if not (folder / "manifest.json").is_file():
+            logger.info(f"{folder} is not prepared here: no dataset input logged")
+            return
         splits = json.loads((folder / "manifest.json").read_text())["splits"]
         digest = "".join(splits[s]["sha256"][:4] for s in ("train", "val"))
         local = next(s for s in get_registered_sources() if s._get_source_type() == "local")
@@ -174,18 +217,6 @@ class Tracker:
             return False
         self.run_id = run_id
         return True
-
-    def _experiment(self, uri: str, name: str) -> str:
-        """Id of experiment `name`, created (artifacts beside a sqlite store) if missing."""
-        found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
-        db = _sqlite_path(uri)
-        location = None
-        if db is not None:
-            safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-            location = (db.parent.resolve() / "mlruns" / safe).as_uri()
-        return self.client.create_experiment(name, location, tags=EXPERIMENT_KIND)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -224,11 +255,41 @@ def run_name(cfg: RunConfig) -> str:
     return f"{cfg.strategy}/seed~{cfg.seed} ({cfg.dataset})"
 
 
-def source_tags() -> dict[str, str]:
-    """MLflow's source tags of a training run: entry point and the code's git commit."""
+def source_tags(commit: str | None = None) -> dict[str, str]:
+    """MLflow's source tags of a training run: entry point and the git commit of the code
+    (default: this checkout's)."""
     from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 
     from moebench.train.loop import git_sha
 
     return {MLFLOW_SOURCE_NAME: "moebench train", MLFLOW_SOURCE_TYPE: "LOCAL",
-            MLFLOW_GIT_COMMIT: git_sha()}
+            MLFLOW_GIT_COMMIT: commit or git_sha()}
+
+
+def step_metrics(*records: Mapping[str, Any]) -> dict[str, Any]:
+    """The metrics of one step's records (a metrics.jsonl record, its timing.jsonl record)."""
+    return {k: v for r in records for k, v in r.items() if k not in NOT_METRICS}
+
+
+def summary_metrics(summary: Mapping[str, Any], last_eval: Mapping[str, Any]) -> dict[str, Any]:
+    """The summary numbers no step logged (val_* are the last evaluation's, logged with it)."""
+    return {k: v for k, v in summary.items() if k not in last_eval and k not in SUMMARY_PARAMS}
+
+
+def log_run_files(tracker: Tracker, run: Path) -> None:
+    """Log a finished run directory's files to `tracker`'s run as training would have: each
+    metrics.jsonl record at its step (a train record with its timing.jsonl record, if any),
+    the summary numbers at the last step, the files as artifacts; then finish the run."""
+    records = read_jsonl(run / "metrics.jsonl")
+    timing_path = run / "timing.jsonl"
+    timing = {r["step"]: r for r in read_jsonl(timing_path)} if timing_path.is_file() else {}
+    last_eval: dict[str, Any] = {}
+    for record in records:
+        extra = timing.get(record["step"], {}) if record["kind"] == "train" else {}
+        tracker.log_metrics(step_metrics(record, extra), record["step"])
+        if record["kind"] == "eval":
+            last_eval = record
+    summary = json.loads((run / "summary.json").read_text())
+    tracker.log_metrics(summary_metrics(summary, last_eval), summary["steps"])
+    tracker.log_artifacts(run / name for name in ARTIFACTS)
+    tracker.finish()
