@@ -88,6 +88,7 @@ app.command("train")(train)
 from moebench.report.cli import (  # noqa: E402
     aggregate,
     check,
+    fits,
     mlflow_init,
     new_study,
     reference,
@@ -98,6 +99,7 @@ from moebench.report.cli import (  # noqa: E402
 
 app.command("new-study")(new_study)
 app.command("resolve")(resolve)
+app.command("fits")(fits)
 app.command("schema")(schema)
 app.command("mlflow-init")(mlflow_init)
 app.command("aggregate")(aggregate)
