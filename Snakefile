@@ -40,6 +40,9 @@ onstart:
             "(default-resources: slurm_partition: <name>) or by "
             "--default-resources slurm_partition=<name>"
         )
+    problem = memory_problem()
+    if problem:
+        raise WorkflowError(problem)
 
 
 # The run files are listed too: Snakemake regenerates a missing intermediate file only when

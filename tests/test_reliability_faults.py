@@ -9,11 +9,17 @@ runs; elsewhere these tests are skipped and say why)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -27,6 +33,7 @@ from moebench.report import paths
 from moebench.report.aggregate import aggregate
 from moebench.report.summary import find_runs
 from moebench.train.checkpoint import CKPT_NAME, save_checkpoint
+from moebench.train.loop import Trainer
 from test_reliability_inputs import RUN, data_dir, unwritable  # noqa: F401 (fixture)
 from test_report import make_study, write_runs
 
@@ -98,7 +105,7 @@ def test_full_disk_under_the_run_directory_ends_with_a_message(
                                           str(disk / "run"), "--ckpt-dir", str(tmp_path / "ckpt")])
         assert result.exit_code == 2, result.output
         assert f"no space left on the device of {disk / 'run'}" in result.stderr
-        assert "Traceback" not in result.output
+        assert "Traceback" not in result.output, result.output
         assert not (disk / "run" / "summary.json").exists() and hidden(disk) == []
 
 
@@ -129,7 +136,7 @@ def test_aggregate_command_reports_a_full_disk(tmp_path: Path) -> None:
                                           "--study", str(study)])
         assert result.exit_code == 2, result.output
         assert "no space left on the device of" in result.stderr
-        assert "Traceback" not in result.output
+        assert "Traceback" not in result.output, result.output
         assert not paths.summary_file("syn", results).exists()
         assert hidden(results / "tables") == []
 
@@ -209,3 +216,131 @@ def test_a_rerun_clears_the_earlier_runs_files_first(
     assert result.exit_code == 0, result.output
     assert not (out / "comm.json").exists() and not (out / "comm.parquet").exists()
     assert "earlier" not in (out / "summary.json").read_text()
+
+
+TRACKED_STEP = 3
+"""The store fails after this optimizer step; metrics are logged every 2 steps, so the
+failed call is the logging of step 4."""
+
+
+@pytest.fixture(scope="module")
+def untracked_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:  # noqa: F811
+    """RUN trained without MLflow: the run directory a run with a failing store must match."""
+    out = tmp_path_factory.mktemp("untracked") / "run"
+    config = out.parent / "run.yaml"
+    config.write_text(yaml.safe_dump(RUN | {"data_dir": str(data_dir)}))
+    result = CliRunner().invoke(app, ["train", "--config", str(config), "--out", str(out),
+                                      "--ckpt-dir", str(out.parent / "ckpt")])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@contextlib.contextmanager
+def frozen(*paths_: Path) -> Iterator[None]:
+    """`paths_` (files and folders) made unwritable, also for root: `chattr +i`."""
+    for path in paths_:
+        subprocess.run(["chattr", "+i", str(path)], check=True)
+    try:
+        yield
+    finally:
+        for path in paths_:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@contextlib.contextmanager
+def mlflow_server(store: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A real `mlflow server` on 127.0.0.1 over a sqlite store in `store`, in a process group
+    of its own (its workers are child processes): `stop_server` ends all of it."""
+    from test_pipeline_e2e import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+         "--port", str(port), "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+         "--default-artifact-root", str(store / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=1):
+                    break
+            except OSError:
+                assert proc.poll() is None, "mlflow server exited"
+                time.sleep(0.5)
+        yield uri, proc
+    finally:
+        stop_server(proc)
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """Kill the server and its workers (its process group), once."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+STORE_FAULTS = ("read_only", "garbage", "deleted", "server_stopped")
+
+
+@pytest.mark.parametrize(
+    "fault", [pytest.param(f, marks=[pytest.mark.mlflow_server] if f == "server_stopped" else [])
+              for f in STORE_FAULTS]
+)
+def test_a_tracking_store_failing_mid_run_lets_the_run_finish(
+    fault: str, tmp_path: Path, data_dir: Path, untracked_run: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The store breaks between two optimizer steps (made immutable, overwritten with
+    garbage, deleted, or its server stopped): the run ends with exit 0, one warning naming
+    the store and the failed call, and the same run directory as a run without MLflow."""
+    if fault == "read_only" and (os.geteuid() != 0 or shutil.which("chattr") is None):
+        pytest.skip("needs root and `chattr` (root ignores permission bits)")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # no minutes of retries
+    store = tmp_path / "store"
+    store.mkdir()
+    db = store / "mlflow.db"
+    with contextlib.ExitStack() as stack:
+        if fault == "server_stopped":
+            uri, server = stack.enter_context(mlflow_server(store))
+        else:
+            uri = f"sqlite:///{db}"
+        breaks = {
+            "read_only": lambda: stack.enter_context(frozen(db, store)),
+            "garbage": lambda: db.write_bytes(b"not a database\n" * 4096),
+            "deleted": lambda: shutil.rmtree(store),
+            "server_stopped": lambda: stop_server(server),
+        }
+        step = Trainer.train_step
+
+        def step_then_break(self: Trainer) -> dict[str, Any]:
+            record = step(self)
+            if self.step == TRACKED_STEP:
+                breaks[fault]()
+            return record
+
+        monkeypatch.setattr(Trainer, "train_step", step_then_break)
+        config = tmp_path / "run.yaml"
+        config.write_text(yaml.safe_dump(RUN | {"data_dir": str(data_dir)}))
+        out = tmp_path / "run"
+        result = CliRunner().invoke(app, ["train", "--config", str(config), "--out", str(out),
+                                          "--ckpt-dir", str(tmp_path / "ckpt"),
+                                          "--set", f"tracking.uri={uri}"])
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output, result.output
+    (warning,) = [line for line in result.stderr.splitlines() if "warning:" in line]
+    assert f"MLflow tracking store {uri!r} failed while logging the metrics of step 4" in warning
+    assert "the run continues" in warning
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        p.name for p in untracked_run.iterdir())
+    for name in ("metrics.jsonl", "routing_trace.parquet", "config.resolved.yaml"):
+        mine, theirs = (out / name).read_bytes(), (untracked_run / name).read_bytes()
+        if name == "config.resolved.yaml":  # it records the tracking URI, nothing else differs
+            mine = mine.replace(f"uri: {uri}".encode(), b"uri: null")
+        assert mine == theirs, name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["val_loss"] == json.loads((untracked_run / "summary.json").read_text())[
+        "val_loss"]

@@ -704,3 +704,40 @@ def test_snakemake_refuses_a_repeated_strategy_before_any_job(tmp_path: Path) ->
     assert proc.returncode != 0
     assert "key 'a' is given twice (lines 5 and 6)" in proc.stderr + proc.stdout
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".snakemake") == ["study.yaml"]
+
+
+MISFIT_STUDY = (b"study: big\nseeds: [0, 1]\ndatasets: {syn: {source: synthetic}}\n"
+                b"strategies:\n  small: {}\n  huge: {train: {batch_size: 1048576}}\n"
+                b"tracking: {uri: null}\n")
+"""A study whose `huge` strategy needs far more memory than any machine has (activations)."""
+
+
+def test_fits_lists_the_runs_that_cannot_train_here(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["fits", "--study", str(_write(tmp_path / "big.yaml",
+                                                                      MISFIT_STUDY))])
+    assert result.exit_code == 2, result.output
+    assert "1 of the (dataset, strategy) pairs of study 'big' cannot train" in result.stderr
+    assert "syn/huge: train.batch_size=1048576" in result.stderr
+    assert "training needs at least" in result.stderr and "syn/small" not in result.stderr
+    fitting = MISFIT_STUDY.replace(b"  huge: {train: {batch_size: 1048576}}\n", b"")
+    result = CliRunner().invoke(app, ["fits", "--study", str(_write(tmp_path / "ok.yaml",
+                                                                      fitting))])
+    assert result.exit_code == 0, result.output
+    assert "every run of study 'big' fits this machine" in result.stdout
+
+
+def test_snakemake_refuses_a_study_that_cannot_fit_before_any_job(tmp_path: Path) -> None:
+    """Under the local executor the runs train on this machine: a grid point whose memory
+    estimate exceeds its device stops the workflow before the first job."""
+    study = _write(tmp_path / "big.yaml", MISFIT_STUDY)
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(Path(__file__).parents[1] / "Snakefile"),
+         "-d", str(tmp_path), "--configfile", str(study), "--cores", "1"],
+        capture_output=True, text=True, check=False,
+        env=os.environ | {"MOEBENCH_OUT": str(tmp_path / "work")},
+    )
+    assert proc.returncode != 0
+    output = proc.stderr + proc.stdout
+    assert "cannot train on this machine" in output and "syn/huge" in output, output
+    assert "Traceback" not in output
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["studies"]

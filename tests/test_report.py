@@ -15,11 +15,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 from typer.testing import CliRunner
 
 from moebench.cli import app
 from moebench.config import ReportSettings, StudyConfig, study_from_dict
+from moebench.config.fields import NAME_PATTERN
 from moebench.io import write_json, write_text, write_yaml
 from moebench.report import paths
 from moebench.report.aggregate import aggregate
@@ -302,6 +305,44 @@ def test_aggregate_reads_and_writes_only_its_study(results: Path) -> None:
     assert "domain_share" not in md  # no specialisation figure without load_by_domain
     with pytest.raises(ValueError, match="runs of other studies \\['syn'\\]"):
         aggregate("other", find_runs(results), results)
+
+
+NAMES = st.from_regex(NAME_PATTERN, fullmatch=True).filter(lambda n: n not in (".", ".."))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.tuples(NAMES, NAMES, NAMES), st.integers(0, 2**63 - 1),
+       st.lists(NAMES, max_size=3))
+def test_run_identity_inverts_run_dir(names: tuple[str, str, str], seed: int,
+                                      root: list[str]) -> None:
+    """Any grid point under any root: the path names it back, and it names the path."""
+    run = paths.run_dir(*names, seed, Path("/", *root))
+    assert paths.run_identity(run) == paths.RunIdentity(*names, seed)
+    assert paths.run_dir(*paths.run_identity(run), Path("/", *root)) == run
+    assert paths.run_identity(paths.run_dir(*names, seed)) == (*names, seed)  # relative root
+
+
+@pytest.mark.parametrize(
+    "run",
+    ["work/runs/syn/ds/aux_free/seed~x", "work/runs/syn/ds/aux_free/seed~-1",
+     "work/runs/syn/ds/aux_free/0", "work/other/syn/ds/aux_free/seed~0", "syn/ds/aux_free/seed~0",
+     "runs/syn/ds/seed~0"],
+)
+def test_run_identity_refuses_other_paths(run: str) -> None:
+    with pytest.raises(ValueError, match=f"{re.escape(run)} is not a run directory; allowed: "
+                       "<root>/runs/<study>/<dataset>/<strategy>/seed~<n>"):
+        paths.run_identity(Path(run))
+
+
+def test_find_runs_reads_only_the_studies_asked_for(results: Path) -> None:
+    other = make_study("other", seeds=(0,))
+    write_run(results, other, "aux_free", 0, domains=False)
+    (paths.run_dir("other", "shakespeare", "aux_free", 0, results).parent / "seed~x").mkdir()
+    assert [paths.run_identity(r).study for r in find_runs(results, ["other"])] == ["other"]
+    syn = find_runs(results, ["syn"])
+    assert {paths.run_identity(r).study for r in syn} == {"syn"}
+    assert find_runs(results, []) == []
+    assert find_runs(results) == sorted([*syn, *find_runs(results, ["other"])])
 
 
 def test_incomplete_run_is_skipped(results: Path) -> None:

@@ -88,6 +88,7 @@ app.command("train")(train)
 from moebench.report.cli import (  # noqa: E402
     aggregate,
     check,
+    fits,
     mlflow_import,
     mlflow_init,
     new_study,
@@ -99,6 +100,7 @@ from moebench.report.cli import (  # noqa: E402
 
 app.command("new-study")(new_study)
 app.command("resolve")(resolve)
+app.command("fits")(fits)
 app.command("schema")(schema)
 app.command("mlflow-init")(mlflow_init)
 app.command("mlflow-import")(mlflow_import)

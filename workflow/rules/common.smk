@@ -208,6 +208,20 @@ def slurm_partition_problem() -> str | None:
     return "slurm_partition is not set (default-resources) and the cluster has no default partition"
 
 
+def memory_problem() -> str | None:
+    """Why some runs of the study cannot fit the device they would train on, or None: known
+    only where jobs run on this machine (the local executor; a SLURM job's node is chosen by
+    the cluster, and each run checks its own device first). `moebench fits` runs in its own
+    process, so Snakemake's holds no CUDA context for the whole workflow."""
+    if not workflow.local_exec:
+        return None
+    res = subprocess.run(
+        [sys.executable, "-m", "moebench", "fits", "--study", STUDY_FILE],
+        capture_output=True, text=True,
+    )
+    return res.stderr.strip().removeprefix("error: ") if res.returncode else None
+
+
 def log_warnings() -> list[str]:
     """The distinct warning lines of the study's job logs (a small corpus, many epochs, ...),
     each with the number of jobs that printed it, so a run that ends well still shows them."""

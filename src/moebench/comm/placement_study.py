@@ -4,7 +4,6 @@ rule and R over seeds (mean and 95% CI, paired difference to contiguous), with a
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from moebench.comm.replay import (
 from moebench.comm.topology import Topology
 from moebench.io import atomic_path
 from moebench.report.markdown import markdown_table
+from moebench.report.paths import SEED_PREFIX, seed_of
 from moebench.report.tables import fmt, mean_ci95, strategy_order
 
 METRICS = (
@@ -44,7 +44,6 @@ SYNTHETIC = {
     "node_limited": ("node_limited", False),
     "node_limited_aux_free": ("node_limited", True),
 }
-_RUN = re.compile(r"seed~(\d+)")
 
 
 def _order(names: set[str]) -> list[str]:
@@ -58,10 +57,10 @@ def run_traces(runs: Path) -> list[tuple[str, str, int, Path]]:
     """(dataset, strategy, seed, trace) of every <runs>/<dataset>/<strategy>/seed~<n>/
     routing_trace.parquet; ValueError if there is none."""
     found = []
-    for path in sorted(Path(runs).glob("*/*/seed~*/routing_trace.parquet")):
-        match = _RUN.fullmatch(path.parent.name)
-        if match:
-            found.append((path.parents[2].name, path.parents[1].name, int(match[1]), path))
+    for path in sorted(Path(runs).glob(f"*/*/{SEED_PREFIX}*/routing_trace.parquet")):
+        seed = seed_of(path.parent.name)
+        if seed is not None:
+            found.append((path.parents[2].name, path.parents[1].name, seed, path))
     if not found:
         raise ValueError(
             f"runs={runs} holds no <dataset>/<strategy>/seed~<n>/routing_trace.parquet; "

@@ -1,5 +1,5 @@
-"""Pipeline commands: `moebench new-study`, `resolve`, `schema`, `mlflow-init`, `aggregate`,
-`where`, `check`, `reference`.
+"""Pipeline commands: `moebench new-study`, `resolve`, `fits`, `schema`, `mlflow-init`,
+`aggregate`, `where`, `check`, `reference`.
 Heavy imports (mlflow, matplotlib, pandas) happen inside the commands that need them."""
 
 from __future__ import annotations
@@ -49,6 +49,22 @@ def resolve(
 
     with _user_errors():
         resolve_to(load_study(study), dataset, strategy, seed, out)
+
+
+def fits(study: StudyFile) -> None:
+    """Check that every run of the study fits the memory of the device it would train on
+    here (a lower bound: moebench.train.memory); exit 2 listing the runs that cannot."""
+    from moebench.train.memory import study_misfits
+
+    with _user_errors():
+        cfg = load_study(study)
+        misfits = study_misfits(cfg)
+        if misfits:
+            raise ValueError(
+                f"{len(misfits)} of the (dataset, strategy) pairs of study {cfg.study!r} cannot "
+                "train on this machine:\n  " + "\n  ".join(misfits)
+            )
+    typer.echo(f"every run of study {cfg.study!r} fits this machine (lower bound)")
 
 
 def new_study(

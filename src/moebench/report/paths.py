@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 OUT = Path(os.environ.get("MOEBENCH_OUT") or "work")
 """The output root of this process: `$MOEBENCH_OUT`, else `work/`."""
@@ -43,9 +44,38 @@ def reference_dir(study: str) -> Path:
     return REFERENCE / study
 
 
+class RunIdentity(NamedTuple):
+    """Which run a run directory holds: its place in the study grid."""
+
+    study: str
+    dataset: str
+    strategy: str
+    seed: int
+
+
 def run_dir(study: str, dataset: str, strategy: str, seed: int | str, root: Path = OUT) -> Path:
-    """<root>/runs/<study>/<dataset>/<strategy>/seed~<n>/ (train, comm and aggregate share it)."""
+    """<root>/runs/<study>/<dataset>/<strategy>/seed~<n>/ (train, comm and aggregate share it);
+    `"*"` for a part gives the glob pattern of every run directory with the others."""
     return root / "runs" / study / dataset / strategy / f"{SEED_PREFIX}{seed}"
+
+
+def seed_of(name: str) -> int | None:
+    """n of a run directory's name `seed~<n>`; None for any other name."""
+    digits = name.removeprefix(SEED_PREFIX)
+    return int(digits) if name.startswith(SEED_PREFIX) and digits.isdecimal() else None
+
+
+def run_identity(run: Path) -> RunIdentity:
+    """The inverse of `run_dir`: the identity of <root>/runs/<study>/<dataset>/<strategy>/
+    seed~<n>; ValueError naming the path otherwise."""
+    parts = run.parts[-5:]
+    seed = seed_of(run.name)
+    if len(parts) < 5 or parts[0] != "runs" or seed is None:
+        raise ValueError(
+            f"{run} is not a run directory; allowed: <root>/runs/<study>/<dataset>/<strategy>/"
+            f"{SEED_PREFIX}<n>"
+        )
+    return RunIdentity(parts[1], parts[2], parts[3], seed)
 
 
 def ckpt_dir(study: str, dataset: str, strategy: str, seed: int | str, root: Path = OUT) -> Path:

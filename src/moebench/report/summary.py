@@ -1,8 +1,8 @@
 """One row per run: read `summary.json` + `comm.json` of every run directory, check the rows
 against a pandera schema, and load the per-step curves of `metrics.jsonl`.
 
-Run directories follow the contract `<root>/runs/<study>/<dataset>/<strategy>/seed~<n>/`;
-the identity columns come from `summary.json` and must agree with the path."""
+Run directories follow the contract of `paths.run_dir`; the identity columns come from
+`summary.json` and must agree with the path (`paths.run_identity`)."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from moebench.config import (
     read_yaml_mapping,
 )
 from moebench.report.domains import domain_loads
-from moebench.report.paths import OUT, SEED_PREFIX
+from moebench.report.paths import OUT, RunIdentity, run_dir, run_identity, seed_of
 
-IDENTITY = ("study", "dataset", "strategy", "seed")
+IDENTITY = RunIdentity._fields
 SUMMARY_FIELDS = (
     "steps",
     "val_loss",
@@ -221,12 +221,14 @@ def _train_records(run: Path) -> list[TrainRecord]:
 
 
 def find_runs(root: Path = OUT, studies: list[str] | None = None) -> list[Path]:
-    """Complete run directories (summary.json and comm.json present), sorted by path."""
-    runs = sorted((root / "runs").glob(f"*/*/*/{SEED_PREFIX}*"))
+    """Complete run directories (summary.json and comm.json present) of `studies` (default:
+    every study under `root`), sorted by path."""
+    names = ["*"] if studies is None else studies
+    runs = sorted(r for s in names for r in root.glob(str(run_dir(s, "*", "*", "*", Path()))))
     return [
         r
         for r in runs
-        if (studies is None or r.parts[-4] in studies)
+        if seed_of(r.name) is not None
         and (r / "summary.json").is_file()
         and (r / "comm.json").is_file()
     ]
@@ -236,12 +238,7 @@ def run_row(run: Path) -> dict[str, Any]:
     """The summary row of one run directory; ValueError if a field is missing or mislabelled."""
     summary = _typed(SummaryRecord, _read_json(run / "summary.json"), f"{run / 'summary.json'}")
     comm = _typed(CommRecord, _read_json(run / "comm.json"), f"{run / 'comm.json'}")
-    path_identity = {
-        "study": run.parts[-4],
-        "dataset": run.parts[-3],
-        "strategy": run.parts[-2],
-        "seed": int(run.name.removeprefix(SEED_PREFIX)),
-    }
+    path_identity = run_identity(run)._asdict()
     row = {f: getattr(summary, f) for f in (*IDENTITY, *SUMMARY_FIELDS)}
     row |= {f: getattr(comm, f) for f in COMM_FIELDS}
     for key, expected in path_identity.items():

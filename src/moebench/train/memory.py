@@ -8,6 +8,10 @@ experts under expert parallelism), the float32 logits and their gradient, and fo
 copies of the residual stream per layer kept for the backward pass (this rank's share of
 the micro-batch). Real use is higher (attention, expert buffers, the allocator), so a run
 the check passes may still not fit; one it refuses cannot.
+
+`study_misfits` checks every grid point of a study on this machine before any job, which is
+only meaningful where its runs train here (Snakemake's local executor): a SLURM job's node,
+and so its device, is chosen by the cluster when the job starts.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from moebench.config import RunConfig
+from moebench.config import RunConfig, StudyConfig
 
 GIB = 1 << 30
 BYTES_PER_PARAM = 16
@@ -88,3 +92,20 @@ def check_memory(cfg: RunConfig, device: torch.device, world_size: int = 1) -> N
         f"the {device.type} has {have / GIB:.1f} GiB; allowed: sizes whose estimate fits "
         "(moebench.train.memory; the estimate is a lower bound)"
     )
+
+
+def study_misfits(study: StudyConfig) -> list[str]:
+    """`<dataset>/<strategy>: why` for each grid point of `study` that cannot train on this
+    machine (`check_memory` on its `train.device`, with `resources.train.tasks` processes);
+    seeds share sizes, so one seed is checked."""
+    from moebench.train.loop import resolve_device
+
+    misfits = []
+    for dataset in sorted(study.datasets):
+        for strategy in sorted(study.strategies):
+            cfg = study.run_config(dataset, strategy, study.seeds[0])
+            try:
+                check_memory(cfg, resolve_device(cfg), study.resources.train.tasks)
+            except ValueError as err:
+                misfits.append(f"{dataset}/{strategy}: {err}")
+    return misfits

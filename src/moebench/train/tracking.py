@@ -13,13 +13,18 @@ study's experiment and creates its parent run): the child of `tracking.parent_ru
 next to the database (`<db dir>/mlruns/<experiment>`), not into the working directory; every
 experiment is marked as model training (`EXPERIMENT_KIND`), so the UI does not open it in
 its GenAI view.
-A store that does not answer is a ValueError before training starts (`check_uri`).
+A store that does not answer is a ValueError before training starts (`check_uri`). A store
+that fails once training has started (deleted, read-only, garbage, a server that stops
+answering) does not stop the run: the first failed call logs one warning naming the store and
+the call, no further call is made, and the run directory, the source of truth, is written
+as usual (exit 0); the MLflow run keeps what reached the store before.
 A run trained with MLflow off is logged afterwards from its files by the same functions
 (`log_run_files`, used by `moebench mlflow-import`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,7 +32,7 @@ import re
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -140,6 +145,28 @@ def check_uri(uri: str, parent_run_id: str | None = None) -> None:
             ) from None
 
 
+def root_cause(err: BaseException) -> str:
+    """`Type: first line` of the innermost exception `err` was raised from (for a database
+    error the driver's own words, e.g. "OperationalError: unable to open database file")."""
+    while (inner := err.__cause__ or err.__context__) is not None:
+        err = inner
+    line = (str(err).strip().splitlines() or [""])[0][:200]
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__
+
+
+@contextlib.contextmanager
+def _mlflow_quiet() -> Iterator[None]:
+    """MLflow's own log records muted for one call: a failing store logs its error with a
+    traceback before raising it, and the Tracker says what failed instead."""
+    mlflow_logger = logging.getLogger("mlflow")
+    level = mlflow_logger.level
+    mlflow_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        mlflow_logger.setLevel(level)
+
+
 class Tracker:
     """One MLflow run of one training run (see the module docstring).
 
@@ -156,6 +183,32 @@ class Tracker:
             raise ValueError("Tracker needs tracking.uri; got None")
         self.client = MlflowClient(tracking_uri=uri)
         self._monitor: Any = None
+        self.run_id: str | None = None
+        self.lost: str | None = None
+        """What failed, once the store has failed (then nothing more is sent)."""
+        self._guard("starting the MLflow run", lambda: self._start(cfg, run_id, uri, commit))
+
+    def _guard(self, what: str, call: Callable[[], None]) -> None:
+        """Make one call to the store unless it failed before; on its first failure warn once,
+        naming the store and `what`, and stop tracking (the run goes on)."""
+        if self.lost is not None:
+            return
+        try:
+            with _mlflow_quiet():
+                call()
+        except Exception as err:  # any backend failure: the run matters more than its mirror
+            reason = root_cause(err)
+            self.lost = f"{what}: {reason}"
+            logger.warning(
+                f"MLflow tracking store {self.client.tracking_uri!r} failed while {what} "
+                f"({reason}); tracking stops here, the run continues and its run directory "
+                "stays complete"
+            )
+            self._stop_monitor()
+
+    def _start(self, cfg: RunConfig, run_id: str | None, uri: str, commit: str | None) -> None:
+        """Continue run `run_id` if the store holds it, else create the run (in store `uri`,
+        tagged with `commit`) and log its params and data input."""
         if run_id is not None and self._reopen(run_id):
             return
         parent = cfg.tracking.parent_run_id
@@ -174,7 +227,7 @@ class Tracker:
         tags |= source_tags(commit)
         run = self.client.create_run(experiment, run_name=run_name(cfg), tags=tags)
         self.run_id = run.info.run_id
-        self.log_params(flatten(cfg.model_dump(mode="json")))
+        self._log_params(flatten(cfg.model_dump(mode="json")))
         self._log_data_input(cfg)
 
     def _log_data_input(self, cfg: RunConfig) -> None:
@@ -200,10 +253,24 @@ class Tracker:
         """Sample CPU, memory, disk, network (and GPU) into `system/*` metrics until finish."""
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        self._monitor = SystemMetricsMonitor(
-            self.run_id, resume_logging=resumed, tracking_uri=self.client.tracking_uri
-        )
-        self._monitor.start()
+        def start() -> None:
+            self._monitor = SystemMetricsMonitor(
+                self.run_id, resume_logging=resumed, tracking_uri=self.client.tracking_uri
+            )
+            self._monitor.start()
+
+        self._guard("starting its system metrics", start)
+
+    def _stop_monitor(self) -> None:
+        """Stop the system-metrics thread and send its last samples. After a store failure it
+        is left to end by itself (a daemon thread, quitting on its first failed call), not
+        waited for through the client's retries, and its own complaints are not repeated
+        beside the one warning."""
+        monitor, self._monitor = self._monitor, None
+        if self.lost is not None:
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.CRITICAL)
+        elif monitor is not None:
+            monitor.finish()
 
     def _reopen(self, run_id: str) -> bool:
         """Continue the checkpoint's run `run_id`; False if this store does not hold it (the
@@ -218,7 +285,7 @@ class Tracker:
         self.run_id = run_id
         return True
 
-    def log_params(self, params: Mapping[str, Any]) -> None:
+    def _log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, "None" if v is None else str(v)) for k, v in sorted(params.items())]
@@ -236,19 +303,20 @@ class Tracker:
             if isinstance(v, int | float) and not isinstance(v, bool)
         ]
         if items:
-            self.client.log_batch(self.run_id, metrics=items)
+            self._guard(f"logging the metrics of step {step}",
+                        lambda: self.client.log_batch(self.run_id, metrics=items))
 
     def log_artifacts(self, paths: Iterable[Path]) -> None:
         for path in paths:
             if Path(path).is_file():
-                self.client.log_artifact(self.run_id, str(path))
+                self._guard(f"logging artifact {Path(path).name}",
+                            lambda p=path: self.client.log_artifact(self.run_id, str(p)))
 
     def finish(self, status: str = "FINISHED") -> None:
         """Stop the system metrics; mark the run FINISHED or FAILED."""
-        if self._monitor is not None:
-            self._monitor.finish()
-        self.client.set_terminated(self.run_id, status=status)
-
+        self._guard("stopping its system metrics", self._stop_monitor)
+        self._guard(f"marking the run {status}",
+                    lambda: self.client.set_terminated(self.run_id, status=status))
 
 def run_name(cfg: RunConfig) -> str:
     """`<strategy>/seed~<n> (<dataset>)`: the strategy first, so a shortened name keeps it."""
