@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
 import pandera.pandas as pa
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moebench.config import (
     RunConfig,
@@ -119,6 +119,10 @@ def _read_json(path: Path) -> dict[str, Any]:
     return obj
 
 
+Int64 = Annotated[int, Field(ge=0, lt=1 << 63)]
+"""A count or id that a Parquet int64 column holds (a larger one is refused by name)."""
+
+
 class _Record(BaseModel):
     """A record a run directory holds: the fields aggregation reads, typed (others pass)."""
 
@@ -131,8 +135,8 @@ class SummaryRecord(_Record):
     study: str
     dataset: str
     strategy: str
-    seed: int
-    steps: int
+    seed: Int64
+    steps: Int64
     val_loss: float
     val_ppl: float
     val_bpb: float | None
@@ -164,7 +168,7 @@ class TrainRecord(_Record):
     """A `{"kind": "train"}` line of metrics.jsonl (eval lines are not read here)."""
 
     kind: Literal["train"]
-    step: int
+    step: Int64
     maxvio_batch: float | None
 
 
