@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from moebench.cli import app
@@ -222,6 +224,30 @@ def test_comm_cli_on_a_trace(tmp_path) -> None:
         "ib_bytes_per_token_per_expert",
     ):
         assert key in summary
+
+
+def test_comm_cli_reads_its_settings_from_the_study(tmp_path) -> None:
+    """`--study`: the study's `comm:` section sets what the options leave unset (so the rule
+    passes only the study); an option given wins; a bad study exits 2 before any output."""
+    _write_trace(tmp_path / "routing_trace.parquet", torch.tensor([TOY_EXPERTS]))
+    study = tmp_path / "s.yaml"
+    study.write_text(yaml.safe_dump({
+        "study": "s", "seeds": [0], "datasets": {"d": {}}, "strategies": {"a": {}},
+        "comm": {"hidden": 20, "dispatch_bytes": 2.0},
+    }))
+    args = ["comm", "--trace", str(tmp_path / "routing_trace.parquet"), "--study", str(study)]
+
+    def dedup_ib(out: Path, *extra: str) -> float:
+        result = CliRunner().invoke(app, [*args, "--out", str(out), *extra])
+        assert result.exit_code == 0, result.output
+        return pq.read_table(out / "comm.parquet").to_pylist()[1]["ib_bytes_per_token"]
+
+    # the toy's 22.5 B at hidden 10, 1 + 2 bytes: twice the elements, 2 + 2 bytes
+    assert dedup_ib(tmp_path / "a") == pytest.approx(22.5 * 2 * 4 / 3)
+    assert dedup_ib(tmp_path / "b", "--dispatch-bytes", "1") == pytest.approx(22.5 * 2)
+    bad = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "none.yaml"), "--out",
+                                   str(tmp_path / "c")])
+    assert bad.exit_code == 2 and not (tmp_path / "c").exists()
 
 
 def test_read_trace_rejects_incomplete(tmp_path) -> None:

@@ -9,7 +9,7 @@ rule comm:
         run_patterns(COMM_FILES),
     params:
         out=parent_dir,
-        settings=comm_args(),
+        study=STUDY_FILE,
     log:
         log_of("comm/{dataset}/{strategy}/seed~{seed}"),
     threads: STUDY.resources.comm.threads
@@ -18,4 +18,4 @@ rule comm:
     conda:
         ENV
     shell:
-        "moebench comm --trace {input.trace} --out {params.out} {params.settings} > {log} 2>&1"
+        "moebench comm --study {params.study} --trace {input.trace} --out {params.out} > {log} 2>&1"

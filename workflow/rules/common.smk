@@ -116,21 +116,6 @@ def parent_run_arg(wildcards) -> str:
     return f"--set \"tracking.parent_run_id='$(cat {parent})'\""
 
 
-def comm_args() -> str:
-    """`moebench comm` options from the study's `comm:` section (topology: the trace's)."""
-    c = STUDY.comm
-    args = [
-        f"--dispatch-bytes {c.dispatch_bytes}",
-        f"--combine-bytes {c.combine_bytes}",
-        f"--nvlink-gbps {c.nvlink_gbps}",
-        f"--ib-gbps {c.ib_gbps}",
-        f"--threads {STUDY.resources.comm.threads}",
-    ]
-    if c.hidden is not None:
-        args.append(f"--hidden {c.hidden}")
-    return " ".join(args)
-
-
 def resources_of(stage: str) -> dict[str, int | str]:
     """Snakemake resources of a stage from the study's `resources:` section; a distributed
     training declares its tasks and nodes and launches through `mpi` (srun); runs sharing

@@ -18,17 +18,12 @@ rule placement:
     params:
         # the study's run folder: <runs>/<dataset>/<strategy>/seed~<n>/routing_trace.parquet
         runs=lambda w, input: str(Path(input.traces[0]).parents[3]),
-        settings=(
-            f"--dispatch-bytes {STUDY.comm.dispatch_bytes} "
-            f"--combine-bytes {STUDY.comm.combine_bytes} "
-            f"--nvlink-gbps {STUDY.comm.nvlink_gbps} --ib-gbps {STUDY.comm.ib_gbps}"
-            + (f" --hidden {STUDY.comm.hidden}" if STUDY.comm.hidden is not None else "")
-        ),
+        study=STUDY_FILE,
     log:
         str(paths.log_file(STUDY_NAME, "placement")),
     localrule: True
     conda:
         ENV
     shell:
-        "moebench placement --runs {params.runs} --out {output.table} {params.settings} "
+        "moebench placement --study {params.study} --runs {params.runs} --out {output.table} "
         "> {log} 2>&1"

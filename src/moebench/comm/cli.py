@@ -17,6 +17,7 @@ from moebench.comm.replay import (
     replay_synthetic,
 )
 from moebench.comm.topology import Topology
+from moebench.config import CommSettings, StudyConfig, load_study
 from moebench.io import (
     check_writable_dir,
     remove_temporaries,
@@ -28,12 +29,26 @@ from moebench.report.markdown import records_table
 
 Nodes = Annotated[int | None, typer.Option(help="nodes (default: the trace's num_nodes)")]
 Gpus = Annotated[int | None, typer.Option(help="GPUs per node (default: the trace's)")]
+Study = Annotated[
+    Path | None,
+    typer.Option(help="study YAML: its `comm:` section (and resources.comm.threads) gives "
+                 "the options below that are not given"),
+]
 Hidden = Annotated[int | None, typer.Option(help="elements per token copy (default: d_model)")]
-DispatchBytes = Annotated[float, typer.Option(help="bytes per element, dispatch (fp8 = 1)")]
-CombineBytes = Annotated[float, typer.Option(help="bytes per element, combine (bf16 = 2)")]
-NvlinkGbps = Annotated[float, typer.Option(help="NVLink GB/s per GPU ([V3] §3.2.2)")]
-IbGbps = Annotated[float, typer.Option(help="InfiniBand GB/s per GPU ([V3] §3.2.2)")]
+DispatchBytes = Annotated[float | None, typer.Option(help="bytes per element, dispatch (fp8 = 1)")]
+CombineBytes = Annotated[float | None, typer.Option(help="bytes per element, combine (bf16 = 2)")]
+NvlinkGbps = Annotated[float | None, typer.Option(help="NVLink GB/s per GPU ([V3] §3.2.2)")]
+IbGbps = Annotated[float | None, typer.Option(help="InfiniBand GB/s per GPU ([V3] §3.2.2)")]
 Threads = Annotated[int | None, typer.Option(help="worker threads (default: all cores)")]
+
+
+def accounting(study: StudyConfig | None, **given: float | int | None) -> CommSettings:
+    """The accounting's payload sizes and bandwidths: the options given, else the study's
+    `comm:` section, else CommSettings' defaults (one home for them), validated there."""
+    base = study.comm if study is not None else CommSettings()
+    return CommSettings.model_validate(
+        base.model_dump() | {k: v for k, v in given.items() if v is not None}
+    )
 
 
 def _fail(cmd: str, err: Exception) -> typer.Exit:
@@ -44,18 +59,25 @@ def _fail(cmd: str, err: Exception) -> typer.Exit:
 def comm(
     trace: Annotated[Path, typer.Option(help="routing_trace.parquet of a run")],
     out: Annotated[Path, typer.Option(help="run directory: writes comm.parquet, comm.json")],
+    study: Study = None,
     nodes: Nodes = None,
     gpus_per_node: Gpus = None,
     hidden: Hidden = None,
-    dispatch_bytes: DispatchBytes = 1.0,
-    combine_bytes: CombineBytes = 2.0,
-    nvlink_gbps: NvlinkGbps = 160.0,
-    ib_gbps: IbGbps = 50.0,
+    dispatch_bytes: DispatchBytes = None,
+    combine_bytes: CombineBytes = None,
+    nvlink_gbps: NvlinkGbps = None,
+    ib_gbps: IbGbps = None,
     threads: Threads = None,
 ) -> None:
     """Account a routing trace on a topology: per layer and dispatcher, GPUs and nodes per
     token, NVLink / IB bytes, busiest GPU and modeled all-to-all time."""
     try:
+        cfg = load_study(study) if study is not None else None
+        settings = accounting(cfg, hidden=hidden, dispatch_bytes=dispatch_bytes,
+                              combine_bytes=combine_bytes, nvlink_gbps=nvlink_gbps,
+                              ib_gbps=ib_gbps)
+        if threads is None and cfg is not None:
+            threads = cfg.resources.comm.threads
         check_writable_dir(out, "--out")
         tr = read_trace(trace)
         meta = tr.meta
@@ -63,11 +85,11 @@ def comm(
             int(meta["num_experts"]),
             nodes if nodes is not None else int(meta["num_nodes"]),
             gpus_per_node if gpus_per_node is not None else int(meta["gpus_per_node"]),
-            hidden=hidden if hidden is not None else int(meta["d_model"]),
-            dispatch_bytes=dispatch_bytes,
-            combine_bytes=combine_bytes,
-            nvlink_gbps=nvlink_gbps,
-            ib_gbps=ib_gbps,
+            hidden=settings.hidden if settings.hidden is not None else int(meta["d_model"]),
+            dispatch_bytes=settings.dispatch_bytes,
+            combine_bytes=settings.combine_bytes,
+            nvlink_gbps=settings.nvlink_gbps,
+            ib_gbps=settings.ib_gbps,
         )
         rows = replay_layers(tr.experts, topo, threads)
         remove_temporaries(out, ("comm.parquet", "comm.json"))  # left by a killed attempt
@@ -123,26 +145,20 @@ def comm_replay(
     bias_rate: Annotated[float, typer.Option(help="bias update rate")] = 1e-3,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     hidden: Annotated[int, typer.Option(help="elements per token copy")] = 7168,
-    dispatch_bytes: DispatchBytes = 1.0,
-    combine_bytes: CombineBytes = 2.0,
-    nvlink_gbps: NvlinkGbps = 160.0,
-    ib_gbps: IbGbps = 50.0,
+    dispatch_bytes: DispatchBytes = None,
+    combine_bytes: CombineBytes = None,
+    nvlink_gbps: NvlinkGbps = None,
+    ib_gbps: IbGbps = None,
     threads: Threads = None,
 ) -> None:
     """Replay synthetic routing strategies (uniform, unrestricted, device- and node-limited)
     onto a topology and write one row per (strategy, dispatcher)."""
     try:
+        settings = accounting(None, hidden=hidden, dispatch_bytes=dispatch_bytes,
+                              combine_bytes=combine_bytes, nvlink_gbps=nvlink_gbps,
+                              ib_gbps=ib_gbps)
         check_writable_dir(out.parent, "--out")
-        topo = Topology.build(
-            experts,
-            nodes,
-            gpus_per_node,
-            hidden=hidden,
-            dispatch_bytes=dispatch_bytes,
-            combine_bytes=combine_bytes,
-            nvlink_gbps=nvlink_gbps,
-            ib_gbps=ib_gbps,
-        )
+        topo = Topology.build(experts, nodes, gpus_per_node, **settings.model_dump())
         rows = replay_synthetic(
             topo,
             tuple(s.strip() for s in strategies.split(",")),
@@ -198,12 +214,13 @@ def placement(
     out: Annotated[
         Path, typer.Option(help="summary Parquet; .md, .layers.parquet, .png, .svg beside")
     ],
+    study: Study = None,
     redundant: Redundant = None,
     hidden: Hidden = None,
-    dispatch_bytes: DispatchBytes = 1.0,
-    combine_bytes: CombineBytes = 2.0,
-    nvlink_gbps: NvlinkGbps = 160.0,
-    ib_gbps: IbGbps = 50.0,
+    dispatch_bytes: DispatchBytes = None,
+    combine_bytes: CombineBytes = None,
+    nvlink_gbps: NvlinkGbps = None,
+    ib_gbps: IbGbps = None,
 ) -> None:
     """Fit every placement rule (contiguous, EPLB, search) on the first half of each run's
     routing trace and judge it on the second: busiest/mean GPU load, nodes, IB / NVLink
@@ -211,15 +228,11 @@ def placement(
     from moebench.comm.placement_study import trace_rows
 
     try:
+        settings = accounting(load_study(study) if study is not None else None, hidden=hidden,
+                              dispatch_bytes=dispatch_bytes, combine_bytes=combine_bytes,
+                              nvlink_gbps=nvlink_gbps, ib_gbps=ib_gbps)
         check_writable_dir(out.parent, "--out")
-        kwargs = {
-            "dispatch_bytes": dispatch_bytes,
-            "combine_bytes": combine_bytes,
-            "nvlink_gbps": nvlink_gbps,
-            "ib_gbps": ib_gbps,
-        }
-        if hidden is not None:
-            kwargs["hidden"] = hidden
+        kwargs = settings.model_dump(exclude_none=True)  # hidden unset: each trace's d_model
         rows = trace_rows(runs, _redundant(redundant), **kwargs)
         text = _write_placement(
             rows, out, f"Placement judged on held-out trace tokens of {runs}.\n\n"
