@@ -44,11 +44,10 @@ Threads = Annotated[int | None, typer.Option(help="worker threads (default: all 
 
 def accounting(study: StudyConfig | None, **given: float | int | None) -> CommSettings:
     """The accounting's payload sizes and bandwidths: the options given, else the study's
-    `comm:` section, else CommSettings' defaults (one home for them), validated there."""
+    `comm:` section, else CommSettings' defaults (one home for them); `Topology.build`
+    checks the options given (its messages name the option and what is allowed)."""
     base = study.comm if study is not None else CommSettings()
-    return CommSettings.model_validate(
-        base.model_dump() | {k: v for k, v in given.items() if v is not None}
-    )
+    return base.model_copy(update={k: v for k, v in given.items() if v is not None})
 
 
 def _fail(cmd: str, err: Exception) -> typer.Exit:
