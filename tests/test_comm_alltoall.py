@@ -29,10 +29,11 @@ from moebench.routing import Layout, preset, route
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # spawned processes: ~20 s
 
 NODES, GPUS, E, K, T_TOTAL, H, FFN = 2, 2, 8, 3, 48, 16, 8
-CASES = {  # case: (dispatcher, routing groups = modelled nodes, M)
-    "per_expert": ("per_expert", 1, 1),
-    "dedup": ("dedup", 1, 1),
-    "dedup_node_limited": ("dedup", NODES, 1),
+CASES = {  # case: (dispatcher, routing groups = modelled nodes, M, modelled nodes)
+    "per_expert": ("per_expert", 1, 1, NODES),
+    "dedup": ("dedup", 1, 1, NODES),
+    "dedup_node_limited": ("dedup", NODES, 1, NODES),
+    "dedup_one_node": ("dedup", 1, 1, 1),  # all ranks in one node: only the in-node hop
 }
 HAND_TK = torch.tensor([[2, 3, 4], [0, 6, 7], [4, 5, 6], [0, 2, 4]])
 """One token per rank of 4 (2 nodes x 2, rank r holds experts 2r, 2r+1), all kept."""
@@ -66,10 +67,15 @@ def _problem(groups: int = 1, limit: int = 1) -> dict[str, torch.Tensor]:
     }
 
 
+def _layout(nodes: int) -> Layout:
+    """The modelled layout: 4 GPUs in `nodes` nodes."""
+    return Layout.contiguous(E, nodes, NODES * GPUS // nodes)
+
+
 def _run(p: dict[str, torch.Tensor], experts_TK: torch.Tensor, keep_TK: torch.Tensor,
-         dispatcher: str, rank: int, world: int) -> dict:
+         dispatcher: str, nodes: int, rank: int, world: int) -> dict:
     """This rank's forward + backward of the sharded layer on its share of the batch."""
-    ep = ExpertParallel(Layout.contiguous(E, NODES, GPUS), rank, world, dispatcher=dispatcher)
+    ep = ExpertParallel(_layout(nodes), rank, world, dispatcher=dispatcher)
     experts = RoutedExperts(E, H, FFN).double()
     with torch.no_grad():
         for name in ("w_gate", "w_up", "w_down"):
@@ -99,15 +105,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         results = {}
-        for case, (dispatcher, groups, limit) in CASES.items():
+        for case, (dispatcher, groups, limit, nodes) in CASES.items():
             p = _problem(groups, limit)
-            results[case] = _run(p, p["experts"], p["keep"], dispatcher, rank, world)
+            results[case] = _run(p, p["experts"], p["keep"], dispatcher, nodes, rank, world)
         if world == len(HAND_TK):
             p = _problem()
             for dispatcher in HAND_DISPATCH_WW:
                 results[f"hand_{dispatcher}"] = _run(
-                    p, HAND_TK, torch.ones_like(HAND_TK, dtype=torch.bool), dispatcher, rank,
-                    world)
+                    p, HAND_TK, torch.ones_like(HAND_TK, dtype=torch.bool), dispatcher, NODES,
+                    rank, world)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -137,12 +143,12 @@ def spawn(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], list[dict
 WORLDS = pytest.mark.parametrize("world", [4, 2], ids=["world=devices", "world<devices"])
 
 
-def _accounting(experts_TK: torch.Tensor, keep_TK: torch.Tensor, world: int, dispatcher: str
-                ) -> tuple[torch.Tensor, dict]:
+def _accounting(experts_TK: torch.Tensor, keep_TK: torch.Tensor, world: int, dispatcher: str,
+                nodes: int = NODES) -> tuple[torch.Tensor, dict]:
     """The accounting's [W, W] dispatch copies and summary row for this routing on the
     ranks' layout; a dropped assignment stays home, so it counts as a copy to an expert of
     its token's own rank (free under both dispatchers)."""
-    ep = ExpertParallel(Layout.contiguous(E, NODES, GPUS), 0, world)
+    ep = ExpertParallel(_layout(nodes), 0, world)
     topo = Topology(ep.rank_layout, hidden=H, dispatch_bytes=8, combine_bytes=8)
     home_T = torch.arange(len(experts_TK)) // (len(experts_TK) // world)
     first_expert = torch.tensor([ep.experts_of(r)[0] for r in range(world)])[home_T]
@@ -157,9 +163,9 @@ def _accounting(experts_TK: torch.Tensor, keep_TK: torch.Tensor, world: int, dis
 def test_rows_moved_equal_accounting(spawn: Callable[[int], list[dict]], world: int,
                                      case: str) -> None:
     results = spawn(world)
-    dispatcher, groups, limit = CASES[case]
+    dispatcher, groups, limit, nodes = CASES[case]
     p = _problem(groups, limit)
-    copies_WW, row = _accounting(p["experts"], p["keep"], world, dispatcher)
+    copies_WW, row = _accounting(p["experts"], p["keep"], world, dispatcher, nodes)
     for r, res in enumerate(results):
         assert res[case]["sent_rows"]["dispatch"] == copies_WW[r].tolist()
         assert res[case]["sent_rows"]["combine"] == copies_WW[:, r].tolist()
@@ -169,7 +175,8 @@ def test_rows_moved_equal_accounting(spawn: Callable[[int], list[dict]], world: 
             moved = sum(res[case]["link_bytes"][phase][link] for res in results)
             assert moved == pytest.approx(row[f"{link}_{phase}_bytes_per_token"] * T_TOTAL,
                                           rel=1e-12)
-    assert sum(res[case]["link_bytes"]["dispatch"]["ib"] for res in results) > 0
+    link = "ib" if nodes > 1 else "nvlink"
+    assert sum(res[case]["link_bytes"]["dispatch"][link] for res in results) > 0
 
 
 @WORLDS
@@ -223,7 +230,7 @@ def test_expert_parallel_layer_matches_single_process(spawn: Callable[[int], lis
         p = _problem()
         experts_TK, keep_TK = HAND_TK, torch.ones_like(HAND_TK, dtype=torch.bool)
     else:
-        p = _problem(*CASES[case][1:])
+        p = _problem(*CASES[case][1:3])
         experts_TK, keep_TK = p["experts"], p["keep"]
     want = _single_process(p, experts_TK, keep_TK)
     n = len(experts_TK) // world

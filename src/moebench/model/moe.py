@@ -338,7 +338,8 @@ class RoutedExperts(nn.Module):
         once to every rank of that node they are on, which runs its experts on it and sums
         their gated outputs; the combine reverses both hops, summing the ranks' sums per
         node on the way. Rows carry their K slots (expert slot, -1 = elsewhere or dropped)
-        and gates. Three host syncs: the split sizes of both hops, the expert rows."""
+        and gates. A hop that could only send to the rank itself (one node; one rank per
+        node) is skipped. Host syncs: the split sizes of each hop, the expert rows."""
         ep = self.ep
         assert ep is not None
         W, L = ep.world_size, ep.experts_per_rank
@@ -346,15 +347,21 @@ class RoutedExperts(nn.Module):
         node, index = divmod(ep.rank, G)
         dtype = _compute_dtype(x_TH)
         dev = x_TH.device
-        slot_TK = torch.where(keep_TK, self.slot_of_expert_E[experts_TK], -1)
-        node_TK = torch.where(keep_TK, slot_TK // (L * G), W // G)
-        relay_N = torch.arange(W // G, device=dev) * G + index
-        h_RH, slot_RK, gates_RK, hop1 = self._hop(x_TH.to(dtype), slot_TK, gates_TK, node_TK,
-                                                  relay_N, timer)
-        rank_RK = torch.where(slot_RK >= 0, slot_RK // L - node * G, G)  # in-node rank
-        ranks_G = torch.arange(G, device=dev) + node * G
-        h_QH, slot_QK, gates_QK, hop2 = self._hop(h_RH, slot_RK, gates_RK, rank_RK, ranks_G,
-                                                  timer)
+        h_QH = x_TH.to(dtype)
+        slot_QK = torch.where(keep_TK, self.slot_of_expert_E[experts_TK], -1)
+        gates_QK, hops = gates_TK, []
+        if W > G:  # to the nodes: the rank with this rank's in-node index there
+            node_QK = torch.where(slot_QK >= 0, slot_QK // (L * G), W // G)
+            relay_N = torch.arange(W // G, device=dev) * G + index
+            h_QH, slot_QK, gates_QK, hop = self._hop(h_QH, slot_QK, gates_QK, node_QK,
+                                                     relay_N, timer)
+            hops.append(hop)
+        if G > 1:  # to the ranks of this node
+            rank_QK = torch.where(slot_QK >= 0, slot_QK // L - node * G, G)
+            ranks_G = torch.arange(G, device=dev) + node * G
+            h_QH, slot_QK, gates_QK, hop = self._hop(h_QH, slot_QK, gates_QK, rank_QK,
+                                                     ranks_G, timer)
+            hops.append(hop)
         with timer("experts"):
             local_QK = torch.where(slot_QK >= 0, slot_QK - ep.rank * L, L)  # L: elsewhere
             plan = plan_dispatch(local_QK, L + 1)
@@ -363,9 +370,9 @@ class RoutedExperts(nn.Module):
             o_AH = expert_ffn(xs_AH[:rows], plan.offsets[:L], *self._weights(dtype))
             o_AH = torch.cat((o_AH, o_AH.new_zeros(xs_AH.shape[0] - rows, o_AH.shape[1])))
             y_QH = combine_rows(o_AH, gates_QK, plan, x_TH.is_cuda)
-        y_RH = self._hop_back(y_QH.to(dtype), hop2, timer)
-        y_TH = self._hop_back(y_RH.to(dtype), hop1, timer)
-        return y_TH.to(x_TH.dtype), self._stats([hop1.splits, hop2.splits], x_TH, timer)
+        for hop in reversed(hops):
+            y_QH = self._hop_back(y_QH.to(dtype), hop, timer)
+        return y_QH.to(x_TH.dtype), self._stats([hop.splits for hop in hops], x_TH, timer)
 
     def _hop(self, h_NH: Tensor, slot_NK: Tensor, gates_NK: Tensor, group_NK: Tensor,
              rank_G: Tensor, timer: PhaseTimer) -> tuple[Tensor, Tensor, Tensor, Hop]:
