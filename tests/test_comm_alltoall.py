@@ -4,7 +4,8 @@ phase and link class), and the layer equals the single-process formula, forward 
 backward, with the modelled topology equal to the world (4 ranks = 2 nodes x 2 GPUs) and
 decoupled from it (2 ranks, each holding one modelled node of 2 GPUs, each its own node).
 Some assignments are dropped (capacity): they are never sent. The dedup dispatcher also
-runs a node-limited routing (each token on one node) and a hand-worked example.
+runs a node-limited routing (each token on one node), all ranks in one node (only its
+in-node hop) and a hand-worked example.
 
 Legend: W ranks, E experts, K experts per token, T tokens, H hidden, F expert hidden.
 """
@@ -123,6 +124,12 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_unknown_dispatcher_is_refused() -> None:
+    with pytest.raises(ValueError, match="dispatcher='twostage' is invalid; allowed: "
+                                         "per_expert, dedup"):
+        ExpertParallel(_layout(NODES), 0, 2, dispatcher="twostage")
 
 
 @pytest.fixture(scope="module")
