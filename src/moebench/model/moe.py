@@ -333,13 +333,13 @@ class RoutedExperts(nn.Module):
 
     def _forward_dedup(self, x_TH: Tensor, experts_TK: Tensor, gates_TK: Tensor,
                        keep_TK: Tensor, timer: PhaseTimer) -> tuple[Tensor, A2AStats]:
-        """The "dedup" dispatcher ([V3] §3.2.2): hop 1 sends each token once to every node
-        its kept experts are on (to the rank there with this rank's in-node index), hop 2
-        once to every rank of that node they are on, which runs its experts on it and sums
-        their gated outputs; the combine reverses both hops, summing the ranks' sums per
-        node on the way. Rows carry their K slots (expert slot, -1 = elsewhere or dropped)
-        and gates. A hop that could only send to the rank itself (one node; one rank per
-        node) is skipped. Host syncs: the split sizes of each hop, the expert rows."""
+        """The "dedup" dispatcher ([V3] §3.2.2; docs/metrics.md §4.1): hop 1 sends each token
+        once to every node of its kept experts (to the rank there with this rank's in-node
+        index), hop 2 once to every rank of that node holding some, which sums its experts'
+        gated outputs; the combine reverses both hops, the relay summing the ranks' sums.
+        Rows carry their K slots (int32 expert slot, -1 = elsewhere or dropped) and gates. A
+        hop that could only reach the rank itself (one node; one rank per node) is skipped.
+        Host syncs: the split sizes of each hop, the expert rows."""
         ep = self.ep
         assert ep is not None
         W, L = ep.world_size, ep.experts_per_rank
@@ -348,7 +348,7 @@ class RoutedExperts(nn.Module):
         dtype = _compute_dtype(x_TH)
         dev = x_TH.device
         h_QH = x_TH.to(dtype)
-        slot_QK = torch.where(keep_TK, self.slot_of_expert_E[experts_TK], -1)
+        slot_QK = torch.where(keep_TK, self.slot_of_expert_E[experts_TK], -1).int()
         gates_QK, hops = gates_TK, []
         if W > G:  # to the nodes: the rank with this rank's in-node index there
             node_QK = torch.where(slot_QK >= 0, slot_QK // (L * G), W // G)
