@@ -1,7 +1,7 @@
 """Distributed training (moebench.train.distributed): 4 gloo processes standing for 2 nodes x 2
 GPUs train the same global batch as one process (losses within float tolerance, identical
-loads and routing, the same bias on every rank), the measured all-to-all equals the
-accounting's prediction, a killed run resumes under torchrun to the same bytes, and srun on
+loads and routing, the same bias on every rank), with either dispatcher (per_expert, dedup),
+the measured all-to-all equals the accounting's prediction, a killed run resumes under torchrun to the same bytes, and srun on
 the real one-node SLURM cluster gives the same summary. Plus the launcher environment."""
 
 from __future__ import annotations
@@ -132,11 +132,15 @@ def _worker(rank: int, port: int, cfg_json: str, folder: str) -> None:
         torch.save(trainer.bias.bias_LE, folder_path / f"bias{rank}.pt")
 
 
-@pytest.fixture(scope="module")
-def dist_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny run on 4 gloo ranks (torch.multiprocessing, torchrun's environment)."""
+@pytest.fixture(scope="module", params=["per_expert", "dedup"])
+def dist_run(request: pytest.FixtureRequest, data_dir: Path,
+             tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny run on 4 gloo ranks (torch.multiprocessing, torchrun's environment), with
+    each dispatcher."""
     folder = tmp_path_factory.mktemp("dist_run")
     cfg = tiny_cfg(data_dir)
+    cfg = RunConfig.model_validate(cfg.model_dump() | {
+        "topology": cfg.topology.model_dump() | {"dispatcher": request.param}})
     mp.spawn(_worker, args=(free_port(), cfg.model_dump_json(), str(folder)), nprocs=WORLD)
     return folder
 
