@@ -22,8 +22,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moebench.comm import Topology, summarize, traffic
+from moebench.comm.alltoall import distinct_groups
 from moebench.model import ExpertParallel, RoutedExperts
 from moebench.routing import Layout, preset, route
 
@@ -124,6 +127,25 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_distinct_groups_by_hand() -> None:
+    group_NK = torch.tensor([[1, 0, 1], [2, 2, 2], [0, 2, 0]])  # 2 groups; 2 = no group
+    assert distinct_groups(group_NK, 2).tolist() == [[0, 1], [2, 2], [0, 2]]
+    assert distinct_groups(torch.tensor([[3, 1, 3]]), 4).tolist() == [[1, 3, 4]]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 5), st.data())
+def test_distinct_groups_lists_each_group_once(groups: int, k: int, data: st.DataObject
+                                               ) -> None:
+    rows = data.draw(st.lists(st.lists(st.integers(0, groups), min_size=k, max_size=k),
+                              min_size=1, max_size=8))
+    group_NS = distinct_groups(torch.tensor(rows), groups)
+    assert group_NS.shape == (len(rows), min(k, groups))
+    for row, got in zip(rows, group_NS.tolist(), strict=True):
+        distinct = sorted(set(row) - {groups})
+        assert got == distinct + [groups] * (len(got) - len(distinct))
 
 
 def test_unknown_dispatcher_is_refused() -> None:

@@ -1,8 +1,9 @@
 """Distributed training (moebench.train.distributed): 4 gloo processes standing for 2 nodes x 2
 GPUs train the same global batch as one process (losses within float tolerance, identical
 loads and routing, the same bias on every rank), with either dispatcher (per_expert, dedup),
-the measured all-to-all equals the accounting's prediction, a killed run resumes under torchrun to the same bytes, and srun on
-the real one-node SLURM cluster gives the same summary. Plus the launcher environment."""
+the measured all-to-all equals the accounting's prediction, a killed run resumes under
+torchrun to the same bytes, and srun on the real one-node SLURM cluster gives the same
+summary. Plus the launcher environment."""
 
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ plus what this module provides, for each all-to-all ("hop") of its dispatch:
 The two dispatchers of `moebench.comm.accounting`, made real (`ExpertParallel.dispatcher`):
 "per_expert" is one hop, one row per kept (token, expert) pair to the rank that owns the
 expert; "dedup" is two hops, one row per (token, node) to the rank of that node with the
-source's in-node index, then one row per (token, rank) inside the node (`first_of_group`
-picks the slots that open a node / a rank). Rows for the rank itself stay local and cost
+source's in-node index, then one row per (token, rank) inside the node (`distinct_groups`:
+the nodes / ranks a row goes to). Rows for the rank itself stay local and cost
 no link bytes. `A2AStats.link_bytes` holds the bytes this rank sent per phase and link
 class (NVLink inside its node, IB across; nodes of the real ranks' layout),
 `A2AStats.seconds` the time of each phase (`PhaseTimer`: CUDA events, read only when asked,
@@ -181,9 +181,11 @@ def exchange_counts(send_counts_WX: Tensor, group: dist.ProcessGroup | None) -> 
     return Splits(recv_counts_WX, send_W, recv_W)
 
 
-def first_of_group(same_NKK: Tensor, group_NK: Tensor, none: int) -> Tensor:
-    """bool [N, K]: the slots whose group (`none`: no group) no earlier slot of the same row
-    has; `same_NKK[n, k, j]` = slots k and j of row n have the same group."""
-    K = group_NK.shape[1]
-    earlier_KK = torch.ones(K, K, dtype=torch.bool, device=group_NK.device).tril(-1)
-    return (group_NK != none) & ~(same_NKK & earlier_KK).any(2)
+def distinct_groups(group_NK: Tensor, groups: int) -> Tensor:
+    """[N, min(K, groups)]: the distinct groups of each row's K slots, ascending, padded with
+    `groups` (which also marks a slot of no group): one column per copy a dedup hop sends."""
+    sorted_NK = group_NK.sort(1).values
+    repeat_NK = torch.zeros_like(sorted_NK, dtype=torch.bool)
+    repeat_NK[:, 1:] = sorted_NK[:, 1:] == sorted_NK[:, :-1]
+    distinct_NK = torch.where(repeat_NK, groups, sorted_NK).sort(1).values
+    return distinct_NK[:, : min(group_NK.shape[1], groups)]

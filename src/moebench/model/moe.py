@@ -67,8 +67,8 @@ from moebench.comm.alltoall import (
     AllToAll,
     PhaseTimer,
     Splits,
+    distinct_groups,
     exchange_counts,
-    first_of_group,
 )
 from moebench.config import BalanceConfig
 from moebench.kernels import (
@@ -123,10 +123,10 @@ class LayerRouting:
 @dataclass(frozen=True)
 class Hop:
     """What the combine needs to reverse one dedup hop: the plan that sorted the rows'
-    slots by group, the slots that opened a group (`first_NK`) and the split sizes."""
+    copies by group, which copies were sent (`sent_NS`) and the split sizes."""
 
     plan: ExpertPlan
-    first_NK: Tensor  # noqa: N815 (shape suffix)
+    sent_NS: Tensor  # noqa: N815 (shape suffix)
     splits: Splits
 
 
@@ -381,15 +381,14 @@ class RoutedExperts(nn.Module):
         the rows, slots and gates received and what `_hop_back` needs."""
         ep = self.ep
         assert ep is not None
-        N, K = slot_NK.shape
-        G = len(rank_G)
+        K, G = slot_NK.shape[1], len(rank_G)
         with timer("permute"):
-            same_NKK = group_NK[:, :, None] == group_NK[:, None, :]
-            first_NK = first_of_group(same_NKK, group_NK, G)
-            plan = plan_dispatch(torch.where(first_NK, group_NK, G), G + 1)
+            group_NS = distinct_groups(group_NK, G)  # copy s of row n goes to group_NS[n, s]
+            plan = plan_dispatch(group_NS, G + 1)
             xs_AH = dispatch_rows(h_NH, plan, h_NH.is_cuda)
-            slot_AK = torch.where(same_NKK, slot_NK[:, None, :], -1).view(N * K, K)[plan.order]
-            gates_AK = (gates_NK[:, None, :] * same_NKK).view(N * K, K)[plan.order]
+            same_NSK = group_NS[:, :, None] == group_NK[:, None, :]
+            slot_AK = torch.where(same_NSK, slot_NK[:, None, :], -1).view(-1, K)[plan.order]
+            gates_AK = (gates_NK[:, None, :] * same_NSK).view(-1, K)[plan.order]
         with timer("counts"):
             counts_W = torch.zeros(ep.world_size, dtype=torch.int64, device=h_NH.device)
             splits = exchange_counts(counts_W.index_copy(0, rank_G, plan.counts[:G])[:, None],
@@ -398,7 +397,7 @@ class RoutedExperts(nn.Module):
             n = splits.sent_rows
             out = [AllToAll.apply(t[:n], splits.recv_rows_W, splits.send_rows_W, ep.group)
                    for t in (xs_AH, slot_AK, gates_AK)]
-        return out[0], out[1], out[2], Hop(plan, first_NK, splits)
+        return out[0], out[1], out[2], Hop(plan, group_NS < G, splits)
 
     def _hop_back(self, y_RH: Tensor, hop: Hop, timer: PhaseTimer) -> Tensor:
         """The reverse of `_hop`: each received row's result goes back, and row n gets the
@@ -409,10 +408,9 @@ class RoutedExperts(nn.Module):
             back_AH = AllToAll.apply(y_RH, hop.splits.send_rows_W, hop.splits.recv_rows_W,
                                      ep.group)
         with timer("unpermute"):
-            N, K = hop.first_NK.shape
-            o_AH = torch.cat((back_AH, back_AH.new_zeros(N * K - back_AH.shape[0],
+            o_AH = torch.cat((back_AH, back_AH.new_zeros(hop.sent_NS.numel() - back_AH.shape[0],
                                                          back_AH.shape[1])))
-            return combine_rows(o_AH, hop.first_NK.float(), hop.plan, y_RH.is_cuda)
+            return combine_rows(o_AH, hop.sent_NS.float(), hop.plan, y_RH.is_cuda)
 
 
 class MoELayer(nn.Module):
