@@ -22,9 +22,12 @@ One routed-expert implementation (`RoutedExperts`), whatever the device:
   computation (`moebench.kernels.expert_ffn`) wrapped in two all-to-alls. The assignments
   are sorted by (owning rank, local expert), dropped ones last; the kept rows travel in the
   compute dtype (bf16 under autocast) to their rank by `moebench.comm.alltoall`, are regrouped
-  by local expert there, run as one grouped GEMM, and come back to be summed with the gates.
-  Capacity is then per rank and micro-batch: T in [Switch] eq. 3 (and the V2 device budget)
-  counts this rank's tokens, as every rank drops before it dispatches. The batch-wide
+  by local expert there, run as one grouped GEMM, and come back to be summed with the gates
+  ("per_expert" dispatcher); or ("dedup", `ExpertParallel.dispatcher`) each token goes once
+  to each node and once to each rank of its kept experts, which sums their gated outputs
+  (docs/metrics.md §4.1). Capacity is then per rank and micro-batch: T in [Switch] eq. 3
+  (and the V2 device budget) counts this rank's tokens, as every rank drops before it
+  dispatches. The batch-wide
   losses (switch, global) take f from the selection counts all-reduced over the ranks
   (global: also summed over the optimizer step's micro-batches so far), P from the rank's
   own tokens, so the mean over ranks of the rank losses is the loss of the whole batch; the
@@ -273,7 +276,8 @@ class RoutedExperts(nn.Module):
         """sum_k gate_tk FFN_{e_tk}(x_t) [T, H] in x's dtype, and the all-to-all's
         statistics under expert parallelism (collective then: every rank calls it)."""
         if self.ep is not None:
-            forward = self._forward_dedup if self.ep.dispatcher == "dedup" else self._forward_ep
+            forward = (self._forward_dedup if self.ep.dispatcher == "dedup"
+                       else self._forward_per_expert)
             return forward(x_TH, experts_TK, gates_TK, keep_TK,
                            timer or PhaseTimer(x_TH.device, enabled=False))
         if x_TH.is_cuda:  # dropped assignments are computed with a zero gate: no host sync
@@ -290,8 +294,8 @@ class RoutedExperts(nn.Module):
         row_bytes = x_TH.shape[1] * torch.finfo(_compute_dtype(x_TH)).bits // 8
         return A2AStats.of(hops, ep.rank_layout, ep.rank, row_bytes, timer)
 
-    def _forward_ep(self, x_TH: Tensor, experts_TK: Tensor, gates_TK: Tensor, keep_TK: Tensor,
-                    timer: PhaseTimer) -> tuple[Tensor, A2AStats]:
+    def _forward_per_expert(self, x_TH: Tensor, experts_TK: Tensor, gates_TK: Tensor,
+                            keep_TK: Tensor, timer: PhaseTimer) -> tuple[Tensor, A2AStats]:
         """The "per_expert" dispatcher: permute -> dispatch -> `expert_ffn` on this rank's
         experts -> combine -> unpermute (see the module docstring). One host sync: the split
         sizes of the all-to-all."""
