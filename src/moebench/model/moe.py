@@ -27,11 +27,10 @@ One routed-expert implementation (`RoutedExperts`), whatever the device:
   to each node and once to each rank of its kept experts, which sums their gated outputs
   (docs/metrics.md §4.1). Capacity is then per rank and micro-batch: T in [Switch] eq. 3
   (and the V2 device budget) counts this rank's tokens, as every rank drops before it
-  dispatches. The batch-wide
-  losses (switch, global) take f from the selection counts all-reduced over the ranks
-  (global: also summed over the optimizer step's micro-batches so far), P from the rank's
-  own tokens, so the mean over ranks of the rank losses is the loss of the whole batch; the
-  per-sequence losses need nothing (ranks hold whole sequences).
+  dispatches. The batch-wide losses (switch, global) take f from the selection counts
+  all-reduced over the ranks (global: also summed over the optimizer step's micro-batches so
+  far), P from the rank's own tokens, so the mean over ranks of the rank losses is the loss
+  of the whole batch; the per-sequence losses need nothing (ranks hold whole sequences).
 
 No host synchronisation in the forward on one GPU: the finiteness of the router logits is
 returned as a device flag (`LayerRouting.finite`) that the trainer checks once per step.
