@@ -97,7 +97,7 @@ def _run(p: dict[str, torch.Tensor], experts_TK: torch.Tensor, keep_TK: torch.Te
         "grad_gates": gates.grad,
         "grads": {k: getattr(experts, k).grad for k in ("w_gate", "w_up", "w_down")},
         "expert_ids": experts.expert_ids,
-        "sent_rows": stats.sent_rows,
+        "sent_rows_W": stats.sent_rows_W,
         "link_bytes": stats.link_bytes,
         "row_bytes": stats.row_bytes,
     }
@@ -196,8 +196,8 @@ def test_rows_moved_equal_accounting(spawn: Callable[[int], list[dict]], world: 
     p = _problem(groups, limit)
     copies_WW, row = _accounting(p["experts"], p["keep"], world, dispatcher, nodes)
     for r, res in enumerate(results):
-        assert res[case]["sent_rows"]["dispatch"] == copies_WW[r].tolist()
-        assert res[case]["sent_rows"]["combine"] == copies_WW[:, r].tolist()
+        assert res[case]["sent_rows_W"]["dispatch"] == copies_WW[r].tolist()
+        assert res[case]["sent_rows_W"]["combine"] == copies_WW[:, r].tolist()
         assert res[case]["row_bytes"] == H * 8
     for phase in ("dispatch", "combine"):
         for link in ("nvlink", "ib"):
@@ -224,9 +224,9 @@ def test_hand_worked_rows(spawn: Callable[[int], list[dict]]) -> None:
     results = spawn(world)
     keep = torch.ones_like(HAND_TK, dtype=torch.bool)
     for dispatcher, rows_WW in HAND_DISPATCH_WW.items():
-        sent_WW = torch.tensor([res[f"hand_{dispatcher}"]["sent_rows"]["dispatch"]
+        sent_WW = torch.tensor([res[f"hand_{dispatcher}"]["sent_rows_W"]["dispatch"]
                                 for res in results])
-        back_WW = torch.tensor([res[f"hand_{dispatcher}"]["sent_rows"]["combine"]
+        back_WW = torch.tensor([res[f"hand_{dispatcher}"]["sent_rows_W"]["combine"]
                                 for res in results])
         assert sent_WW.tolist() == rows_WW
         assert back_WW.tolist() == sent_WW.T.tolist()

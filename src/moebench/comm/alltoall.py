@@ -125,11 +125,11 @@ class Splits:
 class A2AStats:
     """What one expert-parallel layer's all-to-alls moved, as this rank sent it.
 
-    `sent_rows[phase]` [W]: rows sent to each rank (own entry 0: rows that stay on the rank
+    `sent_rows_W[phase]`: rows sent to each rank (own entry 0: rows that stay on the rank
     cross no link); `node_W`: the node of every rank; `row_bytes`: bytes per row; `timer`
     times the phases."""
 
-    sent_rows: dict[str, list[int]]
+    sent_rows_W: dict[str, list[int]]  # noqa: N815 (shape suffix)
     node_W: list[int]  # noqa: N815 (shape suffix)
     rank: int
     row_bytes: int
@@ -154,7 +154,7 @@ class A2AStats:
         """Rows sent per phase and link class: to ranks of this rank's node over NVLink,
         to other nodes over IB."""
         out = {}
-        for phase, rows_W in self.sent_rows.items():
+        for phase, rows_W in self.sent_rows_W.items():
             sent = dict.fromkeys(LINKS, 0)
             for r, rows in enumerate(rows_W):
                 sent["nvlink" if self.node_W[r] == self.node_W[self.rank] else "ib"] += rows
