@@ -5,7 +5,7 @@ backward, with the modelled topology equal to the world (4 ranks = 2 nodes x 2 G
 decoupled from it (2 ranks, each holding one modelled node of 2 GPUs, each its own node).
 Some assignments are dropped (capacity): they are never sent. The dedup dispatcher also
 runs a node-limited routing (each token on one node), all ranks in one node (only its
-in-node hop) and a hand-worked example.
+in-node hop), a shuffled expert placement and a hand-worked example.
 
 Legend: W ranks, E experts, K experts per token, T tokens, H hidden, F expert hidden.
 """
@@ -33,11 +33,15 @@ from moebench.routing import Layout, preset, route
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # spawned processes: ~20 s
 
 NODES, GPUS, E, K, T_TOTAL, H, FFN = 2, 2, 8, 3, 48, 16, 8
-CASES = {  # case: (dispatcher, routing groups = modelled nodes, M, modelled nodes)
-    "per_expert": ("per_expert", 1, 1, NODES),
-    "dedup": ("dedup", 1, 1, NODES),
-    "dedup_node_limited": ("dedup", NODES, 1, NODES),
-    "dedup_one_node": ("dedup", 1, 1, 1),  # all ranks in one node: only the in-node hop
+TWO_NODES = Layout.contiguous(E, NODES, GPUS)
+ONE_NODE = Layout.contiguous(E, 1, NODES * GPUS)  # all ranks in one node: only the in-node hop
+PLACED = Layout(E, NODES, GPUS, placement=[3 * e % E for e in range(E)])  # experts shuffled
+CASES = {  # case: (dispatcher, routing groups = modelled nodes, M, modelled layout)
+    "per_expert": ("per_expert", 1, 1, TWO_NODES),
+    "dedup": ("dedup", 1, 1, TWO_NODES),
+    "dedup_node_limited": ("dedup", NODES, 1, TWO_NODES),
+    "dedup_one_node": ("dedup", 1, 1, ONE_NODE),
+    "dedup_placed": ("dedup", 1, 1, PLACED),
 }
 HAND_TK = torch.tensor([[2, 3, 4], [0, 6, 7], [4, 5, 6], [0, 2, 4]])
 """One token per rank of 4 (2 nodes x 2, rank r holds experts 2r, 2r+1), all kept."""
@@ -71,15 +75,10 @@ def _problem(groups: int = 1, limit: int = 1) -> dict[str, torch.Tensor]:
     }
 
 
-def _layout(nodes: int) -> Layout:
-    """The modelled layout: 4 GPUs in `nodes` nodes."""
-    return Layout.contiguous(E, nodes, NODES * GPUS // nodes)
-
-
 def _run(p: dict[str, torch.Tensor], experts_TK: torch.Tensor, keep_TK: torch.Tensor,
-         dispatcher: str, nodes: int, rank: int, world: int) -> dict:
+         dispatcher: str, layout: Layout, rank: int, world: int) -> dict:
     """This rank's forward + backward of the sharded layer on its share of the batch."""
-    ep = ExpertParallel(_layout(nodes), rank, world, dispatcher=dispatcher)
+    ep = ExpertParallel(layout, rank, world, dispatcher=dispatcher)
     experts = RoutedExperts(E, H, FFN).double()
     with torch.no_grad():
         for name in ("w_gate", "w_up", "w_down"):
@@ -109,15 +108,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         results = {}
-        for case, (dispatcher, groups, limit, nodes) in CASES.items():
+        for case, (dispatcher, groups, limit, layout) in CASES.items():
             p = _problem(groups, limit)
-            results[case] = _run(p, p["experts"], p["keep"], dispatcher, nodes, rank, world)
+            results[case] = _run(p, p["experts"], p["keep"], dispatcher, layout, rank, world)
         if world == len(HAND_TK):
             p = _problem()
             for dispatcher in HAND_DISPATCH_WW:
                 results[f"hand_{dispatcher}"] = _run(
-                    p, HAND_TK, torch.ones_like(HAND_TK, dtype=torch.bool), dispatcher, NODES,
-                    rank, world)
+                    p, HAND_TK, torch.ones_like(HAND_TK, dtype=torch.bool), dispatcher,
+                    TWO_NODES, rank, world)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -151,7 +150,7 @@ def test_distinct_groups_lists_each_group_once(groups: int, k: int, data: st.Dat
 def test_unknown_dispatcher_is_refused() -> None:
     with pytest.raises(ValueError, match="dispatcher='twostage' is invalid; allowed: "
                                          "per_expert, dedup"):
-        ExpertParallel(_layout(NODES), 0, 2, dispatcher="twostage")
+        ExpertParallel(TWO_NODES, 0, 2, dispatcher="twostage")
 
 
 @pytest.fixture(scope="module")
@@ -173,11 +172,11 @@ WORLDS = pytest.mark.parametrize("world", [4, 2], ids=["world=devices", "world<d
 
 
 def _accounting(experts_TK: torch.Tensor, keep_TK: torch.Tensor, world: int, dispatcher: str,
-                nodes: int = NODES) -> tuple[torch.Tensor, dict]:
+                layout: Layout = TWO_NODES) -> tuple[torch.Tensor, dict]:
     """The accounting's [W, W] dispatch copies and summary row for this routing on the
     ranks' layout; a dropped assignment stays home, so it counts as a copy to an expert of
     its token's own rank (free under both dispatchers)."""
-    ep = ExpertParallel(_layout(nodes), 0, world)
+    ep = ExpertParallel(layout, 0, world)
     topo = Topology(ep.rank_layout, hidden=H, dispatch_bytes=8, combine_bytes=8)
     home_T = torch.arange(len(experts_TK)) // (len(experts_TK) // world)
     first_expert = torch.tensor([ep.experts_of(r)[0] for r in range(world)])[home_T]
@@ -192,9 +191,9 @@ def _accounting(experts_TK: torch.Tensor, keep_TK: torch.Tensor, world: int, dis
 def test_rows_moved_equal_accounting(spawn: Callable[[int], list[dict]], world: int,
                                      case: str) -> None:
     results = spawn(world)
-    dispatcher, groups, limit, nodes = CASES[case]
+    dispatcher, groups, limit, layout = CASES[case]
     p = _problem(groups, limit)
-    copies_WW, row = _accounting(p["experts"], p["keep"], world, dispatcher, nodes)
+    copies_WW, row = _accounting(p["experts"], p["keep"], world, dispatcher, layout)
     for r, res in enumerate(results):
         assert res[case]["sent_rows_W"]["dispatch"] == copies_WW[r].tolist()
         assert res[case]["sent_rows_W"]["combine"] == copies_WW[:, r].tolist()
@@ -204,7 +203,7 @@ def test_rows_moved_equal_accounting(spawn: Callable[[int], list[dict]], world: 
             moved = sum(res[case]["link_bytes"][phase][link] for res in results)
             assert moved == pytest.approx(row[f"{link}_{phase}_bytes_per_token"] * T_TOTAL,
                                           rel=1e-12)
-    link = "ib" if nodes > 1 else "nvlink"
+    link = "ib" if layout.num_nodes > 1 else "nvlink"
     assert sum(res[case]["link_bytes"]["dispatch"][link] for res in results) > 0
 
 
@@ -256,10 +255,11 @@ def test_expert_parallel_layer_matches_single_process(spawn: Callable[[int], lis
                                                       world: int, case: str) -> None:
     results = spawn(world)
     if case == "hand_dedup":
-        p = _problem()
+        p, layout = _problem(), TWO_NODES
         experts_TK, keep_TK = HAND_TK, torch.ones_like(HAND_TK, dtype=torch.bool)
     else:
-        p = _problem(*CASES[case][1:3])
+        _, groups, limit, layout = CASES[case]
+        p = _problem(groups, limit)
         experts_TK, keep_TK = p["experts"], p["keep"]
     want = _single_process(p, experts_TK, keep_TK)
     n = len(experts_TK) // world
@@ -267,7 +267,10 @@ def test_expert_parallel_layer_matches_single_process(spawn: Callable[[int], lis
         got, rows = res[case], slice(r * n, (r + 1) * n)
         for name in ("out", "grad_x", "grad_gates"):
             torch.testing.assert_close(got[name], want[name][rows], rtol=1e-12, atol=1e-12)
-        assert got["expert_ids"] == list(range(r * E // world, (r + 1) * E // world))
+        # rank r holds modelled devices [r D/W, (r+1) D/W): their experts, device-major
+        devices = range(r * layout.num_devices // world, (r + 1) * layout.num_devices // world)
+        assert got["expert_ids"] == [e for d in devices for e in range(E)
+                                     if layout.device_of_expert[e] == d]
         for name, grad in got["grads"].items():
             torch.testing.assert_close(grad, want["grads"][name][got["expert_ids"]],
                                        rtol=1e-12, atol=1e-12)
