@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moebench.comm.accounting import summarize, traffic
+from moebench.comm.alltoall import LINKS, PHASES, A2AStats, PhaseTimer
 from moebench.comm.placement import Placement, contiguous, fit, judge
 from moebench.model.moe import ExpertParallel, RoutedExperts
 
@@ -50,40 +51,50 @@ def skewed_routing(tokens: int, experts: int, top_k: int, skew: float, seed: int
     return (log_p_E + gumbel_TE).topk(top_k, dim=1).indices
 
 
-def time_layout(args: argparse.Namespace, rank: int, layout, routing_TK: torch.Tensor,
-                device: torch.device) -> tuple[list[float], float]:
-    """ms per forward + backward of the routed experts on `layout` (slowest rank, each
-    iteration), and the bytes all ranks' all-to-alls sent (dispatch + combine)."""
+def time_layer(args: argparse.Namespace, ep: ExpertParallel, routing_TK: torch.Tensor,
+               device: torch.device) -> tuple[list[float], list[float], A2AStats]:
+    """ms per forward + backward of the routed experts sharded by `ep` and ms of the
+    forward's dispatch + combine (slowest rank, each iteration), and the last forward's
+    all-to-all statistics."""
     torch.manual_seed(0)  # the same expert weights for every layout
     layer = RoutedExperts(args.experts, args.hidden, args.ffn)
     for w in (layer.w_gate, layer.w_up, layer.w_down):
         torch.nn.init.normal_(w, std=w.shape[1] ** -0.5)
     layer = layer.to(device)
-    layer.shard(ExpertParallel(layout, rank, args.world))
+    layer.shard(ep)
     T, K = args.tokens, args.top_k
-    rows = slice(rank * T, (rank + 1) * T)
-    gen = torch.Generator().manual_seed(1 + rank)
+    rows = slice(ep.rank * T, (ep.rank + 1) * T)
+    gen = torch.Generator().manual_seed(1 + ep.rank)
     x_TH = torch.randn(T, args.hidden, generator=gen).to(device, args.dtype)
     gates_TK = torch.rand(T, K, generator=gen).to(device)
     experts_TK = routing_TK[rows].to(device)
     keep_TK = torch.ones(T, K, dtype=torch.bool, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
+    times, a2a_times = [], []
     for i in range(args.warmup + args.iters):
         dist.barrier()
         sync()
+        timer = PhaseTimer(device)
         start = time.perf_counter()
-        y_TH, stats = layer(x_TH, experts_TK, gates_TK, keep_TK)
+        y_TH, stats = layer(x_TH, experts_TK, gates_TK, keep_TK, timer)
         y_TH.float().square().mean().backward()
         sync()
-        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        elapsed = time.perf_counter() - start
+        a2a = sum(timer.seconds()[phase] for phase in PHASES)
+        slowest = torch.tensor([elapsed, a2a], dtype=torch.float64)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         if i >= args.warmup:
-            times.append(float(elapsed) * 1e3)
-    total = torch.tensor([float(sum(sum(v.values()) for v in stats.link_bytes.values()))],
-                         dtype=torch.float64)
-    dist.all_reduce(total)
-    return times, float(total)
+            times.append(float(slowest[0]) * 1e3)
+            a2a_times.append(float(slowest[1]) * 1e3)
+    return times, a2a_times, stats
+
+
+def bytes_sent(stats: A2AStats) -> dict[str, dict[str, int]]:
+    """Bytes all ranks sent per phase and link class (collective)."""
+    sent = torch.tensor([[stats.link_bytes[p][link] for link in LINKS] for p in PHASES],
+                        dtype=torch.int64)
+    dist.all_reduce(sent)
+    return {p: dict(zip(LINKS, sent[i].tolist(), strict=True)) for i, p in enumerate(PHASES)}
 
 
 def accounted_bytes(placement: Placement, routing_TK: torch.Tensor, **topo: float) -> float:
@@ -112,7 +123,9 @@ def _worker(rank: int, args: argparse.Namespace, port: int) -> None:
                   args.rule: fit(args.rule, fit_TK.numpy(), E, 1, W, **topo)}
     results = {}
     for name, placement in placements.items():
-        times, sent = time_layout(args, rank, placement.layout(), timed_TK, device)
+        ep = ExpertParallel(placement.layout(), rank, args.world)
+        times, _, stats = time_layer(args, ep, timed_TK, device)
+        sent = sum(sum(links.values()) for links in bytes_sent(stats).values())
         modelled = judge(placement, timed_TK.numpy(), **topo)
         q20, q50, q80 = np.quantile(times, [0.2, 0.5, 0.8])
         results[name] = {

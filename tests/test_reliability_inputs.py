@@ -276,6 +276,8 @@ CASES = [
          ("balance.bias.rule", "'linear'", "'sign', 'proportional' or 'multiplicative'")),
     Case("unknown_limit", lambda c: c.train(*sets("router.limit=rack")),
          ("router.limit", "'rack'", "'none', 'device' or 'node'")),
+    Case("unknown_dispatcher", lambda c: c.train(*sets("topology.dispatcher=twostage")),
+         ("topology.dispatcher", "'twostage'", "'per_expert' or 'dedup'")),
     Case("top_k_above_experts", lambda c: c.train(*sets("router.top_k=20")),
          ("router.top_k=20", "router.num_experts=16", "allowed: 1..16")),
     Case("group_limit_above_groups",

@@ -1,8 +1,9 @@
 """Distributed training (moebench.train.distributed): 4 gloo processes standing for 2 nodes x 2
 GPUs train the same global batch as one process (losses within float tolerance, identical
-loads and routing, the same bias on every rank), the measured all-to-all equals the
-accounting's prediction, a killed run resumes under torchrun to the same bytes, and srun on
-the real one-node SLURM cluster gives the same summary. Plus the launcher environment."""
+loads and routing, the same bias on every rank), with either dispatcher (per_expert, dedup),
+the measured all-to-all equals the accounting's prediction, a killed run resumes under
+torchrun to the same bytes, and srun on the real one-node SLURM cluster gives the same
+summary. Plus the launcher environment."""
 
 from __future__ import annotations
 
@@ -132,13 +133,28 @@ def _worker(rank: int, port: int, cfg_json: str, folder: str) -> None:
         torch.save(trainer.bias.bias_LE, folder_path / f"bias{rank}.pt")
 
 
-@pytest.fixture(scope="module")
-def dist_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny run on 4 gloo ranks (torch.multiprocessing, torchrun's environment)."""
-    folder = tmp_path_factory.mktemp("dist_run")
-    cfg = tiny_cfg(data_dir)
+def spawn_run(cfg: RunConfig, folder: Path) -> Path:
+    """`cfg` trained on 4 gloo ranks (torch.multiprocessing, torchrun's environment)."""
     mp.spawn(_worker, args=(free_port(), cfg.model_dump_json(), str(folder)), nprocs=WORLD)
     return folder
+
+
+@pytest.fixture(scope="module")
+def dist_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny run on 4 gloo ranks."""
+    return spawn_run(tiny_cfg(data_dir), tmp_path_factory.mktemp("dist_run"))
+
+
+@pytest.fixture(scope="module")
+def dedup_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny run on 4 gloo ranks with the deduplicated dispatcher."""
+    cfg = tiny_cfg(data_dir)
+    topology = cfg.topology.model_copy(update={"dispatcher": "dedup"})
+    return spawn_run(cfg.model_copy(update={"topology": topology}),
+                     tmp_path_factory.mktemp("dedup_run"))
+
+
+DISPATCHER_RUNS = pytest.mark.parametrize("run", ["dist_run", "dedup_run"])
 
 
 @pytest.fixture(scope="module")
@@ -178,9 +194,11 @@ def assert_same_training(single: Path, dist: Path, world: int) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.slow
+@DISPATCHER_RUNS
 def test_four_ranks_match_one_process_on_the_same_global_batch(
-    single_run: Path, dist_run: Path
+    single_run: Path, run: str, request: pytest.FixtureRequest
 ) -> None:
+    dist_run = request.getfixturevalue(run)
     assert_same_training(single_run / "run", dist_run / "run", WORLD)
     assert sorted(lines(single_run / "run" / "metrics.jsonl")[0]["aux"]) == [
         "global", "seq", "switch"]
@@ -194,7 +212,10 @@ def test_four_ranks_match_one_process_on_the_same_global_batch(
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_measured_all_to_all_equals_the_accounting(dist_run: Path) -> None:
+@DISPATCHER_RUNS
+def test_measured_all_to_all_equals_the_accounting(run: str, request: pytest.FixtureRequest
+                                                   ) -> None:
+    dist_run = request.getfixturevalue(run)
     timing = lines(dist_run / "run" / "timing.jsonl")
     assert [r["step"] for r in timing] == list(range(1, 9))
     for record in timing:

@@ -12,7 +12,7 @@ from moebench.comm.accounting import (
     token_stats,
     traffic,
 )
-from moebench.comm.alltoall import A2AStats, AllToAll, PhaseTimer, exchange_counts
+from moebench.comm.alltoall import A2AStats, AllToAll, PhaseTimer, Splits, exchange_counts
 from moebench.comm.replay import (
     STRATEGIES,
     Trace,
@@ -29,6 +29,7 @@ __all__ = [
     "A2AStats",
     "AllToAll",
     "PhaseTimer",
+    "Splits",
     "TokenStats",
     "Topology",
     "Trace",

@@ -1,22 +1,25 @@
 """The collectives of expert parallelism over `torch.distributed` (gloo on CPU, NCCL on GPU).
 
 The expert-parallel MoE layer (`moebench.model.moe.RoutedExperts`) is the one-GPU expert path
-plus what this module provides:
+plus what this module provides, for each all-to-all ("hop") of its dispatch:
 
-    stats = exchange_counts(counts_WL, group)     # rows to each rank's local experts, and back
-    recv  = AllToAll.apply(rows, stats.recv_rows_W, stats.send_rows_W, group)   # dispatch
-    ...   local experts: moebench.kernels.expert_ffn
-    back  = AllToAll.apply(out, stats.send_rows_W, stats.recv_rows_W, group)    # combine
-    stats.account(rank_layout, rank, row_bytes, timer)
+    splits = exchange_counts(counts_WX, group)   # rows to each rank (per kind), and back
+    recv   = AllToAll.apply(rows, splits.recv_rows_W, splits.send_rows_W, group)   # out
+    ...
+    back   = AllToAll.apply(out, splits.send_rows_W, splits.recv_rows_W, group)    # back
+    stats  = A2AStats.of([splits, ...], rank_layout, rank, row_bytes, timer)
 
-This is the "per_expert" dispatcher of `moebench.comm.accounting` made real: one row per
-kept (token, expert) pair goes to the rank that owns the expert; rows for the rank itself
-stay local and cost no link bytes. `A2AStats.link_bytes` holds the bytes this rank sent per
-phase and link class (NVLink inside its node, IB across; nodes of the real ranks' layout),
+The two dispatchers of `moebench.comm.accounting`, made real (`ExpertParallel.dispatcher`):
+"per_expert" is one hop, one row per kept (token, expert) pair to the rank that owns the
+expert; "dedup" is two hops, one row per (token, node) to the rank of that node with the
+source's in-node index, then one row per (token, rank) inside the node (`distinct_groups`:
+the nodes / ranks a row goes to). Rows for the rank itself stay local and cost
+no link bytes. `A2AStats.link_bytes` holds the bytes this rank sent per phase and link
+class (NVLink inside its node, IB across; nodes of the real ranks' layout),
 `A2AStats.seconds` the time of each phase (`PhaseTimer`: CUDA events, read only when asked,
 so timing adds no host sync). Autograd: `AllToAll`'s backward is the reverse all-to-all.
 
-Legend: W ranks, L local experts per rank, R rows received, N rows.
+Legend: W ranks, X kinds of row (local experts), N rows, K slots of a row, H hidden.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -99,20 +102,15 @@ class PhaseTimer:
         return out
 
 
-@dataclass
-class A2AStats:
-    """The split sizes of one expert-parallel layer's all-to-alls and what they cost.
+@dataclass(frozen=True)
+class Splits:
+    """The split sizes of one all-to-all: `recv_counts_WX` (device tensor) rows this rank
+    receives from rank w of kind x (a local expert, or one kind); `send_rows_W` /
+    `recv_rows_W` rows sent to / received from each rank (host lists)."""
 
-    `recv_counts_WL` (device tensor): rows this rank receives from rank w for its local
-    expert l; `send_rows_W` / `recv_rows_W`: rows sent to / received from each rank (host
-    lists, the split sizes); `link_bytes[phase][link]`: bytes this rank sent; `seconds`."""
-
-    recv_counts_WL: Tensor  # noqa: N815 (shape suffix)
+    recv_counts_WX: Tensor  # noqa: N815 (shape suffix)
     send_rows_W: list[int]  # noqa: N815 (shape suffix)
     recv_rows_W: list[int]  # noqa: N815 (shape suffix)
-    link_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
-    row_bytes: int = 0
-    timer: PhaseTimer | None = None
 
     @property
     def sent_rows(self) -> int:
@@ -122,28 +120,72 @@ class A2AStats:
     def received_rows(self) -> int:
         return sum(self.recv_rows_W)
 
+
+@dataclass
+class A2AStats:
+    """What one expert-parallel layer's all-to-alls moved, as this rank sent it.
+
+    `sent_rows_W[phase]`: rows sent to each rank (own entry 0: rows that stay on the rank
+    cross no link); `node_W`: the node of every rank; `row_bytes`: bytes per row; `timer`
+    times the phases."""
+
+    sent_rows_W: dict[str, list[int]]  # noqa: N815 (shape suffix)
+    node_W: list[int]  # noqa: N815 (shape suffix)
+    rank: int
+    row_bytes: int
+    timer: PhaseTimer | None = None
+
+    @classmethod
+    def of(cls, hops: list[Splits], layout: Layout, rank: int, row_bytes: int,
+           timer: PhaseTimer | None) -> A2AStats:
+        """The stats of a dispatch made of the all-to-alls `hops` (in order) and of the
+        combine that reverses each (it sends what the hop received); ranks are the devices
+        of `layout`, whose nodes set the link class."""
+        sent = {phase: [0] * layout.num_devices for phase in PHASES}
+        for hop in hops:
+            for phase, rows_W in (("dispatch", hop.send_rows_W), ("combine", hop.recv_rows_W)):
+                sent[phase] = [a + b for a, b in zip(sent[phase], rows_W, strict=True)]
+        for rows_W in sent.values():
+            rows_W[rank] = 0
+        return cls(sent, layout.node_of_device.tolist(), rank, row_bytes, timer)
+
+    @property
+    def link_rows(self) -> dict[str, dict[str, int]]:
+        """Rows sent per phase and link class: to ranks of this rank's node over NVLink,
+        to other nodes over IB."""
+        out = {}
+        for phase, rows_W in self.sent_rows_W.items():
+            sent = dict.fromkeys(LINKS, 0)
+            for r, rows in enumerate(rows_W):
+                sent["nvlink" if self.node_W[r] == self.node_W[self.rank] else "ib"] += rows
+            out[phase] = sent
+        return out
+
+    @property
+    def link_bytes(self) -> dict[str, dict[str, int]]:
+        """Bytes sent per phase and link class."""
+        return {phase: {link: n * self.row_bytes for link, n in rows.items()}
+                for phase, rows in self.link_rows.items()}
+
     @property
     def seconds(self) -> dict[str, float]:
         return self.timer.seconds() if self.timer is not None else {}
 
-    def account(self, layout: Layout, rank: int, row_bytes: int,
-                timer: PhaseTimer | None) -> None:
-        """Bytes sent per phase and link class: rows to other ranks of this rank's node over
-        NVLink, to other nodes over IB (nodes of `layout`, whose devices are the ranks)."""
-        node_W = layout.node_of_device.tolist()
-        self.row_bytes, self.timer = row_bytes, timer
-        for phase, rows_W in (("dispatch", self.send_rows_W), ("combine", self.recv_rows_W)):
-            sent = dict.fromkeys(LINKS, 0)
-            for r, rows in enumerate(rows_W):
-                if r != rank:
-                    sent["nvlink" if node_W[r] == node_W[rank] else "ib"] += rows * row_bytes
-            self.link_bytes[phase] = sent
+
+def exchange_counts(send_counts_WX: Tensor, group: dist.ProcessGroup | None) -> Splits:
+    """All-to-all of the per-(rank, kind) row counts [W, X] (int64), then the split sizes
+    on the host: the one host sync of an all-to-all."""
+    recv_counts_WX = torch.empty_like(send_counts_WX)
+    dist.all_to_all_single(recv_counts_WX, send_counts_WX.contiguous(), group=group)
+    send_W, recv_W = torch.stack((send_counts_WX.sum(1), recv_counts_WX.sum(1))).tolist()
+    return Splits(recv_counts_WX, send_W, recv_W)
 
 
-def exchange_counts(send_counts_WL: Tensor, group: dist.ProcessGroup | None) -> A2AStats:
-    """All-to-all of the per-(rank, local expert) row counts [W, L] (int64), then the split
-    sizes on the host: the one host sync of an expert-parallel layer."""
-    recv_counts_WL = torch.empty_like(send_counts_WL)
-    dist.all_to_all_single(recv_counts_WL, send_counts_WL.contiguous(), group=group)
-    send_W, recv_W = torch.stack((send_counts_WL.sum(1), recv_counts_WL.sum(1))).tolist()
-    return A2AStats(recv_counts_WL, send_W, recv_W)
+def distinct_groups(group_NK: Tensor, groups: int) -> Tensor:
+    """[N, min(K, groups)]: the distinct groups of each row's K slots, ascending, padded with
+    `groups` (which also marks a slot of no group): one column per copy a dedup hop sends."""
+    sorted_NK = group_NK.sort(1).values
+    repeat_NK = torch.zeros_like(sorted_NK, dtype=torch.bool)
+    repeat_NK[:, 1:] = sorted_NK[:, 1:] == sorted_NK[:, :-1]
+    distinct_NK = torch.where(repeat_NK, groups, sorted_NK).sort(1).values
+    return distinct_NK[:, : min(group_NK.shape[1], groups)]

@@ -86,10 +86,15 @@ class ModelConfig(Strict):
 
 
 class TopologyConfig(Strict):
-    """Expert-parallel layout: experts in contiguous blocks on GPUs, GPUs in nodes."""
+    """Expert-parallel layout: experts in contiguous blocks on GPUs, GPUs in nodes, and how
+    a distributed run's all-to-all moves tokens between them."""
 
     num_nodes: Int = Field(4, ge=1, le=1024)
     gpus_per_node: Int = Field(2, ge=1, le=64)
+    dispatcher: Literal["per_expert", "dedup"] = Field(
+        "per_expert", description="per_expert: one row per (token, expert) to the expert's "
+        "rank; dedup: one row per (token, node), then per (token, rank) inside the node"
+    )
 
     @property
     def num_devices(self) -> int:

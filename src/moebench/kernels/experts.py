@@ -181,7 +181,7 @@ class _Dispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TH, token_A, pos_A, K, triton_kernels):  # type: ignore[override]
         ctx.save_for_backward(pos_A)
-        ctx.K, ctx.triton_kernels = K, triton_kernels
+        ctx.T, ctx.K, ctx.triton_kernels = x_TH.shape[0], K, triton_kernels
         if triton_kernels:
             return _scatter_rows(x_TH, pos_A)[0]
         return x_TH.index_select(0, token_A)
@@ -189,10 +189,10 @@ class _Dispatch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_AH):  # type: ignore[override]
         (pos_A,) = ctx.saved_tensors
-        T = pos_A.numel() // ctx.K
+        T = ctx.T
         if ctx.triton_kernels:
             return _gather_sum(g_AH, pos_A, T), None, None, None, None
-        g_TKH = g_AH.index_select(0, pos_A).view(T, ctx.K, -1)
+        g_TKH = g_AH.index_select(0, pos_A).view(T, ctx.K, g_AH.shape[1])
         acc = torch.promote_types(g_AH.dtype, torch.float32)  # float32 at least
         return g_TKH.sum(1, dtype=acc).to(g_AH.dtype), None, None, None, None
 
@@ -208,7 +208,7 @@ class _Combine(torch.autograd.Function):
         ctx.triton_kernels = triton_kernels
         if triton_kernels:
             return _gather_sum(o_AH, pos_A, T, weights_TK)
-        o_TKH = o_AH.index_select(0, pos_A).view(T, K, -1)
+        o_TKH = o_AH.index_select(0, pos_A).view(T, K, o_AH.shape[1])
         return torch.bmm(weights_TK.to(o_AH.dtype).unsqueeze(1), o_TKH).squeeze(1)
 
     @staticmethod
@@ -223,9 +223,9 @@ class _Combine(torch.autograd.Function):
         g_o = g_w = None
         if need_o:
             g_TKH = weights_TK.to(g_TH.dtype).unsqueeze(2) * g_TH.unsqueeze(1)
-            g_o = g_TKH.view(T * K, -1).index_select(0, order_A)
+            g_o = g_TKH.view(T * K, g_TH.shape[1]).index_select(0, order_A)
         if need_w:
-            o_TKH = o_AH.index_select(0, pos_A).view(T, K, -1)
+            o_TKH = o_AH.index_select(0, pos_A).view(T, K, o_AH.shape[1])
             g_w = torch.bmm(o_TKH, g_TH.unsqueeze(2)).squeeze(2).to(weights_TK.dtype)
         return g_o, g_w, None, None, None
 
@@ -446,16 +446,18 @@ def grouped_experts(
 
 def dispatch_rows(x_TH: torch.Tensor, plan: ExpertPlan, triton_kernels: bool) -> torch.Tensor:
     """[A, H]: the K copies of every row of x in the plan's order (the dispatch permute);
-    differentiable, backward sums the copies without atomics."""
+    differentiable, backward sums the copies without atomics. No rows (a rank that received
+    none): the torch path."""
     K = plan.pos.numel() // max(x_TH.shape[0], 1)
-    return _Dispatch.apply(x_TH, plan.token, plan.pos, K, triton_kernels)
+    return _Dispatch.apply(x_TH, plan.token, plan.pos, K, triton_kernels and x_TH.shape[0] > 0)
 
 
 def combine_rows(o_AH: torch.Tensor, weights_TK: torch.Tensor, plan: ExpertPlan,
                  triton_kernels: bool) -> torch.Tensor:
     """[T, H]: y_t = sum_k w_tk o[pos(t, k)], accumulated in float32 (the combine unpermute);
-    differentiable w.r.t. o and the gates."""
-    return _Combine.apply(o_AH, weights_TK, plan.pos, plan.order, triton_kernels)
+    differentiable w.r.t. o and the gates. No rows: the torch path."""
+    return _Combine.apply(o_AH, weights_TK, plan.pos, plan.order,
+                          triton_kernels and weights_TK.shape[0] > 0)
 
 
 def permute_rows(x_NH: torch.Tensor, perm_N: torch.Tensor, inverse_N: torch.Tensor,

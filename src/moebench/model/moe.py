@@ -22,13 +22,15 @@ One routed-expert implementation (`RoutedExperts`), whatever the device:
   computation (`moebench.kernels.expert_ffn`) wrapped in two all-to-alls. The assignments
   are sorted by (owning rank, local expert), dropped ones last; the kept rows travel in the
   compute dtype (bf16 under autocast) to their rank by `moebench.comm.alltoall`, are regrouped
-  by local expert there, run as one grouped GEMM, and come back to be summed with the gates.
-  Capacity is then per rank and micro-batch: T in [Switch] eq. 3 (and the V2 device budget)
-  counts this rank's tokens, as every rank drops before it dispatches. The batch-wide
-  losses (switch, global) take f from the selection counts all-reduced over the ranks
-  (global: also summed over the optimizer step's micro-batches so far), P from the rank's
-  own tokens, so the mean over ranks of the rank losses is the loss of the whole batch; the
-  per-sequence losses need nothing (ranks hold whole sequences).
+  by local expert there, run as one grouped GEMM, and come back to be summed with the gates
+  ("per_expert" dispatcher); or ("dedup", `ExpertParallel.dispatcher`) each token goes once
+  to each node and once to each rank of its kept experts, which sums their gated outputs
+  (docs/metrics.md §4.1). Capacity is then per rank and micro-batch: T in [Switch] eq. 3
+  (and the V2 device budget) counts this rank's tokens, as every rank drops before it
+  dispatches. The batch-wide losses (switch, global) take f from the selection counts
+  all-reduced over the ranks (global: also summed over the optimizer step's micro-batches so
+  far), P from the rank's own tokens, so the mean over ranks of the rank losses is the loss
+  of the whole batch; the per-sequence losses need nothing (ranks hold whole sequences).
 
 No host synchronisation in the forward on one GPU: the finiteness of the router logits is
 returned as a device flag (`LayerRouting.finite`) that the trainer checks once per step.
@@ -61,9 +63,18 @@ from moebench.balancing import (
     switch_loss,
     z_loss,
 )
-from moebench.comm.alltoall import A2AStats, AllToAll, PhaseTimer, exchange_counts
+from moebench.comm.accounting import DISPATCHERS
+from moebench.comm.alltoall import (
+    A2AStats,
+    AllToAll,
+    PhaseTimer,
+    Splits,
+    distinct_groups,
+    exchange_counts,
+)
 from moebench.config import BalanceConfig
 from moebench.kernels import (
+    ExpertPlan,
     combine_rows,
     dispatch_rows,
     expert_ffn,
@@ -112,6 +123,16 @@ class LayerRouting:
 
 
 @dataclass(frozen=True)
+class Hop:
+    """What the combine needs to reverse one dedup hop: the plan that sorted the rows'
+    copies by group, which copies were sent (`sent_NS`) and the split sizes."""
+
+    plan: ExpertPlan
+    sent_NS: Tensor  # noqa: N815 (shape suffix)
+    splits: Splits
+
+
+@dataclass(frozen=True)
 class ExpertParallel:
     """Expert parallelism over the `world_size` ranks of `group` (None = the default group).
 
@@ -119,12 +140,14 @@ class ExpertParallel:
     accounting) is independent of the world size: the experts, in the layout's device-major
     order, are cut into `world_size` contiguous blocks, one per rank, so a rank holds whole
     modelled devices when world_size divides the device count. Any divisor of the expert
-    count works, and the same study trains on 1, 2 or 8 GPUs with identical routing."""
+    count works, and the same study trains on 1, 2 or 8 GPUs with identical routing.
+    `dispatcher`: how tokens travel, "per_expert" or "dedup" (`moebench.comm.alltoall`)."""
 
     layout: Layout
     rank: int
     world_size: int
     group: dist.ProcessGroup | None = None
+    dispatcher: str = "per_expert"
 
     def __post_init__(self) -> None:
         E, W = self.layout.num_experts, self.world_size
@@ -132,6 +155,9 @@ class ExpertParallel:
             raise ValueError(f"world_size={W} is invalid; allowed: a divisor of the {E} experts")
         if not 0 <= self.rank < W:
             raise ValueError(f"rank={self.rank} is invalid; allowed: 0..{W - 1}")
+        if self.dispatcher not in DISPATCHERS:
+            raise ValueError(f"dispatcher={self.dispatcher!r} is invalid; allowed: "
+                             f"{', '.join(DISPATCHERS)}")
 
     @property
     def experts_per_rank(self) -> int:
@@ -162,13 +188,15 @@ class ExpertParallel:
 
     @cached_property
     def rank_layout(self) -> Layout:
-        """The real ranks as a layout of W devices, for the bytes that really cross links:
-        ranks in the same modelled node share a node when W is a multiple of the modelled
-        node count; otherwise every rank is its own node."""
+        """The real ranks as a layout of W devices holding their experts (placement: each
+        expert's slot), for the bytes that really cross links: ranks in the same modelled
+        node share a node when W is a multiple of the modelled node count; otherwise every
+        rank is its own node."""
         nodes = self.layout.num_nodes
         if self.world_size % nodes:
             nodes = self.world_size
-        return Layout.contiguous(self.layout.num_experts, nodes, self.world_size // nodes)
+        return Layout(self.layout.num_experts, nodes, self.world_size // nodes,
+                      self.slot_of_expert)
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         """Sum `tensor` over the ranks, in place; returns it."""
@@ -247,7 +275,10 @@ class RoutedExperts(nn.Module):
         """sum_k gate_tk FFN_{e_tk}(x_t) [T, H] in x's dtype, and the all-to-all's
         statistics under expert parallelism (collective then: every rank calls it)."""
         if self.ep is not None:
-            return self._forward_ep(x_TH, experts_TK, gates_TK, keep_TK, timer)
+            forward = (self._forward_dedup if self.ep.dispatcher == "dedup"
+                       else self._forward_per_expert)
+            return forward(x_TH, experts_TK, gates_TK, keep_TK,
+                           timer or PhaseTimer(x_TH.device, enabled=False))
         if x_TH.is_cuda:  # dropped assignments are computed with a zero gate: no host sync
             dtype = _compute_dtype(x_TH)
             y_TH = grouped_experts(x_TH.to(dtype), experts_TK, gates_TK, *self._weights(dtype))
@@ -255,15 +286,22 @@ class RoutedExperts(nn.Module):
         return sorted_experts_cpu(x_TH, experts_TK, gates_TK, keep_TK, self.w_gate, self.w_up,
                                   self.w_down), None
 
-    def _forward_ep(self, x_TH: Tensor, experts_TK: Tensor, gates_TK: Tensor, keep_TK: Tensor,
-                    timer: PhaseTimer | None) -> tuple[Tensor, A2AStats]:
-        """permute -> dispatch -> `expert_ffn` on this rank's experts -> combine -> unpermute
-        (see the module docstring). One host sync: the split sizes of the all-to-all."""
+    def _stats(self, hops: list[Splits], x_TH: Tensor, timer: PhaseTimer) -> A2AStats:
+        """What the hops moved, rows of d_model elements in the compute dtype."""
+        ep = self.ep
+        assert ep is not None
+        row_bytes = x_TH.shape[1] * torch.finfo(_compute_dtype(x_TH)).bits // 8
+        return A2AStats.of(hops, ep.rank_layout, ep.rank, row_bytes, timer)
+
+    def _forward_per_expert(self, x_TH: Tensor, experts_TK: Tensor, gates_TK: Tensor,
+                            keep_TK: Tensor, timer: PhaseTimer) -> tuple[Tensor, A2AStats]:
+        """The "per_expert" dispatcher: permute -> dispatch -> `expert_ffn` on this rank's
+        experts -> combine -> unpermute (see the module docstring). One host sync: the split
+        sizes of the all-to-all."""
         ep = self.ep
         assert ep is not None
         T, K = experts_TK.shape
         E, W, L = ep.layout.num_experts, ep.world_size, ep.experts_per_rank
-        timer = timer or PhaseTimer(x_TH.device, enabled=False)
         dtype = _compute_dtype(x_TH)
         fused = x_TH.is_cuda
         with timer("permute"):
@@ -271,32 +309,111 @@ class RoutedExperts(nn.Module):
             plan = plan_dispatch(key_TK, E + 1)
             xs_AH = dispatch_rows(x_TH.to(dtype), plan, fused)
         with timer("counts"):
-            stats = exchange_counts(plan.counts[:E].view(W, L), ep.group)
+            splits = exchange_counts(plan.counts[:E].view(W, L), ep.group)
         with timer("dispatch"):
-            recv_RH = AllToAll.apply(xs_AH[: stats.sent_rows], stats.recv_rows_W,
-                                     stats.send_rows_W, ep.group)
+            recv_RH = AllToAll.apply(xs_AH[: splits.sent_rows], splits.recv_rows_W,
+                                     splits.send_rows_W, ep.group)
         with timer("experts"):
             # rows arrive grouped by source rank, each source's rows sorted by local expert:
             # regroup them by local expert (stable: source order kept within an expert)
-            R = stats.received_rows
+            R = splits.received_rows
             expert_R = torch.arange(L, device=x_TH.device).repeat(W).repeat_interleave(
-                stats.recv_counts_WL.reshape(-1), output_size=R)
+                splits.recv_counts_WX.reshape(-1), output_size=R)
             by_expert_R = torch.sort(expert_R, stable=True).indices
             inverse_R = torch.empty_like(by_expert_R)
             inverse_R[by_expert_R] = torch.arange(R, device=x_TH.device)
             h_RH = permute_rows(recv_RH, by_expert_R, inverse_R, fused)
-            offsets_L = stats.recv_counts_WL.sum(0).cumsum(0).to(torch.int32)
+            offsets_L = splits.recv_counts_WX.sum(0).cumsum(0).to(torch.int32)
             o_RH = expert_ffn(h_RH, offsets_L, *self._weights(dtype))
             back_RH = permute_rows(o_RH, inverse_R, by_expert_R, fused)
         with timer("combine"):
-            o_sent_AH = AllToAll.apply(back_RH, stats.send_rows_W, stats.recv_rows_W, ep.group)
+            o_sent_AH = AllToAll.apply(back_RH, splits.send_rows_W, splits.recv_rows_W, ep.group)
         with timer("unpermute"):
-            o_AH = torch.cat((o_sent_AH, o_sent_AH.new_zeros(T * K - stats.sent_rows,
+            o_AH = torch.cat((o_sent_AH, o_sent_AH.new_zeros(T * K - splits.sent_rows,
                                                              o_sent_AH.shape[1])))
             y_TH = combine_rows(o_AH, gates_TK, plan, fused)
-        stats.account(ep.rank_layout, ep.rank, x_TH.shape[1] * torch.finfo(dtype).bits // 8,
-                      timer)
-        return y_TH.to(x_TH.dtype), stats
+        return y_TH.to(x_TH.dtype), self._stats([splits], x_TH, timer)
+
+    def _forward_dedup(self, x_TH: Tensor, experts_TK: Tensor, gates_TK: Tensor,
+                       keep_TK: Tensor, timer: PhaseTimer) -> tuple[Tensor, A2AStats]:
+        """The "dedup" dispatcher ([V3] §3.2.2; docs/metrics.md §4.1): hop 1 sends each token
+        once to every node of its kept experts (to the rank there with this rank's in-node
+        index), hop 2 once to every rank of that node holding some, which sums its experts'
+        gated outputs; the combine reverses both hops, the relay summing the ranks' sums.
+        Rows carry their K slots (int32 expert slot, -1 = elsewhere or dropped) and gates. A
+        hop that could only reach the rank itself (one node; one rank per node) is skipped.
+        Host syncs: the split sizes of each hop, the expert rows."""
+        ep = self.ep
+        assert ep is not None
+        W, L = ep.world_size, ep.experts_per_rank
+        G = ep.rank_layout.gpus_per_node
+        node, index = divmod(ep.rank, G)
+        dtype = _compute_dtype(x_TH)
+        dev = x_TH.device
+        h_QH = x_TH.to(dtype)
+        slot_QK = torch.where(keep_TK, self.slot_of_expert_E[experts_TK], -1).int()
+        gates_QK, hops = gates_TK, []
+        if W > G:  # to the nodes: the rank with this rank's in-node index there
+            node_QK = torch.where(slot_QK >= 0, slot_QK // (L * G), W // G)
+            relay_N = torch.arange(W // G, device=dev) * G + index
+            h_QH, slot_QK, gates_QK, hop = self._hop(h_QH, slot_QK, gates_QK, node_QK,
+                                                     relay_N, timer)
+            hops.append(hop)
+        if G > 1:  # to the ranks of this node
+            rank_QK = torch.where(slot_QK >= 0, slot_QK // L - node * G, G)
+            ranks_G = torch.arange(G, device=dev) + node * G
+            h_QH, slot_QK, gates_QK, hop = self._hop(h_QH, slot_QK, gates_QK, rank_QK,
+                                                     ranks_G, timer)
+            hops.append(hop)
+        with timer("experts"):
+            local_QK = torch.where(slot_QK >= 0, slot_QK - ep.rank * L, L)  # L: elsewhere
+            plan = plan_dispatch(local_QK, L + 1)
+            xs_AH = dispatch_rows(h_QH, plan, x_TH.is_cuda)
+            rows = int(plan.offsets[L - 1])
+            o_AH = expert_ffn(xs_AH[:rows], plan.offsets[:L], *self._weights(dtype))
+            o_AH = torch.cat((o_AH, o_AH.new_zeros(xs_AH.shape[0] - rows, o_AH.shape[1])))
+            y_QH = combine_rows(o_AH, gates_QK, plan, x_TH.is_cuda)
+        for hop in reversed(hops):
+            y_QH = self._hop_back(y_QH.to(dtype), hop, timer)
+        return y_QH.to(x_TH.dtype), self._stats([hop.splits for hop in hops], x_TH, timer)
+
+    def _hop(self, h_NH: Tensor, slot_NK: Tensor, gates_NK: Tensor, group_NK: Tensor,
+             rank_G: Tensor, timer: PhaseTimer) -> tuple[Tensor, Tensor, Tensor, Hop]:
+        """One dedup hop: row n goes once to each group g of its slots (`group_NK`, G = no
+        group) on rank `rank_G[g]`, with the slots and gates of that group only. Returns
+        the rows, slots and gates received and what `_hop_back` needs."""
+        ep = self.ep
+        assert ep is not None
+        K, G = slot_NK.shape[1], len(rank_G)
+        with timer("permute"):
+            group_NS = distinct_groups(group_NK, G)  # copy s of row n goes to group_NS[n, s]
+            plan = plan_dispatch(group_NS, G + 1)
+            xs_AH = dispatch_rows(h_NH, plan, h_NH.is_cuda)
+            same_NSK = group_NS[:, :, None] == group_NK[:, None, :]
+            slot_AK = torch.where(same_NSK, slot_NK[:, None, :], -1).view(-1, K)[plan.order]
+            gates_AK = (gates_NK[:, None, :] * same_NSK).view(-1, K)[plan.order]
+        with timer("counts"):
+            counts_W = torch.zeros(ep.world_size, dtype=torch.int64, device=h_NH.device)
+            splits = exchange_counts(counts_W.index_copy(0, rank_G, plan.counts[:G])[:, None],
+                                     ep.group)
+        with timer("dispatch"):
+            n = splits.sent_rows
+            out = [AllToAll.apply(t[:n], splits.recv_rows_W, splits.send_rows_W, ep.group)
+                   for t in (xs_AH, slot_AK, gates_AK)]
+        return out[0], out[1], out[2], Hop(plan, group_NS < G, splits)
+
+    def _hop_back(self, y_RH: Tensor, hop: Hop, timer: PhaseTimer) -> Tensor:
+        """The reverse of `_hop`: each received row's result goes back, and row n gets the
+        sum of its groups' results (float32 accumulation, `combine_rows`)."""
+        ep = self.ep
+        assert ep is not None
+        with timer("combine"):
+            back_AH = AllToAll.apply(y_RH, hop.splits.send_rows_W, hop.splits.recv_rows_W,
+                                     ep.group)
+        with timer("unpermute"):
+            o_AH = torch.cat((back_AH, back_AH.new_zeros(hop.sent_NS.numel() - back_AH.shape[0],
+                                                         back_AH.shape[1])))
+            return combine_rows(o_AH, hop.sent_NS.float(), hop.plan, y_RH.is_cuda)
 
 
 class MoELayer(nn.Module):

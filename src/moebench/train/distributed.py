@@ -49,9 +49,9 @@ reads it back and keeps its shard. A checkpoint therefore resumes under any worl
 All-to-all accounting (`A2AMeter`): on logged steps, per phase, the forward all-to-all's
 measured wall time (max over ranks) and rows and bytes sent over NVLink / IB (summed over
 ranks, split by the layout's nodes), beside `moebench.comm.traffic`'s prediction for the
-same routing ("per_expert" dispatcher; assignments dropped by capacity, which stay home,
-are counted as copies to the token's own GPU, i.e. free) and its bandwidth-model time at
-the default link speeds ([V3] §3.2.2).
+same routing (the run's dispatcher, `topology.dispatcher`; assignments dropped by capacity,
+which stay home, are counted as copies to the token's own GPU, i.e. free under both) and
+its bandwidth-model time at the default link speeds ([V3] §3.2.2).
 
 Legend: W ranks, E routed experts, K experts per token, T tokens of a rank, L MoE layers.
 """
@@ -172,7 +172,8 @@ class Parallel:
         self.rank, self.world_size = launch.rank, launch.world_size
         self.device = device
         self.group = group
-        self.ep = ExpertParallel(cfg.layout(), self.rank, self.world_size, group)
+        self.ep = ExpertParallel(cfg.layout(), self.rank, self.world_size, group,
+                                 cfg.topology.dispatcher)
         self.experts_of = [torch.tensor(self.ep.experts_of(r)) for r in range(self.world_size)]
 
     @property
@@ -359,15 +360,11 @@ class A2AMeter:
             for i, phase in enumerate(phases):
                 seconds[i] += timed.get(phase, 0.0)
         sent = torch.zeros(2, 2, 2, dtype=torch.int64, device=par.device)  # phase, link, bytes|rows
-        node_W = par.ep.rank_layout.node_of_device.tolist()
         for st in self.stats:
-            rows = {"dispatch": st.send_rows_W, "combine": st.recv_rows_W}
             for i, phase in enumerate(PHASES):
                 for j, link in enumerate(LINKS):
                     sent[i, j, 0] += st.link_bytes[phase][link]
-                    sent[i, j, 1] += sum(
-                        n for r, n in enumerate(rows[phase]) if r != par.rank
-                        and (node_W[r] == node_W[par.rank]) == (link == "nvlink"))
+                    sent[i, j, 1] += st.link_rows[phase][link]
         par.max(seconds)
         par.sum(sent)
         predicted = self._predict(par)
@@ -401,12 +398,13 @@ class A2AMeter:
                         dispatch_bytes=elem, combine_bytes=elem)
         copies = {link: 0 for link in LINKS}
         modeled_us = dict.fromkeys(PHASES, 0.0)
+        dispatcher = par.ep.dispatcher
         for i in range(len(sizes)):
             tr = traffic(torch.cat([rank[i] for rank in per_rank]), topo, threads=1)
-            for link, n in tr.token_stats(topo).copies["per_expert"].items():
+            for link, n in tr.token_stats(topo).copies[dispatcher].items():
                 copies[link] += n
             row = next(r for r in summarize(tr.token_stats(topo), topo, tr)
-                       if r["dispatcher"] == "per_expert")
+                       if r["dispatcher"] == dispatcher)
             for phase in PHASES:
                 modeled_us[phase] += row[f"a2a_{phase}_us"]
         return {

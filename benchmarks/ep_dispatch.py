@@ -1,0 +1,152 @@
+"""Does the deduplicated dispatcher's modelled saving show in the real expert-parallel layer,
+and does node-limited routing's (issue 14, item 5)?
+
+One process per rank (NCCL with one GPU each, or gloo on CPU). The `--world` ranks are
+taken as two real topologies: "Wx1", each rank its own node, and "1xW", one node of W
+ranks (`ExpertParallel.rank_layout` of a modelled layout of that shape). Every rank routes
+its own `--tokens` tokens (random logits, the V3 router over E experts, top-k) either
+plainly ("none") or group-limited to M = 1 of W groups ("limited": each token's experts on
+one rank, so node-limited under Wx1). For each (topology, routing, dispatcher), the routed
+experts (`RoutedExperts` sharded by `ExpertParallel`, the training code's layer) run
+forward + backward `--iters` times (`ep_placement.time_layer`: slowest rank, a barrier
+before each iteration). Per case, the bytes the forward's all-to-alls sent (all ranks, per
+phase and link class) are written beside the accounting of the same routing on the same
+ranks (`moebench.comm.accounting`, same dispatcher).
+
+Writes one JSON line per case to `--out` (ms per step and ms of the forward's dispatch +
+combine: median and 20/80% quantiles; measured and accounted bytes), then the ratios
+measured in the same run: dedup / per_expert per (topology, routing), and limited / none
+per (topology, dispatcher).
+
+Usage: python benchmarks/ep_dispatch.py --backend nccl --world 2 --out $OUT/ep_dispatch.jsonl
+       python benchmarks/ep_dispatch.py --backend gloo --world 2 --tokens 256 --out /tmp/x.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from ep_placement import bytes_sent, time_layer
+
+from moebench.comm import DISPATCHERS, Topology, token_stats
+from moebench.comm.alltoall import LINKS, PHASES
+from moebench.model.moe import ExpertParallel
+from moebench.routing import Layout, preset, route
+
+ROUTINGS = ("none", "limited")
+
+
+def routing(args: argparse.Namespace, limited: bool) -> torch.Tensor:
+    """int64 [W T, K]: every rank's tokens routed by the V3 router on random logits (the
+    same on every rank), top-k of all experts or of M = 1 of W expert groups."""
+    gen = torch.Generator().manual_seed(0)
+    logits_TE = torch.randn(args.world * args.tokens, args.experts, generator=gen)
+    cfg = preset("v3", num_experts=args.experts, top_k=args.top_k, num_groups=args.world,
+                 group_limit=1 if limited else args.world)
+    return route(logits_TE, cfg).experts
+
+
+def accounted(ep: ExpertParallel, routing_TK: torch.Tensor, row_bytes: int
+              ) -> dict[str, dict[str, int]]:
+    """Bytes per phase and link class that the accounting predicts for `ep`'s dispatcher
+    on the real ranks (token t starts on rank t // tokens-per-rank)."""
+    topo = Topology(ep.rank_layout, hidden=1, dispatch_bytes=row_bytes,
+                    combine_bytes=row_bytes)
+    copies = token_stats(routing_TK, topo, threads=1).copies[ep.dispatcher]
+    return {p: {link: round(copies[link] * topo.bytes_per_copy(p)) for link in LINKS}
+            for p in PHASES}
+
+
+def ratios(results: dict[tuple[str, str, str], dict[str, Any]]) -> list[dict[str, Any]]:
+    """dedup / per_expert per (topology, routing) and limited / none per (topology,
+    dispatcher): step and all-to-all ms (medians), total and IB bytes measured."""
+    rows = []
+    pairs = [((t, r, "dedup"), (t, r, "per_expert"), {"topology": t, "routing": r,
+              "dispatcher": "dedup / per_expert"}) for t, r, d in results if d == "dedup"]
+    pairs += [((t, "limited", d), (t, "none", d), {"topology": t, "routing": "limited / none",
+               "dispatcher": d}) for t, r, d in results if r == "none"]
+    for num, den, row in pairs:
+        a, b = results[num], results[den]
+        total = [sum(sum(links.values()) for links in x["bytes_measured"].values())
+                 for x in (a, b)]
+        ib = [sum(links["ib"] for links in x["bytes_measured"].values()) for x in (a, b)]
+        rows.append(row | {
+            "ms_median": a["ms_median"] / b["ms_median"],
+            "a2a_ms_median": a["a2a_ms_median"] / b["a2a_ms_median"],
+            "bytes": total[0] / total[1],
+            "ib_bytes": ib[0] / ib[1] if ib[1] else None,
+        })
+    return rows
+
+
+def _worker(rank: int, args: argparse.Namespace, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    device = torch.device("cuda", rank) if args.backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(args.backend, rank=rank, world_size=args.world)
+    W = args.world
+    row_bytes = args.hidden * torch.finfo(args.dtype).bits // 8
+    topologies = {f"{W}x1": Layout.contiguous(args.experts, W, 1),
+                  f"1x{W}": Layout.contiguous(args.experts, 1, W)}
+    routings = {name: routing(args, name == "limited") for name in ROUTINGS}
+    results = {}
+    for topo_name, layout in topologies.items():
+        for routing_name, routing_TK in routings.items():
+            for dispatcher in DISPATCHERS:
+                ep = ExpertParallel(layout, rank, W, dispatcher=dispatcher)
+                times, a2a_times, stats = time_layer(args, ep, routing_TK, device)
+                (q20, q50, q80), (a20, a50, a80) = (np.quantile(t, [0.2, 0.5, 0.8])
+                                                    for t in (times, a2a_times))
+                results[topo_name, routing_name, dispatcher] = {
+                    "topology": topo_name, "routing": routing_name, "dispatcher": dispatcher,
+                    "ms_median": q50, "ms_p20": q20, "ms_p80": q80,
+                    "a2a_ms_median": a50, "a2a_ms_p20": a20, "a2a_ms_p80": a80,
+                    "bytes_measured": bytes_sent(stats),
+                    "bytes_accounted": accounted(ep, routing_TK, row_bytes),
+                }
+    if rank == 0:
+        setting = {k: getattr(args, k) for k in
+                   ("backend", "world", "experts", "top_k", "tokens", "hidden", "ffn")}
+        setting["dtype"] = str(args.dtype).removeprefix("torch.")
+        setting["device"] = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                             else "cpu")
+        with Path(args.out).open("w") as f:
+            for row in (*results.values(), *ratios(results)):
+                line = json.dumps(setting | row)
+                f.write(line + "\n")
+                print(line, flush=True)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backend", choices=("nccl", "gloo"), default="nccl")
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--top-k", type=int, default=6)
+    ap.add_argument("--tokens", type=int, default=16384, help="tokens per rank")
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--ffn", type=int, default=1024, help="expert width")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    args.dtype = torch.bfloat16 if args.backend == "nccl" else torch.float32
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(args, port), nprocs=args.world)
+
+
+if __name__ == "__main__":
+    main()
