@@ -81,7 +81,7 @@ def time_layer(args: argparse.Namespace, ep: ExpertParallel, routing_TK: torch.T
         sync()
         elapsed = time.perf_counter() - start
         a2a = sum(timer.seconds()[phase] for phase in PHASES)
-        slowest = torch.tensor([elapsed, a2a], dtype=torch.float64)
+        slowest = torch.tensor([elapsed, a2a], dtype=torch.float64, device=device)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         if i >= args.warmup:
             times.append(float(slowest[0]) * 1e3)
@@ -91,8 +91,9 @@ def time_layer(args: argparse.Namespace, ep: ExpertParallel, routing_TK: torch.T
 
 def bytes_sent(stats: A2AStats) -> dict[str, dict[str, int]]:
     """Bytes all ranks sent per phase and link class (collective)."""
+    device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
     sent = torch.tensor([[stats.link_bytes[p][link] for link in LINKS] for p in PHASES],
-                        dtype=torch.int64)
+                        dtype=torch.int64, device=device)  # NCCL reduces device tensors only
     dist.all_reduce(sent)
     return {p: dict(zip(LINKS, sent[i].tolist(), strict=True)) for i, p in enumerate(PHASES)}
 
