@@ -13,29 +13,24 @@ before each iteration). Per case, the bytes the forward's all-to-alls sent (all 
 phase and link class) are written beside the accounting of the same routing on the same
 ranks (`moebench.comm.accounting`, same dispatcher).
 
-Writes one JSON line per case to `--out` (ms per step and ms of the forward's dispatch +
+Writes one JSON line per case to `--output` (ms per step and ms of the forward's dispatch +
 combine: median and 20/80% quantiles; measured and accounted bytes), then the ratios
 measured in the same run: dedup / per_expert per (topology, routing), and limited / none
 per (topology, dispatcher).
 
-Usage: python benchmarks/ep_dispatch.py --backend nccl --world 2 --out $OUT/ep_dispatch.jsonl
-       python benchmarks/ep_dispatch.py --backend gloo --world 2 --tokens 256 --out /tmp/x.jsonl
+Usage: python benchmarks/ep_dispatch.py --backend nccl --world 2 --output $OUT/ep_dispatch.jsonl
+       python benchmarks/ep_dispatch.py --backend gloo --world 2 --tokens 256 --output /tmp/x.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import socket
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from ep_placement import bytes_sent, time_layer
+from ep_placement import bytes_sent, join, launch, layer_parser, time_layer, write_rows
 
 from moebench.comm import DISPATCHERS, Topology, token_stats
 from moebench.comm.alltoall import LINKS, PHASES
@@ -89,11 +84,7 @@ def ratios(results: dict[tuple[str, str, str], dict[str, Any]]) -> list[dict[str
 
 
 def _worker(rank: int, args: argparse.Namespace, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    device = torch.device("cuda", rank) if args.backend == "nccl" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(args.backend, rank=rank, world_size=args.world)
+    device = join(rank, args, port)
     W = args.world
     row_bytes = args.hidden * torch.finfo(args.dtype).bits // 8
     topologies = {f"{W}x1": Layout.contiguous(args.experts, W, 1),
@@ -115,37 +106,13 @@ def _worker(rank: int, args: argparse.Namespace, port: int) -> None:
                     "bytes_accounted": accounted(ep, routing_TK, row_bytes),
                 }
     if rank == 0:
-        setting = {k: getattr(args, k) for k in
-                   ("backend", "world", "experts", "top_k", "tokens", "hidden", "ffn")}
-        setting["dtype"] = str(args.dtype).removeprefix("torch.")
-        setting["device"] = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                             else "cpu")
-        with Path(args.out).open("w") as f:
-            for row in (*results.values(), *ratios(results)):
-                line = json.dumps(setting | row)
-                f.write(line + "\n")
-                print(line, flush=True)
+        write_rows(args, device, ("backend", "world", "experts", "top_k", "tokens", "hidden",
+                                  "ffn"), [*results.values(), *ratios(results)])
     dist.destroy_process_group()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--backend", choices=("nccl", "gloo"), default="nccl")
-    ap.add_argument("--world", type=int, default=2)
-    ap.add_argument("--experts", type=int, default=64)
-    ap.add_argument("--top-k", type=int, default=6)
-    ap.add_argument("--tokens", type=int, default=16384, help="tokens per rank")
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--ffn", type=int, default=1024, help="expert width")
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    args.dtype = torch.bfloat16 if args.backend == "nccl" else torch.float32
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(args, port), nprocs=args.world)
+    launch(_worker, layer_parser(__doc__.split("\n\n")[0]).parse_args())
 
 
 if __name__ == "__main__":

@@ -13,12 +13,12 @@ the bytes the forward's all-to-alls moved equal the accounting of the same routi
 same placement (`moebench.comm.accounting`, per-expert dispatcher: one row per token and
 expert on another rank, as the layer sends).
 
-Writes one JSON line per layout to `--out`: rule, modelled busiest/mean rank load, measured
+Writes one JSON line per layout to `--output`: rule, modelled busiest/mean rank load, measured
 ms per step (median and 20/80% quantiles over iterations), and measured / modelled bytes;
 then the ratio fitted / contiguous of both, measured in the same run.
 
-Usage: python benchmarks/ep_placement.py --backend nccl --world 2 --out $OUT/ep_placement.jsonl
-       python benchmarks/ep_placement.py --backend gloo --world 2 --tokens 512 --out /tmp/x.jsonl
+Usage: python benchmarks/ep_placement.py --backend nccl --world 2 --output $OUT/ep_placement.jsonl
+       python benchmarks/ep_placement.py --backend gloo --world 2 --tokens 512 --output /tmp/x.jsonl
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -108,12 +109,57 @@ def accounted_bytes(placement: Placement, routing_TK: torch.Tensor, **topo: floa
     return (row["nvlink_bytes_per_token"] + row["ib_bytes_per_token"]) * len(routing_TK)
 
 
-def _worker(rank: int, args: argparse.Namespace, port: int) -> None:
+def join(rank: int, args: argparse.Namespace, port: int) -> torch.device:
+    """Join the process group as `rank`; returns this rank's device (one GPU per rank)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     device = torch.device("cuda", rank) if args.backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(args.backend, rank=rank, world_size=args.world)
+    return device
+
+
+def write_rows(args: argparse.Namespace, device: torch.device, keys: tuple[str, ...],
+               rows: list[dict]) -> None:
+    """Write `rows` to `args.output` as JSON lines (and print them), each with the setting."""
+    setting = {k: getattr(args, k) for k in keys}
+    setting["dtype"] = str(args.dtype).removeprefix("torch.")
+    setting["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    with Path(args.output).open("w") as f:
+        for row in rows:
+            line = json.dumps(setting | row)
+            f.write(line + "\n")
+            print(line, flush=True)
+
+
+def layer_parser(description: str) -> argparse.ArgumentParser:
+    """The options every expert-parallel layer benchmark takes."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--backend", choices=("nccl", "gloo"), default="nccl")
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--top-k", type=int, default=6)
+    ap.add_argument("--tokens", type=int, default=16384, help="tokens per rank")
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--ffn", type=int, default=1024, help="expert width")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--output", required=True, help="JSON lines file")
+    return ap
+
+
+def launch(worker: Callable[[int, argparse.Namespace, int], None],
+           args: argparse.Namespace) -> None:
+    """Run `worker(rank, args, port)` on `args.world` processes (bf16 on NCCL, else fp32)."""
+    args.dtype = torch.bfloat16 if args.backend == "nccl" else torch.float32
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(args, port), nprocs=args.world)
+
+
+def _worker(rank: int, args: argparse.Namespace, port: int) -> None:
+    device = join(rank, args, port)
     E, W, K = args.experts, args.world, args.top_k
     timed_TK = skewed_routing(W * args.tokens, E, K, args.skew, seed=0)
     fit_TK = skewed_routing(W * args.tokens, E, K, args.skew, seed=1)
@@ -144,38 +190,16 @@ def _worker(rank: int, args: argparse.Namespace, port: int) -> None:
             / base["busiest_over_mean_modelled"],
             "ms_median": best["ms_median"] / base["ms_median"],
         }
-        setting = {k: getattr(args, k) for k in
-                   ("backend", "world", "experts", "top_k", "tokens", "hidden", "ffn", "skew")}
-        setting["device"] = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                             else "cpu")
-        with Path(args.out).open("w") as f:
-            for row in (*results.values(), ratio):
-                line = json.dumps(setting | row)
-                f.write(line + "\n")
-                print(line, flush=True)
+        write_rows(args, device, ("backend", "world", "experts", "top_k", "tokens", "hidden",
+                                  "ffn", "skew"), [*results.values(), ratio])
     dist.destroy_process_group()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--backend", choices=("nccl", "gloo"), default="nccl")
-    ap.add_argument("--world", type=int, default=2)
-    ap.add_argument("--experts", type=int, default=64)
-    ap.add_argument("--top-k", type=int, default=6)
-    ap.add_argument("--tokens", type=int, default=16384, help="tokens per rank")
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--ffn", type=int, default=1024, help="expert width")
+    ap = layer_parser(__doc__.split("\n\n")[0])
     ap.add_argument("--skew", type=float, default=1.0)
     ap.add_argument("--rule", choices=("eplb", "search"), default="search")
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    args.dtype = torch.bfloat16 if args.backend == "nccl" else torch.float32
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(args, port), nprocs=args.world)
+    launch(_worker, ap.parse_args())
 
 
 if __name__ == "__main__":
