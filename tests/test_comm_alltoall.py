@@ -10,7 +10,6 @@ Legend: W ranks, E experts, K experts per token, T tokens, H hidden, F expert hi
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from local_servers import free_port
 from moebench.comm import Topology, summarize, traffic
 from moebench.model import ExpertParallel, RoutedExperts
 from moebench.routing import Layout, preset, route
@@ -82,18 +82,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=[4, 2], ids=["world=devices", "world<devices"])
 def ranks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
           ) -> tuple[int, list[dict]]:
     world = request.param
     out_dir = tmp_path_factory.mktemp(f"a2a{world}")
-    mp.spawn(_worker, args=(world, _free_port(), str(out_dir)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), str(out_dir)), nprocs=world, join=True)
     return world, [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
 
 

@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -29,6 +28,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from local_servers import free_port
 from moebench.cli import app
 from moebench.config import DataConfig, RunConfig
 from moebench.data import prepare as prepare_data
@@ -225,12 +225,6 @@ def _flip_token(damaged: Path) -> None:
     tokens.tofile(damaged / "train.bin")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def unwritable(folder: Path) -> Iterator[None]:
     """Make `folder` refuse new entries, also for root (who ignores permission bits): the
@@ -400,7 +394,7 @@ CASES = [
                                      "--out", str(_write(c.root / "afile", b"x"))],
          ("afile", "exists and is not a directory")),
     Case("mlflow_not_answering",
-         lambda c: c.train(*sets(f"tracking.uri=http://127.0.0.1:{_free_port()}")),
+         lambda c: c.train(*sets(f"tracking.uri=http://127.0.0.1:{free_port()}")),
          ("tracking.uri='http://127.0.0.1:", "does not answer")),
     Case("batch_cannot_fit_memory", lambda c: c.train(*sets("train.batch_size=1048576")),
          ("train.batch_size=1048576", "training needs at least", "GiB", "lower bound")),
