@@ -202,7 +202,7 @@ def test_mlflow_server_finds_the_runs(built: Path, mlflow_uri: str, tmp_path: Pa
     study_file.write_text(yaml.safe_dump(study))
     subprocess.run(
         [sys.executable, "-m", "moebench", "mlflow-init", "--study", str(study_file),
-         "--out", str(tmp_path / "p.txt")],
+         "--output", str(tmp_path / "p.txt")],
         cwd=built,
         env=env(),
         check=True,

@@ -116,7 +116,7 @@ class Ctx:
 
     def replay(self, *args: str) -> list[str]:
         """`moebench comm-replay` on a small topology (2 nodes x 2 GPUs, 16 experts)."""
-        return ["comm-replay", "--out", str(self.out / "replay.parquet"), "--nodes", "2",
+        return ["comm-replay", "--output", str(self.out / "replay.parquet"), "--nodes", "2",
                 "--gpus-per-node", "2", "--experts", "16", "--top-k", "2", "--group-limit", "1",
                 "--tokens-per-gpu", "16", "--bias-steps", "1", *args]
 
@@ -171,7 +171,7 @@ class Ctx:
 
     def resolve(self, *args: str, study: dict | None = None) -> list[str]:
         return ["resolve", "--study", str(self.study(study)), "--dataset", "syn",
-                "--out", str(self.out / "run.yaml"), *args]
+                "--output", str(self.out / "run.yaml"), *args]
 
 
 ALIAS_BOMB = b"a: &a [x, x, x, x, x, x, x, x, x]\n" + b"".join(
@@ -534,10 +534,10 @@ CASES = [
     Case("duplicate_strategy", lambda c: ["resolve", "--study", str(_write(
         c.root / "dup.yaml", b"study: rel\nseeds: [0]\ndatasets: {syn: {source: synthetic}}\n"
         b"strategies:\n  a: {}\n  a: {balance: {switch_alpha: 0.01}}\n")), "--dataset", "syn",
-        "--out", str(c.out / "run.yaml")],
+        "--output", str(c.out / "run.yaml")],
          ("study file", "dup.yaml", "key 'a' is given twice (lines 5 and 6)")),
     Case("study_empty", lambda c: ["resolve", "--study", str(_write(c.root / "e.yaml", b"")),
-                                   "--dataset", "syn", "--out", str(c.out / "run.yaml")],
+                                   "--dataset", "syn", "--output", str(c.out / "run.yaml")],
          ("study file", "e.yaml is empty")),
     Case("infinite_bandwidth_in_study", lambda c: c.resolve(
         study={"comm": {"ib_gbps": float("inf")}}),
