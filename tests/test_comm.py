@@ -265,7 +265,7 @@ def test_comm_replay_cli(tmp_path) -> None:
         app,
         [
             "comm-replay",
-            "--out",
+            "--output",
             str(out),
             "--nodes",
             "4",

@@ -13,7 +13,6 @@ Legend: W ranks, E experts, K experts per token, T tokens, H hidden, F expert hi
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from local_servers import free_port
 from moebench.comm import Topology, summarize, traffic
 from moebench.comm.alltoall import distinct_groups
 from moebench.model import ExpertParallel, RoutedExperts
@@ -122,12 +122,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_distinct_groups_by_hand() -> None:
     group_NK = torch.tensor([[1, 0, 1], [2, 2, 2], [0, 2, 0]])  # 2 groups; 2 = no group
     assert distinct_groups(group_NK, 2).tolist() == [[0, 1], [2, 2], [0, 2]]
@@ -161,7 +155,7 @@ def spawn(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], list[dict
     def results(world: int) -> list[dict]:
         if world not in cache:
             out_dir = tmp_path_factory.mktemp(f"a2a{world}")
-            mp.spawn(_worker, args=(world, _free_port(), str(out_dir)), nprocs=world)
+            mp.spawn(_worker, args=(world, free_port(), str(out_dir)), nprocs=world)
             cache[world] = [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
         return cache[world]
 

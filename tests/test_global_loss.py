@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from local_servers import free_port
 from moebench.balancing import z_loss
 from moebench.config import RunConfig
 from moebench.model import ExpertParallel, MoELayer
@@ -138,12 +138,6 @@ def test_z_loss_shift_property(shift: float, seed: int) -> None:
 
 
 # ---- 2 gloo processes against one process ---------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 B, S, H = 4, 4, 8
 
 
@@ -190,7 +184,7 @@ def test_two_gloo_ranks_give_the_single_process_global_loss(tmp_path: Path) -> N
     """Each rank's f comes from the count summed over both ranks and the micro-batches so far;
     P from its own half. The mean of the two ranks' losses is the one-process loss of each
     micro-batch, the counts agree, and so does the data-parallel gradient."""
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     single = _run_layer(None)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert single["counts"] == ranks[0]["counts"] == ranks[1]["counts"]

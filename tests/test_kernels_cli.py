@@ -1,4 +1,4 @@
-"""`moebench kernels --out FILE` on CPU (Triton interpreter): one row per case, all equal."""
+"""`moebench kernels --output FILE` on CPU (Triton interpreter): one row per case, all equal."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from moebench.cli import app
 
 def test_kernels_command_writes_the_check_table(tmp_path):
     out = tmp_path / "kernels.parquet"
-    result = CliRunner().invoke(app, ["kernels", "--out", str(out), "--tokens", "33"])
+    result = CliRunner().invoke(app, ["kernels", "--output", str(out), "--tokens", "33"])
     assert result.exit_code == 0, result.output
     table = pq.read_table(out).to_pylist()
     assert [r["case"] for r in table] == ["v3", "v2", "e64", "wang_mul"]

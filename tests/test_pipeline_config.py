@@ -41,9 +41,9 @@ def test_committed_schema_is_in_sync() -> None:
 def test_schema_command_check_mode(tmp_path: Path) -> None:
     runner = CliRunner()
     out = tmp_path / "s.json"
-    assert runner.invoke(app, ["schema", "--out", str(out), "--check"]).exit_code == 1
-    assert runner.invoke(app, ["schema", "--out", str(out)]).exit_code == 0
-    assert runner.invoke(app, ["schema", "--out", str(out), "--check"]).exit_code == 0
+    assert runner.invoke(app, ["schema", "--output", str(out), "--check"]).exit_code == 1
+    assert runner.invoke(app, ["schema", "--output", str(out)]).exit_code == 0
+    assert runner.invoke(app, ["schema", "--output", str(out), "--check"]).exit_code == 0
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
@@ -168,15 +168,15 @@ def test_resolve_command_writes_a_run_config(tmp_path: Path) -> None:
     out = tmp_path / "run.yaml"
     args = ["resolve", "--study", str(study), "--dataset", "shakespeare"]
     res = runner.invoke(
-        app, [*args, "--strategy", "node_limited", "--seed", "2", "--out", str(out)]
+        app, [*args, "--strategy", "node_limited", "--seed", "2", "--output", str(out)]
     )
     assert res.exit_code == 0, res.output
     cfg = load_run_config(out)
     assert cfg == load_study(study).run_config("shakespeare", "node_limited", 2)
-    res = runner.invoke(app, [*args, "--out", str(tmp_path / "data.yaml")])
+    res = runner.invoke(app, [*args, "--output", str(tmp_path / "data.yaml")])
     assert res.exit_code == 0, res.output
     assert RunConfig.model_validate(yaml.safe_load((tmp_path / "data.yaml").read_text())).data
-    res = runner.invoke(app, [*args, "--strategy", "nope", "--seed", "0", "--out", str(out)])
+    res = runner.invoke(app, [*args, "--strategy", "nope", "--seed", "0", "--output", str(out)])
     assert res.exit_code == 2 and "strategy='nope' is not in the study" in res.output
 
 

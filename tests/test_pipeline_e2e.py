@@ -10,11 +10,8 @@ import base64
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +20,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from local_servers import mlflow_server
 from moebench.report import paths
 from moebench.report.summary import SUMMARY_SCHEMA
 from moebench.report.tracking import study_runs
@@ -185,68 +183,31 @@ def test_nothing_to_do_then_only_the_deleted_run_reruns(built: Path) -> None:
     assert dry_run(built, TEST_STUDY) == []
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def mlflow_server(built: Path) -> Iterator[str]:
+def mlflow_uri(built: Path, tmp_path: Path) -> Iterator[str]:
     """A real `mlflow server` on 127.0.0.1 over the study's sqlite store."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{built}/work/mlflow/test.db",
-            "--workers",
-            "1",
-        ],
-        cwd=built,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        # no background job runner: it holds up the first requests for tens of seconds
-        env=env() | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=1):
-                    break
-            except OSError:
-                assert proc.poll() is None, "mlflow server exited"
-                time.sleep(0.5)
+    with mlflow_server(built / "work/mlflow/test.db", tmp_path / "artifacts") as (uri, _):
         yield uri
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.mark.mlflow_server
-def test_mlflow_server_finds_the_runs(built: Path, mlflow_server: str, tmp_path: Path) -> None:
-    check_runs(study_runs(mlflow_server, "test"))
+def test_mlflow_server_finds_the_runs(built: Path, mlflow_uri: str, tmp_path: Path) -> None:
+    check_runs(study_runs(mlflow_uri, "test"))
     # A study configured with the server's URI gets its experiment and parent run there.
     study = yaml.safe_load(TEST_STUDY.read_text()) | {
         "study": "served",
-        "tracking": {"uri": mlflow_server},
+        "tracking": {"uri": mlflow_uri},
     }
     study_file = tmp_path / "served.yaml"
     study_file.write_text(yaml.safe_dump(study))
     subprocess.run(
         [sys.executable, "-m", "moebench", "mlflow-init", "--study", str(study_file),
-         "--out", str(tmp_path / "p.txt")],
+         "--output", str(tmp_path / "p.txt")],
         cwd=built,
         env=env(),
         check=True,
         capture_output=True,
         timeout=120,
     )
-    served = study_runs(mlflow_server, "served")
+    served = study_runs(mlflow_uri, "served")
     assert [r["run_id"] for r in served] == [(tmp_path / "p.txt").read_text().strip()]

@@ -174,7 +174,7 @@ def test_placement_cli(tmp_path) -> None:
     out = tmp_path / "out" / "study.parquet"
     out.parent.mkdir()
     result = CliRunner().invoke(
-        app, ["placement", "--runs", str(tmp_path / "runs"), "--out", str(out)]
+        app, ["placement", "--runs", str(tmp_path / "runs"), "--output", str(out)]
     )
     assert result.exit_code == 0, result.output
     table = pq.read_table(out).to_pandas()
@@ -200,7 +200,7 @@ def test_placement_cli(tmp_path) -> None:
 def test_placement_cli_rejects_bad_input(tmp_path, args: list[str], message: str) -> None:
     _write_run(tmp_path / "runs", "skewed", 0, "none")  # any R fits (one group)
     _write_run(tmp_path / "runs", "node_limited", 0, "node")  # needs 2 | 8 + R
-    base = {"--runs": str(tmp_path / "runs"), "--out": str(tmp_path / "p.parquet")}
+    base = {"--runs": str(tmp_path / "runs"), "--output": str(tmp_path / "p.parquet")}
     for i in range(0, len(args), 2):
         base[args[i]] = args[i + 1]
     result = CliRunner().invoke(app, ["placement", *[x for kv in base.items() for x in kv]])
@@ -231,7 +231,7 @@ def test_placement_replay_cli(tmp_path) -> None:
         "--bias-steps",
         "3",
     ]
-    result = CliRunner().invoke(app, ["placement-replay", "--out", str(out), *args])
+    result = CliRunner().invoke(app, ["placement-replay", "--output", str(out), *args])
     assert result.exit_code == 0, result.output
     table = pq.read_table(out).to_pandas()
     assert set(table["strategy"]) == {

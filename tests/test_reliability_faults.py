@@ -12,11 +12,8 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +23,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from local_servers import mlflow_server, stop_server
 from moebench.cli import app
 from moebench.config import RunConfig
 from moebench.io import DiskFullError, atomic_path, remove_temporaries, write_text
@@ -247,42 +245,6 @@ def frozen(*paths_: Path) -> Iterator[None]:
             subprocess.run(["chattr", "-i", str(path)], check=True)
 
 
-@contextlib.contextmanager
-def mlflow_server(store: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A real `mlflow server` on 127.0.0.1 over a sqlite store in `store`, in a process group
-    of its own (its workers are child processes): `stop_server` ends all of it."""
-    from test_pipeline_e2e import free_port
-
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-         "--default-artifact-root", str(store / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=1):
-                    break
-            except OSError:
-                assert proc.poll() is None, "mlflow server exited"
-                time.sleep(0.5)
-        yield uri, proc
-    finally:
-        stop_server(proc)
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    """Kill the server and its workers (its process group), once."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-
-
 STORE_FAULTS = ("read_only", "garbage", "deleted", "server_stopped")
 
 
@@ -305,7 +267,7 @@ def test_a_tracking_store_failing_mid_run_lets_the_run_finish(
     db = store / "mlflow.db"
     with contextlib.ExitStack() as stack:
         if fault == "server_stopped":
-            uri, server = stack.enter_context(mlflow_server(store))
+            uri, server = stack.enter_context(mlflow_server(db, store / "artifacts"))
         else:
             uri = f"sqlite:///{db}"
         breaks = {

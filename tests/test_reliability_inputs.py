@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -29,6 +28,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from local_servers import free_port
 from moebench.cli import app
 from moebench.config import DataConfig, RunConfig
 from moebench.data import prepare as prepare_data
@@ -116,7 +116,7 @@ class Ctx:
 
     def replay(self, *args: str) -> list[str]:
         """`moebench comm-replay` on a small topology (2 nodes x 2 GPUs, 16 experts)."""
-        return ["comm-replay", "--out", str(self.out / "replay.parquet"), "--nodes", "2",
+        return ["comm-replay", "--output", str(self.out / "replay.parquet"), "--nodes", "2",
                 "--gpus-per-node", "2", "--experts", "16", "--top-k", "2", "--group-limit", "1",
                 "--tokens-per-gpu", "16", "--bias-steps", "1", *args]
 
@@ -171,7 +171,7 @@ class Ctx:
 
     def resolve(self, *args: str, study: dict | None = None) -> list[str]:
         return ["resolve", "--study", str(self.study(study)), "--dataset", "syn",
-                "--out", str(self.out / "run.yaml"), *args]
+                "--output", str(self.out / "run.yaml"), *args]
 
 
 ALIAS_BOMB = b"a: &a [x, x, x, x, x, x, x, x, x]\n" + b"".join(
@@ -223,12 +223,6 @@ def _flip_token(damaged: Path) -> None:
     tokens = np.fromfile(damaged / "train.bin", dtype="<u2")
     tokens[5] = 7 if tokens[5] != 7 else 8
     tokens.tofile(damaged / "train.bin")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -402,7 +396,7 @@ CASES = [
                                      "--out", str(_write(c.root / "afile", b"x"))],
          ("afile", "exists and is not a directory")),
     Case("mlflow_not_answering",
-         lambda c: c.train(*sets(f"tracking.uri=http://127.0.0.1:{_free_port()}")),
+         lambda c: c.train(*sets(f"tracking.uri=http://127.0.0.1:{free_port()}")),
          ("tracking.uri='http://127.0.0.1:", "does not answer")),
     Case("batch_cannot_fit_memory", lambda c: c.train(*sets("train.batch_size=1048576")),
          ("train.batch_size=1048576", "training needs at least", "GiB", "lower bound")),
@@ -542,10 +536,10 @@ CASES = [
     Case("duplicate_strategy", lambda c: ["resolve", "--study", str(_write(
         c.root / "dup.yaml", b"study: rel\nseeds: [0]\ndatasets: {syn: {source: synthetic}}\n"
         b"strategies:\n  a: {}\n  a: {balance: {switch_alpha: 0.01}}\n")), "--dataset", "syn",
-        "--out", str(c.out / "run.yaml")],
+        "--output", str(c.out / "run.yaml")],
          ("study file", "dup.yaml", "key 'a' is given twice (lines 5 and 6)")),
     Case("study_empty", lambda c: ["resolve", "--study", str(_write(c.root / "e.yaml", b"")),
-                                   "--dataset", "syn", "--out", str(c.out / "run.yaml")],
+                                   "--dataset", "syn", "--output", str(c.out / "run.yaml")],
          ("study file", "e.yaml is empty")),
     Case("infinite_bandwidth_in_study", lambda c: c.resolve(
         study={"comm": {"ib_gbps": float("inf")}}),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from local_servers import free_port
 from moebench.config import DataConfig, RunConfig
 from moebench.data import prepare as prepare_data
 from moebench.train import TIMING_KEYS, Trainer, prepare, train
@@ -49,12 +49,6 @@ def tiny_cfg(data_dir: Path, **train: Any) -> RunConfig:
                   "warmup_steps": 2, "eval_every": 4, "eval_batches": 2, "log_every": 1,
                   "ckpt_every": 2, "trace_tokens": 100, **train},
     })
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_env(rank: int, port: int) -> dict[str, str]:

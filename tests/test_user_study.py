@@ -92,7 +92,7 @@ def test_new_study_on_a_text_file_plans_on_slurm(tmp_path: Path) -> None:
     text = small_text(tmp_path / "mytext.txt")
     out = tmp_path / "mine.yaml"
     args = ["new-study", "--name", "mine", "--text", str(text), "--vocab-size", "300",
-            "--template", str(TEST_STUDY), "--out", str(out)]
+            "--template", str(TEST_STUDY), "--output", str(out)]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "study 'mine', 4 runs" in res.output
@@ -104,10 +104,10 @@ def test_new_study_on_a_text_file_plans_on_slurm(tmp_path: Path) -> None:
     assert set(study.strategies) == set(load_study(TEST_STUDY).strategies)
     again = CliRunner().invoke(app, args)  # never overwrites
     assert again.exit_code == 2 and "exists; allowed: a new file" in again.output
-    both = CliRunner().invoke(app, ["new-study", "--name", "x", "--out", str(tmp_path / "x")])
+    both = CliRunner().invoke(app, ["new-study", "--name", "x", "--output", str(tmp_path / "x")])
     assert both.exit_code == 2 and "exactly one of --text and --hf" in both.output
     missing = CliRunner().invoke(app, ["new-study", "--name", "x", "--text", "nope.txt",
-                                       "--out", str(tmp_path / "x")])
+                                       "--output", str(tmp_path / "x")])
     assert missing.exit_code == 2 and "data.path='nope.txt' is not a file or a folder" in (
         missing.output)
     assert not (tmp_path / "x").exists()
@@ -203,8 +203,8 @@ def test_readme_new_strategy_block_is_matched_to_the_aux_free_runs(tmp_path: Pat
     runs = []
     for strategy in load_study(path).strategies:
         run = tmp_path / strategy / "seed~0"
-        args = ["resolve", "--study", str(path), "--dataset", "shakespeare",
-                "--strategy", strategy, "--seed", "0", "--out", str(run / "config.resolved.yaml")]
+        args = ["resolve", "--study", str(path), "--dataset", "shakespeare", "--strategy",
+                strategy, "--seed", "0", "--output", str(run / "config.resolved.yaml")]
         assert CliRunner().invoke(app, args).exit_code == 0
         runs.append(run)
     matched = match_settings(load_settings(runs))

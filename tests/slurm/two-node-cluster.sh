@@ -66,38 +66,22 @@ build_network() {
 }
 
 write_conf() {
-  local host mem
-  host=$(hostname -s)
-  mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 4 / 10 ))
+  local mem
+  mem=$(memory_mib 40)
   mkdir -p "$STATE"/{etc,state,spool,log}
-  cat >"$CONF" <<CONF
+  slurm_conf "$STATE" >"$CONF" <<CONF
 ClusterName=moebench-two
-SlurmctldHost=$host(10.231.0.1)
+SlurmctldHost=$(hostname -s)(10.231.0.1)
 SlurmctldPort=6827
 SlurmdPort=6828
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-StateSaveLocation=$STATE/state
 SlurmdSpoolDir=$STATE/spool/%n
-SlurmctldPidFile=$STATE/slurmctld.pid
 SlurmdPidFile=$STATE/slurmd-%n.pid
-SlurmctldLogFile=$STATE/log/slurmctld.log
 SlurmdLogFile=$STATE/log/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-SchedulerType=sched/backfill
-ReturnToService=2
 # a node that stops answering is DOWN after 10 s, its job is killed (its step 3 s after the
 # signal) and fails (NODE_FAIL) instead of waiting in the queue for the node to return
 SlurmdTimeout=10
 KillWait=3
 JobRequeue=0
-MpiDefault=none
 NodeName=node1 NodeAddr=10.231.0.11 CPUs=2 RealMemory=$mem State=UNKNOWN
 NodeName=node2 NodeAddr=10.231.0.12 CPUs=2 RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP

@@ -14,7 +14,7 @@ rule data_config:
         ENV
     shell:
         "moebench resolve --study {params.study} --dataset {wildcards.dataset}"
-        " --out {output} > {log} 2>&1"
+        " --output {output} > {log} 2>&1"
 
 
 rule data:

@@ -13,4 +13,4 @@ rule kernels:
     conda:
         ENV
     shell:
-        "moebench kernels --out {output} > {log} 2>&1"
+        "moebench kernels --output {output} > {log} 2>&1"

@@ -25,5 +25,5 @@ rule placement:
     conda:
         ENV
     shell:
-        "moebench placement --study {params.study} --runs {params.runs} --out {output.table} "
+        "moebench placement --study {params.study} --runs {params.runs} --output {output.table} "
         "> {log} 2>&1"

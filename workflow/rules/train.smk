@@ -15,7 +15,7 @@ rule mlflow_init:
     conda:
         ENV
     shell:
-        "moebench mlflow-init --study {params.study} --out {output} > {log} 2>&1"
+        "moebench mlflow-init --study {params.study} --output {output} > {log} 2>&1"
 
 
 rule resolve:
@@ -31,7 +31,7 @@ rule resolve:
         ENV
     shell:
         "moebench resolve --study {params.study} --dataset {wildcards.dataset}"
-        " --strategy {wildcards.strategy} --seed {wildcards.seed} --out {output} > {log} 2>&1"
+        " --strategy {wildcards.strategy} --seed {wildcards.seed} --output {output} > {log} 2>&1"
 
 
 rule train:

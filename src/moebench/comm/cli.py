@@ -131,7 +131,7 @@ def write_replay(rows: list[dict[str, Any]], out: Path, header: str = "") -> Non
 
 
 def comm_replay(
-    out: Annotated[Path, typer.Option(help="Parquet file (a Markdown twin is written beside)")],
+    output: Annotated[Path, typer.Option(help="Parquet file (a Markdown twin is written beside)")],
     nodes: Annotated[int, typer.Option(help="nodes")] = 8,
     gpus_per_node: Annotated[int, typer.Option(help="GPUs per node")] = 8,
     experts: Annotated[int, typer.Option(help="routed experts E")] = 256,
@@ -156,7 +156,7 @@ def comm_replay(
         settings = accounting(None, hidden=hidden, dispatch_bytes=dispatch_bytes,
                               combine_bytes=combine_bytes, nvlink_gbps=nvlink_gbps,
                               ib_gbps=ib_gbps)
-        check_writable_dir(out.parent, "--out")
+        check_writable_dir(output.parent, "--output")
         topo = Topology.build(experts, nodes, gpus_per_node, **settings.model_dump())
         rows = replay_synthetic(
             topo,
@@ -170,7 +170,7 @@ def comm_replay(
             seed=seed,
             threads=threads,
         )
-        write_replay(rows, out)
+        write_replay(rows, output)
     except (ValueError, OSError) as err:
         raise _fail("comm-replay", err) from None
     typer.echo(records_table(rows, REPLAY_COLUMNS))
@@ -210,7 +210,7 @@ def _write_placement(rows: list[dict[str, Any]], out: Path, header: str) -> str:
 
 def placement(
     runs: Annotated[Path, typer.Option(help="a study's run folder (<dataset>/<strategy>/seed~n)")],
-    out: Annotated[
+    output: Annotated[
         Path, typer.Option(help="summary Parquet; .md, .layers.parquet, .png, .svg beside")
     ],
     study: Study = None,
@@ -230,11 +230,11 @@ def placement(
         settings = accounting(load_study(study) if study is not None else None, hidden=hidden,
                               dispatch_bytes=dispatch_bytes, combine_bytes=combine_bytes,
                               nvlink_gbps=nvlink_gbps, ib_gbps=ib_gbps)
-        check_writable_dir(out.parent, "--out")
+        check_writable_dir(output.parent, "--output")
         kwargs = settings.model_dump(exclude_none=True)  # hidden unset: each trace's d_model
         rows = trace_rows(runs, _redundant(redundant), **kwargs)
         text = _write_placement(
-            rows, out, f"Placement judged on held-out trace tokens of {runs}.\n\n"
+            rows, output, f"Placement judged on held-out trace tokens of {runs}.\n\n"
         )
     except (ValueError, OSError) as err:
         raise _fail("placement", err) from None
@@ -242,7 +242,7 @@ def placement(
 
 
 def placement_replay(
-    out: Annotated[
+    output: Annotated[
         Path, typer.Option(help="summary Parquet; .md, .layers.parquet, .png, .svg beside")
     ],
     nodes: Annotated[int, typer.Option(help="nodes")] = 8,
@@ -264,7 +264,7 @@ def placement_replay(
     from moebench.comm.placement_study import synthetic_rows
 
     try:
-        check_writable_dir(out.parent, "--out")
+        check_writable_dir(output.parent, "--output")
         try:
             seed_list = tuple(int(s) for s in seeds.split(","))
         except ValueError:
@@ -285,7 +285,7 @@ def placement_replay(
         )
         text = _write_placement(
             rows,
-            out,
+            output,
             f"Placement judged on held-out synthetic tokens, {topo.name}, E={experts}, "
             f"k={top_k}, skew={skew}, {tokens_per_gpu} tokens per GPU (half fit, half judged).\n\n",
         )

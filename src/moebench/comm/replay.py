@@ -35,6 +35,7 @@ from moebench.comm.accounting import DISPATCHERS, expected_groups_uniform, summa
 from moebench.comm.topology import Topology
 from moebench.config import Int, describe_errors
 from moebench.metrics import expert_load, max_vio
+from moebench.progress import progress
 from moebench.routing import Layout, RouterConfig, preset, route
 
 TRACE_META_KEY = b"moebench"
@@ -153,10 +154,11 @@ def replay_layers(
 ) -> list[dict[str, Any]]:
     """Full accounting (`traffic` + `summarize`) of every layer: one row per (layer, dispatcher)."""
     rows = []
-    for layer, experts_TK in enumerate(experts_LTK):
-        tr = traffic(experts_TK, topo, threads=threads)
-        for row in summarize(tr.token_stats(topo), topo, tr):
-            rows.append({"layer": layer, **row})
+    with progress(f"accounting on {topo.name}", "layer", experts_LTK) as layers:
+        for layer, experts_TK in enumerate(layers):
+            tr = traffic(experts_TK, topo, threads=threads)
+            for row in summarize(tr.token_stats(topo), topo, tr):
+                rows.append({"layer": layer, **row})
     return rows
 
 
@@ -301,33 +303,34 @@ def replay_synthetic(
     T = topo.num_devices * tokens_per_gpu
     popularity_E = expert_popularity(layout.num_experts, skew, seed)
     rows = []
-    for i, strategy in enumerate(strategies):
-        cfg = (
-            None if strategy == "uniform" else strategy_config(strategy, layout, top_k, group_limit)
-        )
-        bias_E = None
-        if strategy == "node_limited" and bias_steps:
-            bias_E = train_bias(cfg, popularity_E, bias_steps, 4096, bias_rate, seed + 1000)
-        experts_TK = synthetic_experts(
-            strategy, T, layout, top_k, seed + 1 + i, popularity_E, cfg, bias_E
-        )
-        tr = traffic(experts_TK, topo, threads=threads)
-        stats = tr.token_stats(topo)
-        load_E = expert_load(torch.from_numpy(experts_TK.astype(np.int64)), layout.num_experts)
-        for row in summarize(stats, topo, tr):
-            rows.append(
-                {
-                    "topology": topo.name,
-                    "strategy": strategy,
-                    "num_experts": layout.num_experts,
-                    "top_k": top_k,
-                    "group_limit": group_limit if strategy.endswith("_limited") else None,
-                    "bias_steps": bias_steps if bias_E is not None else 0,
-                    "max_vio": max_vio(load_E),
-                    "uniform_nodes_expected": expected_groups_uniform(
-                        layout.num_experts, layout.num_nodes, top_k
-                    ),
-                    **row,
-                }
+    with progress(f"replaying on {topo.name}", "strategy", strategies) as bar:
+        for i, strategy in enumerate(bar):
+            cfg = None if strategy == "uniform" else strategy_config(
+                strategy, layout, top_k, group_limit
             )
+            bias_E = None
+            if strategy == "node_limited" and bias_steps:
+                bias_E = train_bias(cfg, popularity_E, bias_steps, 4096, bias_rate, seed + 1000)
+            experts_TK = synthetic_experts(
+                strategy, T, layout, top_k, seed + 1 + i, popularity_E, cfg, bias_E
+            )
+            tr = traffic(experts_TK, topo, threads=threads)
+            stats = tr.token_stats(topo)
+            load_E = expert_load(torch.from_numpy(experts_TK.astype(np.int64)), layout.num_experts)
+            for row in summarize(stats, topo, tr):
+                rows.append(
+                    {
+                        "topology": topo.name,
+                        "strategy": strategy,
+                        "num_experts": layout.num_experts,
+                        "top_k": top_k,
+                        "group_limit": group_limit if strategy.endswith("_limited") else None,
+                        "bias_steps": bias_steps if bias_E is not None else 0,
+                        "max_vio": max_vio(load_E),
+                        "uniform_nodes_expected": expected_groups_uniform(
+                            layout.num_experts, layout.num_nodes, top_k
+                        ),
+                        **row,
+                    }
+                )
     return rows

@@ -170,7 +170,7 @@ def text_splits(cfg: DataConfig, seed: int) -> tuple[Tokenizer, str, dict[str, S
     splits = {}
     for name, split_docs in by_split.items():
         logger.info(f"encoding {name}")
-        tokens = encode_documents(tok, [d.text for d in split_docs], dtype)
+        tokens = encode_documents(tok, [d.text for d in split_docs], dtype, f"encoding {name}")
         domains = domain_ranges(tok, split_docs) if cfg.source == "mixed" else None
         splits[name] = SplitData([d.id for d in split_docs], tokens, n_bytes[name], domains)
     return tok, "byte_bpe", splits

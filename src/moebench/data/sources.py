@@ -41,6 +41,7 @@ from pathlib import Path
 
 from moebench.config import DataConfig
 from moebench.data.synthetic import synthetic_corpus
+from moebench.progress import progress
 
 FILE_DOC_BYTES = 8192
 FILE_DOC_MAX_BYTES = 4 * FILE_DOC_BYTES
@@ -213,9 +214,10 @@ def domain_of(doc_id: str) -> str:
 def load_documents(cfg: DataConfig, seed: int = 0) -> list[Document]:
     """The documents of a text source, capped by `cfg.max_bytes`; empty ones are dropped.
     `seed` draws the synthetic domain of `mixed` (no other source is random)."""
+    max_bytes = cfg.max_bytes
     if cfg.source == "mixed":
-        return [d for d in mixed_documents(cfg, seed) if d.text]
-    if cfg.source == "shakespeare":
+        docs, max_bytes = mixed_documents(cfg, seed), None  # capped domain by domain
+    elif cfg.source == "shakespeare":
         docs = shakespeare_documents()
     elif cfg.source == "cpython":
         docs = cpython_documents()
@@ -227,7 +229,8 @@ def load_documents(cfg: DataConfig, seed: int = 0) -> list[Document]:
         raise ValueError(
             f"data.source={cfg.source!r} is not a text source (allowed: {TEXT_SOURCES})"
         )
-    return [d for d in cap_bytes(docs, cfg.max_bytes) if d.text]
+    with progress(f"loading {cfg.source}", "doc", docs) as bar:
+        return [d for d in cap_bytes(bar, max_bytes) if d.text]
 
 
 def source_fingerprint(cfg: DataConfig) -> str:

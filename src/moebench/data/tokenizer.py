@@ -13,8 +13,12 @@ from __future__ import annotations
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from moebench.progress import on_terminal, progress
+
 EOS_TOKEN = "<|endoftext|>"
 EOS_ID = 0
+ENCODE_CHUNK = 1024
+"""Documents per `encode_batch` call (each call runs on every core)."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -33,7 +37,7 @@ def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
         vocab_size=vocab_size,
         special_tokens=[EOS_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=on_terminal(),  # the library's own bar
     )
     tok.train_from_iterator(texts, trainer, length=len(texts))
     assert tok.token_to_id(EOS_TOKEN) == EOS_ID and tok.get_vocab_size() <= vocab_size
@@ -48,8 +52,13 @@ def synthetic_tokenizer(vocab_size: int) -> Tokenizer:
     return tok
 
 
-def encode_documents(tok: Tokenizer, texts: list[str], dtype: np.dtype) -> np.ndarray:
-    """One flat stream: each document's ids followed by `EOS_ID`."""
-    encodings = tok.encode_batch(texts, add_special_tokens=False)
-    parts = [np.asarray([*e.ids, EOS_ID], dtype=dtype) for e in encodings]
+def encode_documents(tok: Tokenizer, texts: list[str], dtype: np.dtype, desc: str) -> np.ndarray:
+    """One flat stream: each document's ids followed by `EOS_ID` (encoded ENCODE_CHUNK
+    documents at a time, for the progress bar `desc`)."""
+    parts = []
+    with progress(desc, "doc", total=len(texts)) as bar:
+        for lo in range(0, len(texts), ENCODE_CHUNK):
+            encodings = tok.encode_batch(texts[lo:lo + ENCODE_CHUNK], add_special_tokens=False)
+            parts += [np.asarray([*e.ids, EOS_ID], dtype=dtype) for e in encodings]
+            bar.update(len(encodings))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)

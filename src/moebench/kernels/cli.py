@@ -1,4 +1,4 @@
-"""`moebench kernels --out FILE`: check the fused router against the PyTorch reference on the
+"""`moebench kernels --output FILE`: check the fused router against the PyTorch reference on the
 available device (the CUDA GPU, else the Triton interpreter on CPU) over a small grid, and
 write one row per case (machine, device, case, tokens, max gate error, ids equal, load equal).
 """
@@ -62,7 +62,7 @@ def check_cases(device: torch.device, tokens: int = 257, seed: int = 0) -> list[
 
 
 def kernels(
-    out: Annotated[Path, typer.Option("--out", help="parquet file to write")],
+    output: Annotated[Path, typer.Option(help="Parquet file to write")],
     tokens: Annotated[int, typer.Option(help="tokens per case")] = 257,
 ) -> None:
     """Check the fused router against the reference; fail if any case disagrees."""
@@ -70,7 +70,7 @@ def kernels(
         raise typer.BadParameter(f"tokens={tokens} is invalid; allowed: an integer >= 1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = check_cases(device, tokens)
-    write_parquet(out, pa.Table.from_pylist(rows))
+    write_parquet(output, pa.Table.from_pylist(rows))
     for r in rows:
         typer.echo(
             f"{r['case']:9s} ids_equal={r['ids_equal']} load_equal={r['load_equal']} "

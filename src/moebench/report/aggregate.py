@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from moebench.config import ReportSettings
 from moebench.io import remove_temporaries, write_parquet, write_text
+from moebench.progress import progress
 from moebench.report import figures
 from moebench.report.domains import relative_share, specialisation_bits
 from moebench.report.markdown import markdown_html
@@ -125,37 +126,38 @@ def _draw(
     scores: dict[str, pd.DataFrame] = {}
     written: list[Path] = []
     tables_dir = table_file(study, "md", root).parent
-    for dataset in sorted(set(df["dataset"])):
-        d_st = st[st["dataset"] == dataset]
-        points = _points(d_st, settings[settings["dataset"] == dataset])
-        loads = {
-            strategy: min(
-                (key[3], m) for key, m in matrices.items() if key[1:3] == (dataset, strategy)
-            )
-            for strategy in d_st["strategy"]
-        }
-        loads = {s: v for s, v in loads.items() if v[1].size}  # a dense model has no load
-        path = {name: figure_file(study, dataset, name, root) for name in FIGURE_TITLES}
-        figures.maxvio_curves(curves[curves["dataset"] == dataset], path["maxvio_batch"])
-        figures.load_heatmaps(loads, path["load_heatmap"])
-        figures.ppl_vs_maxvio(points, path["ppl_vs_maxvio"])
-        figures.nodes_per_token(d_st, path["nodes_per_token"])
-        drawn = list(FIGURES)
-        if (points["limit"] != "none").any():
-            figures.m_sweep(points, baseline, path["m_sweep"])
-            drawn.append("m_sweep")
-        d_scores, shares = _domain_scores(domain_loads, study, dataset)
-        if shares:
-            scores[dataset] = d_scores
-            chosen = [s for s in report.domain_strategies if s in shares] or list(shares)
-            figures.domain_share({s: shares[s] for s in chosen}, path["domain_share"])
-            figures.specialisation(d_scores, path["specialisation"])
-            drawn += ["domain_share", "specialisation"]
-        links[dataset] = [
-            (FIGURE_TITLES[name], Path(os.path.relpath(path[name], tables_dir)).as_posix())
-            for name in drawn
-        ]
-        written += [f for name in drawn for f in figures.figure_paths(path[name])]
+    with progress(f"figures of {study}", "dataset", sorted(set(df["dataset"]))) as bar:
+        for dataset in bar:
+            d_st = st[st["dataset"] == dataset]
+            points = _points(d_st, settings[settings["dataset"] == dataset])
+            loads = {
+                strategy: min(
+                    (key[3], m) for key, m in matrices.items() if key[1:3] == (dataset, strategy)
+                )
+                for strategy in d_st["strategy"]
+            }
+            loads = {s: v for s, v in loads.items() if v[1].size}  # a dense model has no load
+            path = {name: figure_file(study, dataset, name, root) for name in FIGURE_TITLES}
+            figures.maxvio_curves(curves[curves["dataset"] == dataset], path["maxvio_batch"])
+            figures.load_heatmaps(loads, path["load_heatmap"])
+            figures.ppl_vs_maxvio(points, path["ppl_vs_maxvio"])
+            figures.nodes_per_token(d_st, path["nodes_per_token"])
+            drawn = list(FIGURES)
+            if (points["limit"] != "none").any():
+                figures.m_sweep(points, baseline, path["m_sweep"])
+                drawn.append("m_sweep")
+            d_scores, shares = _domain_scores(domain_loads, study, dataset)
+            if shares:
+                scores[dataset] = d_scores
+                chosen = [s for s in report.domain_strategies if s in shares] or list(shares)
+                figures.domain_share({s: shares[s] for s in chosen}, path["domain_share"])
+                figures.specialisation(d_scores, path["specialisation"])
+                drawn += ["domain_share", "specialisation"]
+            links[dataset] = [
+                (FIGURE_TITLES[name], Path(os.path.relpath(path[name], tables_dir)).as_posix())
+                for name in drawn
+            ]
+            written += [f for name in drawn for f in figures.figure_paths(path[name])]
     return links, scores, written
 
 

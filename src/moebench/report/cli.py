@@ -38,7 +38,7 @@ def _user_errors() -> Iterator[None]:
 def resolve(
     study: StudyFile,
     dataset: Annotated[str, typer.Option(help="dataset name of the study")],
-    out: Annotated[Path, typer.Option(help="resolved RunConfig YAML to write")],
+    output: Annotated[Path, typer.Option(help="resolved RunConfig YAML to write")],
     strategy: Annotated[
         str | None, typer.Option(help="strategy name (omit for the data config)")
     ] = None,
@@ -48,7 +48,7 @@ def resolve(
     from moebench.report.study import resolve as resolve_to
 
     with _user_errors():
-        resolve_to(load_study(study), dataset, strategy, seed, out)
+        resolve_to(load_study(study), dataset, strategy, seed, output)
 
 
 def fits(study: StudyFile) -> None:
@@ -69,7 +69,7 @@ def fits(study: StudyFile) -> None:
 
 def new_study(
     name: Annotated[str, typer.Option(help="the study's name: its runs go to <root>/runs/<name>")],
-    out: Annotated[Path, typer.Option(help="study YAML to write (a new file)")],
+    output: Annotated[Path, typer.Option(help="study YAML to write (a new file)")],
     text: Annotated[
         str | None, typer.Option(help="a local UTF-8 text file to train on (data.source: file)")
     ] = None,
@@ -89,15 +89,15 @@ def new_study(
         if (text is None) == (hf is None):
             raise ValueError("give exactly one of --text and --hf")
         source, data = ("file", text) if text is not None else ("hf", hf)
-        study = write_new_study(template, name, source, str(data), vocab_size, out)
+        study = write_new_study(template, name, source, str(data), vocab_size, output)
     runs = len(study.grid())
-    typer.echo(f"wrote {out}: study {name!r}, {runs} runs; run it with\n"
-               f"  snakemake --cores 2 --configfile {out}")
+    typer.echo(f"wrote {output}: study {name!r}, {runs} runs; run it with\n"
+               f"  snakemake --cores 2 --configfile {output}")
 
 
 def schema(
-    out: Annotated[Path, typer.Option(help="where to write the JSON schema")] = SCHEMA_FILE,
-    check: Annotated[bool, typer.Option(help="only check that `out` is up to date")] = False,
+    output: Annotated[Path, typer.Option(help="where to write the JSON schema")] = SCHEMA_FILE,
+    check: Annotated[bool, typer.Option(help="only check that --output is up to date")] = False,
 ) -> None:
     """Write (or check) the JSON schema of study files, generated from StudyConfig."""
     from moebench.io import write_text
@@ -105,16 +105,16 @@ def schema(
 
     text = schema_text()
     if check:
-        if not out.is_file() or out.read_text() != text:
-            typer.echo(f"{out} is out of date: run `moebench schema`", err=True)
+        if not output.is_file() or output.read_text() != text:
+            typer.echo(f"{output} is out of date: run `moebench schema`", err=True)
             raise typer.Exit(1)
         return
-    write_text(out, text)
+    write_text(output, text)
 
 
 def mlflow_init(
     study: StudyFile,
-    out: Annotated[
+    output: Annotated[
         Path | None,
         typer.Option(help="parent-run id file (default: <output root>/mlflow/parents/)"),
     ] = None,
@@ -125,7 +125,7 @@ def mlflow_init(
 
     with _user_errors():
         cfg = load_study(study)
-        run_id = init_parent(cfg, out or paths.parent_run_file(cfg.study))
+        run_id = init_parent(cfg, output or paths.parent_run_file(cfg.study))
     typer.echo(f"MLflow experiment {cfg.experiment!r}, parent run {run_id} at {cfg.tracking.uri}")
 
 

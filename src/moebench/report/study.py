@@ -99,7 +99,7 @@ def new_study(
     text file or a Hugging Face dataset), its own MLflow store and no published matching of
     the template's names (aggregation matches by what each strategy does)."""
     if out.exists():
-        raise ValueError(f"--out={str(out)!r} exists; allowed: a new file")
+        raise ValueError(f"--output={str(out)!r} exists; allowed: a new file")
     if source == "file":
         from moebench.data.sources import text_files
 

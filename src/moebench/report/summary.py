@@ -21,6 +21,7 @@ from moebench.config import (
     format_validation_error,
     read_yaml_mapping,
 )
+from moebench.progress import progress
 from moebench.report.domains import domain_loads
 from moebench.report.paths import OUT, RunIdentity, run_dir, run_identity, seed_of
 
@@ -258,8 +259,9 @@ def collect(runs: list[Path]) -> pd.DataFrame:
     """Validated summary frame of `runs`: columns COLUMNS, rows sorted by identity."""
     if not runs:
         raise ValueError("no complete run directories (summary.json + comm.json) found")
-    for run in runs:  # every file read below, typed, before anything is computed
-        check_run(run)
+    with progress("checking runs", "run", runs) as bar:
+        for run in bar:  # every file read below, typed, before anything is computed
+            check_run(run)
     df = pd.DataFrame([run_row(r) for r in runs], columns=list(COLUMNS))
     ints = ["seed", "steps"]
     floats = [c for c in COLUMNS if c not in (*IDENTITY, *ints, *TEXT_FIELDS)]

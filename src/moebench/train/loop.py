@@ -48,13 +48,11 @@ Legend: L MoE layers, E routed experts, K experts per token, B batch, S sequence
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import logging
 import math
 import platform
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -63,7 +61,6 @@ from typing import IO, Any
 
 import torch
 from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from moebench.balancing import BiasController, all_reduce_sum
 from moebench.comm.alltoall import PhaseTimer
@@ -80,6 +77,7 @@ from moebench.io import (
 )
 from moebench.metrics import expert_load, max_vio, max_vio_layers
 from moebench.model import MoETransformer
+from moebench.progress import eta, progress
 from moebench.report import paths
 from moebench.train.checkpoint import (
     CKPT_NAME,
@@ -140,11 +138,6 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
-def eta(seconds: float, done: int, left: int) -> str:
-    """Time left as h:mm:ss at this process's pace so far (`done` steps in `seconds`)."""
-    return str(datetime.timedelta(seconds=round(seconds / max(done, 1) * left)))
 
 
 def git_sha() -> str:
@@ -658,10 +651,9 @@ class Trainer:
 
     def _loop(self, tracker: Any) -> dict[str, Any]:
         """The training steps (a progress bar with ETA on a terminal), then the summary."""
-        bar = tqdm(total=self.cfg.train.steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   desc=f"{self.cfg.strategy}/seed~{self.cfg.seed}",
-                   disable=not (self.lead and sys.stderr.isatty()))
-        with bar, logging_redirect_tqdm([logging.getLogger("moebench")]):
+        with progress(f"{self.cfg.strategy}/seed~{self.cfg.seed}", "step",
+                      total=self.cfg.train.steps, initial=self.step, show=self.lead,
+                      lines=False) as bar:  # its own lines: every log_every steps
             self._steps(tracker, bar)
         return self._finish(tracker)
 
