@@ -5,15 +5,21 @@ backward, with the modelled topology equal to the world (4 ranks = 2 nodes x 2 G
 decoupled from it (2 ranks, each holding one modelled node of 2 GPUs, each its own node).
 Some assignments are dropped (capacity): they are never sent. The dedup dispatcher also
 runs a node-limited routing (each token on one node), all ranks in one node (only its
-in-node hop), a shuffled expert placement and a hand-worked example.
+in-node hop), a shuffled expert placement and a hand-worked example. The padded, sync-free
+per_expert variant (`a2a_capacity_factor`) equals the exact path when its capacity drops
+nothing, drops exactly the hand-worked rows at a small one, and makes no host sync in a
+step's forward and backward.
 
 Legend: W ranks, E experts, K experts per token, T tokens, H hidden, F expert hidden.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +30,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import moebench.kernels.experts as kernel_experts
 from local_servers import free_port
 from moebench.comm import Topology, summarize, traffic
 from moebench.comm.alltoall import distinct_groups
@@ -36,12 +43,14 @@ NODES, GPUS, E, K, T_TOTAL, H, FFN = 2, 2, 8, 3, 48, 16, 8
 TWO_NODES = Layout.contiguous(E, NODES, GPUS)
 ONE_NODE = Layout.contiguous(E, 1, NODES * GPUS)  # all ranks in one node: only the in-node hop
 PLACED = Layout(E, NODES, GPUS, placement=[3 * e % E for e in range(E)])  # experts shuffled
-CASES = {  # case: (dispatcher, routing groups = modelled nodes, M, modelled layout)
-    "per_expert": ("per_expert", 1, 1, TWO_NODES),
-    "dedup": ("dedup", 1, 1, TWO_NODES),
-    "dedup_node_limited": ("dedup", NODES, 1, TWO_NODES),
-    "dedup_one_node": ("dedup", 1, 1, ONE_NODE),
-    "dedup_placed": ("dedup", 1, 1, PLACED),
+PADDED_CF = 4.0  # >= every world tested: the padded all-to-all drops nothing
+CASES = {  # case: (dispatcher, routing groups = modelled nodes, M, modelled layout, a2a cf)
+    "per_expert": ("per_expert", 1, 1, TWO_NODES, None),
+    "per_expert_padded": ("per_expert", 1, 1, TWO_NODES, PADDED_CF),
+    "dedup": ("dedup", 1, 1, TWO_NODES, None),
+    "dedup_node_limited": ("dedup", NODES, 1, TWO_NODES, None),
+    "dedup_one_node": ("dedup", 1, 1, ONE_NODE, None),
+    "dedup_placed": ("dedup", 1, 1, PLACED, None),
 }
 HAND_TK = torch.tensor([[2, 3, 4], [0, 6, 7], [4, 5, 6], [0, 2, 4]])
 """One token per rank of 4 (2 nodes x 2, rank r holds experts 2r, 2r+1), all kept."""
@@ -53,6 +62,51 @@ HAND_DISPATCH_WW = {  # rows rank a sends rank b in the dispatch (combine: the t
     # and once to rank 2; token 1 to relay 3 (experts 6, 7 there) and to rank 0
     "dedup": [[0, 1, 1, 0], [2, 0, 0, 1], [0, 0, 0, 1], [0, 1, 1, 0]],
 }
+HAND_SMALL_CF = 1.0
+"""C = ceil(1 * T K / W) = ceil(3 / 4) = 1 row per rank pair (the rank itself included):
+rank 0 sends experts 2, 3 to rank 1 (3 dropped), rank 1 experts 6, 7 to rank 3 (7 dropped),
+rank 2 keeps experts 4, 5 (5 dropped), rank 3 sends one row to each: 3 of 12 dropped."""
+HAND_SMALL_CF_KEEP_TK = torch.tensor([[1, 0, 1], [1, 1, 0], [1, 0, 1], [1, 1, 1]]).bool()
+SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero",
+         "unique", "masked_select", "numpy", "bincount")
+"""Tensor methods (and torch functions of the same name) that read device data on the host."""
+
+
+@contextlib.contextmanager
+def no_host_sync() -> Iterator[None]:
+    """Make every Python-level call that needs device data on the host raise: `SYNCS`,
+    `repeat_interleave` without `output_size`, indexing by a bool mask. The grouped GEMM's
+    CPU fallback (a loop over host offsets; on a GPU `torch._grouped_mm` reads them on the
+    device) is exempt."""
+    allowed = [False]
+
+    def guard(name: str, original: Callable) -> Callable:
+        def call(*args: object, **kwargs: object) -> object:
+            bad = name != "__getitem__" or any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                for i in (args[1] if isinstance(args[1], tuple) else (args[1],)))
+            if name == "repeat_interleave":
+                bad = kwargs.get("output_size") is None
+            if bad and not allowed[0]:
+                raise RuntimeError(f"host sync: {name}")
+            return original(*args, **kwargs)
+        return call
+
+    def exempt(*args: object) -> torch.Tensor:
+        allowed[0] = True
+        try:
+            return grouped_mm(*args)  # type: ignore[arg-type]
+        finally:
+            allowed[0] = False
+
+    grouped_mm = kernel_experts.grouped_mm
+    with pytest.MonkeyPatch.context() as mp_:
+        for name in (*SYNCS, "repeat_interleave", "__getitem__"):
+            for owner in (torch.Tensor, torch):
+                if hasattr(owner, name):
+                    mp_.setattr(owner, name, guard(name, getattr(owner, name)))
+        mp_.setattr(kernel_experts, "grouped_mm", exempt)
+        yield
 
 
 def _problem(groups: int = 1, limit: int = 1) -> dict[str, torch.Tensor]:
@@ -76,9 +130,12 @@ def _problem(groups: int = 1, limit: int = 1) -> dict[str, torch.Tensor]:
 
 
 def _run(p: dict[str, torch.Tensor], experts_TK: torch.Tensor, keep_TK: torch.Tensor,
-         dispatcher: str, layout: Layout, rank: int, world: int) -> dict:
-    """This rank's forward + backward of the sharded layer on its share of the batch."""
-    ep = ExpertParallel(layout, rank, world, dispatcher=dispatcher)
+         dispatcher: str, layout: Layout, rank: int, world: int, cf: float | None = None,
+         guard: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+         ) -> dict:
+    """This rank's forward + backward of the sharded layer on its share of the batch, the
+    step under `guard` (a warm-up step before it, when one is given)."""
+    ep = ExpertParallel(layout, rank, world, dispatcher=dispatcher, a2a_capacity_factor=cf)
     experts = RoutedExperts(E, H, FFN).double()
     with torch.no_grad():
         for name in ("w_gate", "w_up", "w_down"):
@@ -88,8 +145,13 @@ def _run(p: dict[str, torch.Tensor], experts_TK: torch.Tensor, keep_TK: torch.Te
     rows = slice(rank * n, (rank + 1) * n)
     x = p["x"][rows].clone().requires_grad_()
     gates = (p["gates"][rows] * keep_TK[rows]).clone().requires_grad_()
-    out, stats = experts(x, experts_TK[rows], gates, keep_TK[rows])
-    (out * p["grad_out"][rows]).sum().backward()
+    warm_up = [] if guard is contextlib.nullcontext else [contextlib.nullcontext]
+    for context in (*warm_up, guard):  # the warm-up fills the host-side caches
+        experts.zero_grad()
+        x.grad = gates.grad = None
+        with context():
+            out, stats = experts(x, experts_TK[rows], gates, keep_TK[rows])
+            (out * p["grad_out"][rows]).sum().backward()
     return {
         "out": out.detach(),
         "grad_x": x.grad,
@@ -98,7 +160,9 @@ def _run(p: dict[str, torch.Tensor], experts_TK: torch.Tensor, keep_TK: torch.Te
         "expert_ids": experts.expert_ids,
         "sent_rows_W": stats.sent_rows_W,
         "link_bytes": stats.link_bytes,
+        "moved_link_bytes": stats.moved_link_bytes,
         "row_bytes": stats.row_bytes,
+        "dropped": None if stats.dropped is None else int(stats.dropped),
     }
 
 
@@ -108,15 +172,24 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         results = {}
-        for case, (dispatcher, groups, limit, layout) in CASES.items():
+        for case, (dispatcher, groups, limit, layout, cf) in CASES.items():
             p = _problem(groups, limit)
-            results[case] = _run(p, p["experts"], p["keep"], dispatcher, layout, rank, world)
+            results[case] = _run(p, p["experts"], p["keep"], dispatcher, layout, rank, world,
+                                 cf)
+        p = _problem()
+        for case, cf in (("sync_free", PADDED_CF), ("sync_exact", None)):
+            try:
+                results[case] = _run(p, p["experts"], p["keep"], "per_expert", TWO_NODES, rank,
+                                     world, cf, no_host_sync)
+            except RuntimeError:  # reported by the tests, not by the spawn
+                results[case] = {"error": traceback.format_exc()}
         if world == len(HAND_TK):
-            p = _problem()
+            all_kept = torch.ones_like(HAND_TK, dtype=torch.bool)
             for dispatcher in HAND_DISPATCH_WW:
-                results[f"hand_{dispatcher}"] = _run(
-                    p, HAND_TK, torch.ones_like(HAND_TK, dtype=torch.bool), dispatcher,
-                    TWO_NODES, rank, world)
+                results[f"hand_{dispatcher}"] = _run(p, HAND_TK, all_kept, dispatcher,
+                                                     TWO_NODES, rank, world)
+            results["hand_small_cf"] = _run(p, HAND_TK, all_kept, "per_expert", TWO_NODES,
+                                            rank, world, HAND_SMALL_CF)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -185,7 +258,7 @@ def _accounting(experts_TK: torch.Tensor, keep_TK: torch.Tensor, world: int, dis
 def test_rows_moved_equal_accounting(spawn: Callable[[int], list[dict]], world: int,
                                      case: str) -> None:
     results = spawn(world)
-    dispatcher, groups, limit, layout = CASES[case]
+    dispatcher, groups, limit, layout, _ = CASES[case]
     p = _problem(groups, limit)
     copies_WW, row = _accounting(p["experts"], p["keep"], world, dispatcher, layout)
     for r, res in enumerate(results):
@@ -244,21 +317,26 @@ def _single_process(p: dict[str, torch.Tensor], experts_TK: torch.Tensor,
 
 
 @pytest.mark.parametrize(("world", "case"), [
-    *((w, c) for w in (4, 2) for c in CASES), (len(HAND_TK), "hand_dedup")])
+    *((w, c) for w in (4, 2) for c in (*CASES, "sync_free")), (len(HAND_TK), "hand_dedup"),
+    (len(HAND_TK), "hand_small_cf")])
 def test_expert_parallel_layer_matches_single_process(spawn: Callable[[int], list[dict]],
                                                       world: int, case: str) -> None:
     results = spawn(world)
-    if case == "hand_dedup":
+    if case.startswith("hand"):  # small cf: the exact path without the rows dropped
+        p, layout, experts_TK = _problem(), TWO_NODES, HAND_TK
+        keep_TK = HAND_SMALL_CF_KEEP_TK if case == "hand_small_cf" else HAND_TK >= 0
+    elif case == "sync_free":
         p, layout = _problem(), TWO_NODES
-        experts_TK, keep_TK = HAND_TK, torch.ones_like(HAND_TK, dtype=torch.bool)
+        experts_TK, keep_TK = p["experts"], p["keep"]
     else:
-        _, groups, limit, layout = CASES[case]
+        _, groups, limit, layout, _ = CASES[case]
         p = _problem(groups, limit)
         experts_TK, keep_TK = p["experts"], p["keep"]
     want = _single_process(p, experts_TK, keep_TK)
     n = len(experts_TK) // world
     for r, res in enumerate(results):
         got, rows = res[case], slice(r * n, (r + 1) * n)
+        assert "error" not in got, got
         for name in ("out", "grad_x", "grad_gates"):
             torch.testing.assert_close(got[name], want[name][rows], rtol=1e-12, atol=1e-12)
         # rank r holds modelled devices [r D/W, (r+1) D/W): their experts, device-major
@@ -268,3 +346,46 @@ def test_expert_parallel_layer_matches_single_process(spawn: Callable[[int], lis
         for name, grad in got["grads"].items():
             torch.testing.assert_close(grad, want["grads"][name][got["expert_ids"]],
                                        rtol=1e-12, atol=1e-12)
+
+
+@WORLDS
+def test_padded_bytes_include_the_padding(spawn: Callable[[int], list[dict]], world: int
+                                          ) -> None:
+    """Each rank moves C = ceil(cf T K / W) rows to every other rank and phase; the useful
+    rows are the exact path's (`test_rows_moved_equal_accounting`); nothing dropped."""
+    results = spawn(world)
+    C = math.ceil(PADDED_CF * (T_TOTAL // world) * K / world)
+    for r, res in enumerate(results):
+        got = res["per_expert_padded"]
+        assert got["dropped"] == 0
+        assert got["sent_rows_W"] == res["per_expert"]["sent_rows_W"]
+        rank_layout = ExpertParallel(TWO_NODES, r, world).rank_layout
+        for phase in ("dispatch", "combine"):
+            moved = {"nvlink": 0, "ib": 0}
+            for other in range(world):
+                if other != r:
+                    same = rank_layout.node_of_device[other] == rank_layout.node_of_device[r]
+                    moved["nvlink" if same else "ib"] += C * H * 8
+            assert got["moved_link_bytes"][phase] == moved
+
+
+def test_small_capacity_drops_the_hand_worked_rows(spawn: Callable[[int], list[dict]]
+                                                   ) -> None:
+    results = spawn(len(HAND_TK))
+    dropped = [res["hand_small_cf"]["dropped"] for res in results]
+    assert dropped == [1, 1, 1, 0]
+    assert sum(dropped) / HAND_TK.numel() == 0.25
+    sent_WW = [res["hand_small_cf"]["sent_rows_W"]["dispatch"] for res in results]
+    assert sent_WW == [[0, 1, 1, 0], [1, 0, 0, 1], [0, 0, 0, 1], [1, 1, 1, 0]]
+
+
+def test_padded_capacity_is_refused_with_dedup() -> None:
+    with pytest.raises(ValueError,
+                       match=r"a2a_capacity_factor=1\.0 is invalid with dispatcher='dedup'"):
+        ExpertParallel(TWO_NODES, 0, 2, dispatcher="dedup", a2a_capacity_factor=1.0)
+
+
+def test_the_sync_guard_catches_the_exact_path(spawn: Callable[[int], list[dict]]) -> None:
+    """The guard of the sync-free test is live: the exact path reads its split sizes."""
+    for res in spawn(2):
+        assert "host sync: tolist" in res["sync_exact"]["error"]

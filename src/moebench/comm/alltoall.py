@@ -7,7 +7,7 @@ plus what this module provides, for each all-to-all ("hop") of its dispatch:
     recv   = AllToAll.apply(rows, splits.recv_rows_W, splits.send_rows_W, group)   # out
     ...
     back   = AllToAll.apply(out, splits.send_rows_W, splits.recv_rows_W, group)    # back
-    stats  = A2AStats.of([splits, ...], rank_layout, rank, row_bytes, timer)
+    stats  = A2AStats.of([splits, ...], node_W, rank, row_bytes, timer)
 
 The two dispatchers of `moebench.comm.accounting`, made real (`ExpertParallel.dispatcher`):
 "per_expert" is one hop, one row per kept (token, expert) pair to the rank that owns the
@@ -32,8 +32,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor
-
-from moebench.routing import Layout
 
 PHASES = ("dispatch", "combine")
 LINKS = ("nvlink", "ib")
@@ -125,36 +123,54 @@ class Splits:
 class A2AStats:
     """What one expert-parallel layer's all-to-alls moved, as this rank sent it.
 
-    `sent_rows_W[phase]`: rows sent to each rank (own entry 0: rows that stay on the rank
-    cross no link); `node_W`: the node of every rank; `row_bytes`: bytes per row; `timer`
-    times the phases."""
+    `rows_PW` int64 [phase, W]: useful rows sent to each rank per phase (`PHASES`; own
+    entry 0: rows that stay on the rank cross no link), a tensor read only when asked (no
+    host sync in the forward); `padded_rows_PW`: rows really moved, padding included, where
+    a fixed capacity pads them (else None: the useful rows); `dropped`: 0-dim int64, the
+    assignments that capacity dropped (else None); `node_W`: the node of every rank;
+    `row_bytes`: bytes per row; `timer` times the phases."""
 
-    sent_rows_W: dict[str, list[int]]  # noqa: N815 (shape suffix)
+    rows_PW: Tensor  # noqa: N815 (shape suffix)
     node_W: list[int]  # noqa: N815 (shape suffix)
     rank: int
     row_bytes: int
     timer: PhaseTimer | None = None
+    padded_rows_PW: Tensor | None = None  # noqa: N815 (shape suffix)
+    dropped: Tensor | None = None
 
     @classmethod
-    def of(cls, hops: list[Splits], layout: Layout, rank: int, row_bytes: int,
+    def of(cls, hops: list[Splits], node_W: list[int], rank: int, row_bytes: int,
            timer: PhaseTimer | None) -> A2AStats:
         """The stats of a dispatch made of the all-to-alls `hops` (in order) and of the
-        combine that reverses each (it sends what the hop received); ranks are the devices
-        of `layout`, whose nodes set the link class."""
-        sent = {phase: [0] * layout.num_devices for phase in PHASES}
+        combine that reverses each (it sends what the hop received); rank w is in node
+        `node_W[w]`, which sets the link class."""
+        rows_PW = torch.zeros(len(PHASES), len(node_W), dtype=torch.int64)
         for hop in hops:
-            for phase, rows_W in (("dispatch", hop.send_rows_W), ("combine", hop.recv_rows_W)):
-                sent[phase] = [a + b for a, b in zip(sent[phase], rows_W, strict=True)]
-        for rows_W in sent.values():
-            rows_W[rank] = 0
-        return cls(sent, layout.node_of_device.tolist(), rank, row_bytes, timer)
+            rows_PW += torch.tensor([hop.send_rows_W, hop.recv_rows_W])
+        rows_PW[:, rank] = 0
+        return cls(rows_PW, node_W, rank, row_bytes, timer)
+
+    @classmethod
+    def padded(cls, send_counts_WX: Tensor, recv_counts_WX: Tensor, capacity: int,
+               dropped: Tensor, node_W: list[int], rank: int, row_bytes: int,
+               timer: PhaseTimer | None) -> A2AStats:
+        """The stats of one all-to-all of `capacity` rows per rank pair (each way), of which
+        `send_counts_WX` / `recv_counts_WX` (device) are useful; `dropped` did not fit."""
+        rows_PW = torch.stack((send_counts_WX.sum(1), recv_counts_WX.sum(1)))
+        padded_PW = torch.full((len(PHASES), len(node_W)), capacity, dtype=torch.int64)
+        rows_PW[:, rank], padded_PW[:, rank] = 0, 0
+        return cls(rows_PW, node_W, rank, row_bytes, timer, padded_PW, dropped)
 
     @property
-    def link_rows(self) -> dict[str, dict[str, int]]:
-        """Rows sent per phase and link class: to ranks of this rank's node over NVLink,
-        to other nodes over IB."""
+    def sent_rows_W(self) -> dict[str, list[int]]:  # noqa: N802 (shape suffix)
+        """Useful rows sent to each rank per phase (a host sync when on a GPU)."""
+        return dict(zip(PHASES, self.rows_PW.tolist(), strict=True))
+
+    def _per_link(self, rows_PW: Tensor) -> dict[str, dict[str, int]]:
+        """Rows per phase and link class: to ranks of this rank's node over NVLink, to other
+        nodes over IB."""
         out = {}
-        for phase, rows_W in self.sent_rows_W.items():
+        for phase, rows_W in zip(PHASES, rows_PW.tolist(), strict=True):
             sent = dict.fromkeys(LINKS, 0)
             for r, rows in enumerate(rows_W):
                 sent["nvlink" if self.node_W[r] == self.node_W[self.rank] else "ib"] += rows
@@ -162,10 +178,24 @@ class A2AStats:
         return out
 
     @property
+    def link_rows(self) -> dict[str, dict[str, int]]:
+        """Useful rows sent per phase and link class (what the accounting predicts)."""
+        return self._per_link(self.rows_PW)
+
+    @property
     def link_bytes(self) -> dict[str, dict[str, int]]:
-        """Bytes sent per phase and link class."""
-        return {phase: {link: n * self.row_bytes for link, n in rows.items()}
-                for phase, rows in self.link_rows.items()}
+        """Useful bytes sent per phase and link class."""
+        return self._bytes(self.link_rows)
+
+    @property
+    def moved_link_bytes(self) -> dict[str, dict[str, int]]:
+        """Bytes really moved per phase and link class, padding included."""
+        rows_PW = self.rows_PW if self.padded_rows_PW is None else self.padded_rows_PW
+        return self._bytes(self._per_link(rows_PW))
+
+    def _bytes(self, rows: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+        return {phase: {link: n * self.row_bytes for link, n in per_link.items()}
+                for phase, per_link in rows.items()}
 
     @property
     def seconds(self) -> dict[str, float]:

@@ -95,6 +95,22 @@ class TopologyConfig(Strict):
         "per_expert", description="per_expert: one row per (token, expert) to the expert's "
         "rank; dedup: one row per (token, node), then per (token, rank) inside the node"
     )
+    a2a_capacity_factor: Float | None = Field(
+        None, gt=0.0, le=1024.0, description="per_expert only; unset: exact all-to-all "
+        "sizes (one host sync per MoE layer); set: each rank pair exchanges a fixed "
+        "ceil(factor T K / W) rows, padded, with no host sync, and drops rows beyond it "
+        "(none at factor >= W, the real ranks)"
+    )
+
+    @model_validator(mode="after")
+    def _padded_per_expert(self) -> TopologyConfig:
+        if self.a2a_capacity_factor is not None and self.dispatcher != "per_expert":
+            raise ValueError(
+                f"topology.a2a_capacity_factor={self.a2a_capacity_factor} is invalid with "
+                f"topology.dispatcher={self.dispatcher!r}; allowed: unset, or "
+                "dispatcher='per_expert'"
+            )
+        return self
 
     @property
     def num_devices(self) -> int:

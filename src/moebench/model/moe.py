@@ -42,6 +42,7 @@ L local experts of a rank, R rows a rank receives.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -141,13 +142,17 @@ class ExpertParallel:
     order, are cut into `world_size` contiguous blocks, one per rank, so a rank holds whole
     modelled devices when world_size divides the device count. Any divisor of the expert
     count works, and the same study trains on 1, 2 or 8 GPUs with identical routing.
-    `dispatcher`: how tokens travel, "per_expert" or "dedup" (`moebench.comm.alltoall`)."""
+    `dispatcher`: how tokens travel, "per_expert" or "dedup" (`moebench.comm.alltoall`).
+    `a2a_capacity_factor` (per_expert only; None: exact split sizes, one host sync per
+    layer): every rank pair exchanges a fixed `a2a_capacity` rows, padded, with no host
+    sync; rows beyond it are dropped (none at a factor >= W)."""
 
     layout: Layout
     rank: int
     world_size: int
     group: dist.ProcessGroup | None = None
     dispatcher: str = "per_expert"
+    a2a_capacity_factor: float | None = None
 
     def __post_init__(self) -> None:
         E, W = self.layout.num_experts, self.world_size
@@ -158,6 +163,16 @@ class ExpertParallel:
         if self.dispatcher not in DISPATCHERS:
             raise ValueError(f"dispatcher={self.dispatcher!r} is invalid; allowed: "
                              f"{', '.join(DISPATCHERS)}")
+        cf = self.a2a_capacity_factor
+        if cf is not None and (not cf > 0 or self.dispatcher != "per_expert"):
+            raise ValueError(f"a2a_capacity_factor={cf} is invalid with dispatcher="
+                             f"{self.dispatcher!r}; allowed: None, or > 0 with 'per_expert'")
+
+    def a2a_capacity(self, assignments: int) -> int:
+        """C = ceil(factor * T K / W): rows each rank sends to each rank per all-to-all,
+        for a rank's `assignments` = T K (its micro-batch); needs `a2a_capacity_factor`."""
+        assert self.a2a_capacity_factor is not None
+        return math.ceil(self.a2a_capacity_factor * assignments / self.world_size)
 
     @property
     def experts_per_rank(self) -> int:
@@ -198,6 +213,11 @@ class ExpertParallel:
         return Layout(self.layout.num_experts, nodes, self.world_size // nodes,
                       self.slot_of_expert)
 
+    @cached_property
+    def node_of_rank(self) -> list[int]:
+        """The node of each real rank in `rank_layout` (what sets a link's class)."""
+        return self.rank_layout.node_of_device.tolist()
+
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         """Sum `tensor` over the ranks, in place; returns it."""
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
@@ -222,6 +242,23 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     if x.is_cuda and torch.is_autocast_enabled("cuda"):
         return torch.get_autocast_dtype("cuda")
     return x.dtype
+
+
+def _row_bytes(x_TH: Tensor) -> int:
+    """Bytes of one all-to-all row: d_model elements in the compute dtype."""
+    return x_TH.shape[1] * torch.finfo(_compute_dtype(x_TH)).bits // 8
+
+
+def _pad_rows(x_NH: Tensor, rows: int) -> Tensor:
+    """x with zero rows appended up to `rows` rows (a shape known on the host)."""
+    return torch.cat((x_NH, x_NH.new_zeros(rows - x_NH.shape[0], *x_NH.shape[1:])))
+
+
+def _capped(counts_WL: Tensor, capacity: int) -> Tensor:
+    """The counts that fit when only the first `capacity` rows of each row w (in l order)
+    are kept: cumulative counts clipped at `capacity`, differenced."""
+    kept_WL = counts_WL.cumsum(1).clamp(max=capacity)
+    return torch.diff(kept_WL, dim=1, prepend=kept_WL.new_zeros(len(kept_WL), 1))
 
 
 def sorted_experts_cpu(x_TH: Tensor, experts_TK: Tensor, gates_TK: Tensor, keep_TK: Tensor,
@@ -276,7 +313,8 @@ class RoutedExperts(nn.Module):
         statistics under expert parallelism (collective then: every rank calls it)."""
         if self.ep is not None:
             forward = (self._forward_dedup if self.ep.dispatcher == "dedup"
-                       else self._forward_per_expert)
+                       else self._forward_per_expert if self.ep.a2a_capacity_factor is None
+                       else self._forward_padded)
             return forward(x_TH, experts_TK, gates_TK, keep_TK,
                            timer or PhaseTimer(x_TH.device, enabled=False))
         if x_TH.is_cuda:  # dropped assignments are computed with a zero gate: no host sync
@@ -290,8 +328,31 @@ class RoutedExperts(nn.Module):
         """What the hops moved, rows of d_model elements in the compute dtype."""
         ep = self.ep
         assert ep is not None
-        row_bytes = x_TH.shape[1] * torch.finfo(_compute_dtype(x_TH)).bits // 8
-        return A2AStats.of(hops, ep.rank_layout, ep.rank, row_bytes, timer)
+        return A2AStats.of(hops, ep.node_of_rank, ep.rank, _row_bytes(x_TH), timer)
+
+    def _permute(self, x_TH: Tensor, experts_TK: Tensor, keep_TK: Tensor
+                 ) -> tuple[ExpertPlan, Tensor]:
+        """The kept assignments' rows in the compute dtype, sorted by (owning rank, local
+        expert), dropped ones last, and the plan that sorted them."""
+        ep = self.ep
+        assert ep is not None
+        E = ep.layout.num_experts
+        key_TK = torch.where(keep_TK, self.slot_of_expert_E[experts_TK], E)  # dropped: last
+        plan = plan_dispatch(key_TK, E + 1)
+        return plan, dispatch_rows(x_TH.to(_compute_dtype(x_TH)), plan, x_TH.is_cuda)
+
+    def _local_experts(self, recv_RH: Tensor, expert_R: Tensor, offsets_L: Tensor) -> Tensor:
+        """This rank's experts on received rows: regrouped by local expert `expert_R` (L:
+        padding, last) with a stable device sort, `expert_ffn` (rows of expert l end at
+        `offsets_L[l]`), and back to the received order (padding rows: unspecified)."""
+        R = recv_RH.shape[0]
+        fused = recv_RH.is_cuda
+        by_expert_R = torch.sort(expert_R, stable=True).indices
+        inverse_R = torch.empty_like(by_expert_R)
+        inverse_R[by_expert_R] = torch.arange(R, device=recv_RH.device)
+        h_RH = permute_rows(recv_RH, by_expert_R, inverse_R, fused)
+        o_RH = _pad_rows(expert_ffn(h_RH, offsets_L, *self._weights(recv_RH.dtype)), R)
+        return permute_rows(o_RH, inverse_R, by_expert_R, fused)
 
     def _forward_per_expert(self, x_TH: Tensor, experts_TK: Tensor, gates_TK: Tensor,
                             keep_TK: Tensor, timer: PhaseTimer) -> tuple[Tensor, A2AStats]:
@@ -302,38 +363,70 @@ class RoutedExperts(nn.Module):
         assert ep is not None
         T, K = experts_TK.shape
         E, W, L = ep.layout.num_experts, ep.world_size, ep.experts_per_rank
-        dtype = _compute_dtype(x_TH)
-        fused = x_TH.is_cuda
         with timer("permute"):
-            key_TK = torch.where(keep_TK, self.slot_of_expert_E[experts_TK], E)  # dropped: last
-            plan = plan_dispatch(key_TK, E + 1)
-            xs_AH = dispatch_rows(x_TH.to(dtype), plan, fused)
+            plan, xs_AH = self._permute(x_TH, experts_TK, keep_TK)
         with timer("counts"):
             splits = exchange_counts(plan.counts[:E].view(W, L), ep.group)
         with timer("dispatch"):
             recv_RH = AllToAll.apply(xs_AH[: splits.sent_rows], splits.recv_rows_W,
                                      splits.send_rows_W, ep.group)
         with timer("experts"):
-            # rows arrive grouped by source rank, each source's rows sorted by local expert:
-            # regroup them by local expert (stable: source order kept within an expert)
-            R = splits.received_rows
+            # rows arrive grouped by source rank, each source's rows sorted by local expert
             expert_R = torch.arange(L, device=x_TH.device).repeat(W).repeat_interleave(
-                splits.recv_counts_WX.reshape(-1), output_size=R)
-            by_expert_R = torch.sort(expert_R, stable=True).indices
-            inverse_R = torch.empty_like(by_expert_R)
-            inverse_R[by_expert_R] = torch.arange(R, device=x_TH.device)
-            h_RH = permute_rows(recv_RH, by_expert_R, inverse_R, fused)
+                splits.recv_counts_WX.reshape(-1), output_size=splits.received_rows)
             offsets_L = splits.recv_counts_WX.sum(0).cumsum(0).to(torch.int32)
-            o_RH = expert_ffn(h_RH, offsets_L, *self._weights(dtype))
-            back_RH = permute_rows(o_RH, inverse_R, by_expert_R, fused)
+            back_RH = self._local_experts(recv_RH, expert_R, offsets_L)
         with timer("combine"):
             o_sent_AH = AllToAll.apply(back_RH, splits.send_rows_W, splits.recv_rows_W, ep.group)
         with timer("unpermute"):
-            o_AH = torch.cat((o_sent_AH, o_sent_AH.new_zeros(T * K - splits.sent_rows,
-                                                             o_sent_AH.shape[1])))
-            y_TH = combine_rows(o_AH, gates_TK, plan, fused)
+            y_TH = combine_rows(_pad_rows(o_sent_AH, T * K), gates_TK, plan, x_TH.is_cuda)
         return y_TH.to(x_TH.dtype), self._stats([splits], x_TH, timer)
 
+    def _forward_padded(self, x_TH: Tensor, experts_TK: Tensor, gates_TK: Tensor,
+                        keep_TK: Tensor, timer: PhaseTimer) -> tuple[Tensor, A2AStats]:
+        """The "per_expert" dispatcher with a fixed capacity C (`ExpertParallel.a2a_capacity`)
+        per rank pair: no host sync. Each rank sends C rows to each rank: its first C rows
+        for it in (local expert, token) order, zero-padded; the rest are dropped (output 0,
+        counted in `A2AStats.dropped`). The counts per (rank, local expert) travel by a
+        fixed-size all-to-all read only on the device."""
+        ep = self.ep
+        assert ep is not None
+        T, K = experts_TK.shape
+        E, W, L = ep.layout.num_experts, ep.world_size, ep.experts_per_rank
+        C = ep.a2a_capacity(T * K)
+        dev = x_TH.device
+        j_WC = torch.arange(C, device=dev).expand(W, C)  # slot j of the rows to each rank
+        with timer("permute"):
+            plan, xs_AH = self._permute(x_TH, experts_TK, keep_TK)
+            counts_WL = plan.counts[:E].view(W, L)
+            rows_W = counts_WL.sum(1)
+            first_W = rows_W.cumsum(0) - rows_W  # sorted position of each rank's first row
+            # the sent rows: the first C of each rank; T K (an appended zero row) pads
+            src_WC = torch.where(j_WC < rows_W[:, None], first_W[:, None] + j_WC, T * K)
+            send_WCH = _pad_rows(xs_AH, T * K + 1)[src_WC]
+            send_counts_WL = _capped(counts_WL, C)
+        with timer("counts"):
+            recv_counts_WL = torch.empty_like(send_counts_WL)
+            dist.all_to_all_single(recv_counts_WL, send_counts_WL, group=ep.group)
+        with timer("dispatch"):
+            recv_RH = AllToAll.apply(send_WCH.flatten(0, 1), [C] * W, [C] * W, ep.group)
+        with timer("experts"):
+            # from each source: C rows, sorted by local expert, then padding (expert L)
+            expert_WC = torch.searchsorted(recv_counts_WL.cumsum(1), j_WC, right=True)
+            offsets_L = recv_counts_WL.sum(0).cumsum(0).to(torch.int32)
+            back_RH = self._local_experts(recv_RH, expert_WC.flatten(), offsets_L)
+        with timer("combine"):
+            o_WCH = AllToAll.apply(back_RH, [C] * W, [C] * W, ep.group)
+        with timer("unpermute"):
+            # sorted assignment a: the slot it was sent in, else the zero row W C
+            slot_A = torch.full((T * K + 1,), W * C, dtype=torch.int64, device=dev)
+            slot_A.scatter_(0, src_WC.flatten(), torch.arange(W * C, device=dev))
+            o_AH = _pad_rows(o_WCH, W * C + 1)[slot_A[: T * K]]
+            y_TH = combine_rows(o_AH, gates_TK, plan, x_TH.is_cuda)
+        dropped = (rows_W - C).clamp(min=0).sum()
+        stats = A2AStats.padded(send_counts_WL, recv_counts_WL, C, dropped, ep.node_of_rank,
+                                ep.rank, _row_bytes(x_TH), timer)
+        return y_TH.to(x_TH.dtype), stats
     def _forward_dedup(self, x_TH: Tensor, experts_TK: Tensor, gates_TK: Tensor,
                        keep_TK: Tensor, timer: PhaseTimer) -> tuple[Tensor, A2AStats]:
         """The "dedup" dispatcher ([V3] §3.2.2; docs/metrics.md §4.1): hop 1 sends each token
@@ -371,8 +464,7 @@ class RoutedExperts(nn.Module):
             xs_AH = dispatch_rows(h_QH, plan, x_TH.is_cuda)
             rows = int(plan.offsets[L - 1])
             o_AH = expert_ffn(xs_AH[:rows], plan.offsets[:L], *self._weights(dtype))
-            o_AH = torch.cat((o_AH, o_AH.new_zeros(xs_AH.shape[0] - rows, o_AH.shape[1])))
-            y_QH = combine_rows(o_AH, gates_QK, plan, x_TH.is_cuda)
+            y_QH = combine_rows(_pad_rows(o_AH, xs_AH.shape[0]), gates_QK, plan, x_TH.is_cuda)
         for hop in reversed(hops):
             y_QH = self._hop_back(y_QH.to(dtype), hop, timer)
         return y_QH.to(x_TH.dtype), self._stats([hop.splits for hop in hops], x_TH, timer)
@@ -411,9 +503,8 @@ class RoutedExperts(nn.Module):
             back_AH = AllToAll.apply(y_RH, hop.splits.send_rows_W, hop.splits.recv_rows_W,
                                      ep.group)
         with timer("unpermute"):
-            o_AH = torch.cat((back_AH, back_AH.new_zeros(hop.sent_NS.numel() - back_AH.shape[0],
-                                                         back_AH.shape[1])))
-            return combine_rows(o_AH, hop.sent_NS.float(), hop.plan, y_RH.is_cuda)
+            return combine_rows(_pad_rows(back_AH, hop.sent_NS.numel()), hop.sent_NS.float(),
+                                hop.plan, y_RH.is_cuda)
 
 
 class MoELayer(nn.Module):

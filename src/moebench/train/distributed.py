@@ -173,7 +173,7 @@ class Parallel:
         self.device = device
         self.group = group
         self.ep = ExpertParallel(cfg.layout(), self.rank, self.world_size, group,
-                                 cfg.topology.dispatcher)
+                                 cfg.topology.dispatcher, cfg.topology.a2a_capacity_factor)
         self.experts_of = [torch.tensor(self.ep.experts_of(r)) for r in range(self.world_size)]
 
     @property
