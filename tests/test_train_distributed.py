@@ -1,6 +1,7 @@
 """Distributed training (moebench.train.distributed): 4 gloo processes standing for 2 nodes x 2
 GPUs train the same global batch as one process (losses within float tolerance, identical
-loads and routing, the same bias on every rank), with either dispatcher (per_expert, dedup),
+loads and routing, the same bias on every rank), with either dispatcher (per_expert, dedup)
+and the padded, sync-free per_expert all-to-all (which drops nothing at a2a cf = W),
 the measured all-to-all equals the accounting's prediction, a killed run resumes under
 torchrun to the same bytes, and srun on the real one-node SLURM cluster gives the same
 summary. Plus the launcher environment."""
@@ -148,7 +149,16 @@ def dedup_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
                      tmp_path_factory.mktemp("dedup_run"))
 
 
-DISPATCHER_RUNS = pytest.mark.parametrize("run", ["dist_run", "dedup_run"])
+@pytest.fixture(scope="module")
+def padded_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny run on 4 gloo ranks with the padded all-to-all at a capacity factor of W."""
+    cfg = tiny_cfg(data_dir)
+    topology = cfg.topology.model_copy(update={"a2a_capacity_factor": float(WORLD)})
+    return spawn_run(cfg.model_copy(update={"topology": topology}),
+                     tmp_path_factory.mktemp("padded_run"))
+
+
+DISPATCHER_RUNS = pytest.mark.parametrize("run", ["dist_run", "dedup_run", "padded_run"])
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +173,8 @@ def assert_same_training(single: Path, dist: Path, world: int) -> None:
     """Run directory `dist` (`world` ranks) trained what the one-process run `single` did:
     the same records, identical routing and loads, losses within float tolerance."""
     a, b = lines(single / "metrics.jsonl"), lines(dist / "metrics.jsonl")
+    for record in b:  # the padded all-to-all's drops: none at a capacity factor of W
+        assert record.pop("a2a_drop_frac", 0.0) == 0.0
     assert [(r["kind"], r["step"]) for r in a] == [(r["kind"], r["step"]) for r in b]
     close = {"loss", "ce_loss", "grad_norm", "aux", "val_loss", "val_ppl", "val_bpb"}
     for one, many in zip(a, b, strict=True):
@@ -194,6 +206,9 @@ def test_four_ranks_match_one_process_on_the_same_global_batch(
 ) -> None:
     dist_run = request.getfixturevalue(run)
     assert_same_training(single_run / "run", dist_run / "run", WORLD)
+    padded = [("a2a_drop_frac" in r) for r in lines(dist_run / "run" / "metrics.jsonl")
+              if r["kind"] == "train"]
+    assert all(padded) if run == "padded_run" else not any(padded)
     assert sorted(lines(single_run / "run" / "metrics.jsonl")[0]["aux"]) == [
         "global", "seq", "switch"]
     # one bias update per step from the global loads: the same on every rank and as in one

@@ -251,6 +251,8 @@ def _row_bytes(x_TH: Tensor) -> int:
 
 def _pad_rows(x_NH: Tensor, rows: int) -> Tensor:
     """x with zero rows appended up to `rows` rows (a shape known on the host)."""
+    if x_NH.shape[0] == rows:
+        return x_NH
     return torch.cat((x_NH, x_NH.new_zeros(rows - x_NH.shape[0], *x_NH.shape[1:])))
 
 
@@ -400,9 +402,9 @@ class RoutedExperts(nn.Module):
             plan, xs_AH = self._permute(x_TH, experts_TK, keep_TK)
             counts_WL = plan.counts[:E].view(W, L)
             rows_W = counts_WL.sum(1)
-            first_W = rows_W.cumsum(0) - rows_W  # sorted position of each rank's first row
+            first_W1 = _pad_rows(rows_W.cumsum(0), W + 1).roll(1)  # first row of each rank
             # the sent rows: the first C of each rank; T K (an appended zero row) pads
-            src_WC = torch.where(j_WC < rows_W[:, None], first_W[:, None] + j_WC, T * K)
+            src_WC = torch.where(j_WC < rows_W[:, None], first_W1[:W, None] + j_WC, T * K)
             send_WCH = _pad_rows(xs_AH, T * K + 1)[src_WC]
             send_counts_WL = _capped(counts_WL, C)
         with timer("counts"):
@@ -418,15 +420,18 @@ class RoutedExperts(nn.Module):
         with timer("combine"):
             o_WCH = AllToAll.apply(back_RH, [C] * W, [C] * W, ep.group)
         with timer("unpermute"):
-            # sorted assignment a: the slot it was sent in, else the zero row W C
-            slot_A = torch.full((T * K + 1,), W * C, dtype=torch.int64, device=dev)
-            slot_A.scatter_(0, src_WC.flatten(), torch.arange(W * C, device=dev))
-            o_AH = _pad_rows(o_WCH, W * C + 1)[slot_A[: T * K]]
+            # sorted assignment a: slot j of rank w where it was sent, else the zero row W C
+            a_A = torch.arange(T * K, device=dev)
+            rank_A = torch.searchsorted(first_W1[1:], a_A, right=True)  # W: dropped before
+            j_A = a_A - first_W1[rank_A]
+            slot_A = torch.where((rank_A < W) & (j_A < C), rank_A * C + j_A, W * C)
+            o_AH = _pad_rows(o_WCH, W * C + 1)[slot_A]
             y_TH = combine_rows(o_AH, gates_TK, plan, x_TH.is_cuda)
         dropped = (rows_W - C).clamp(min=0).sum()
         stats = A2AStats.padded(send_counts_WL, recv_counts_WL, C, dropped, ep.node_of_rank,
                                 ep.rank, _row_bytes(x_TH), timer)
         return y_TH.to(x_TH.dtype), stats
+
     def _forward_dedup(self, x_TH: Tensor, experts_TK: Tensor, gates_TK: Tensor,
                        keep_TK: Tensor, timer: PhaseTimer) -> tuple[Tensor, A2AStats]:
         """The "dedup" dispatcher ([V3] §3.2.2; docs/metrics.md §4.1): hop 1 sends each token

@@ -32,15 +32,16 @@ measured all-to-all beside the `moebench.comm` accounting's prediction; summary.
 Metrics: `load` is the per-layer, per-expert count of the routing performed (before
 capacity dropping) summed over the step's micro-batches; `maxvio_batch` the mean over
 layers of its MaxVio ([LF] eq. 4); `drop_frac` the fraction of assignments dropped by
-capacity; `aux` the alpha-weighted auxiliary losses summed over layers (mean over
-micro-batches); `loss` = ce_loss + sum(aux). A dense model (no MoE layer: the dense
-baseline) trains the same way; its MaxVio and drop fractions are null, its loads and
-routing trace empty. The global loss's running count is reset at the start of every
-optimizer step (docs/global_loss.md). MFU = (6 * active params + 12 * layers *
-d_model * seq_len) * tokens/s / peak bf16 FLOP/s (nanoGPT/PaLM accounting: embedding lookup
-excluded, attention counted non-causally; active params count top_k of E routed experts);
-peak is the dense bf16 tensor-core rate of the GPU (H100/H200/H800 SXM 989e12, A100
-312e12); unknown GPUs and CPUs give null.
+capacity (`a2a_drop_frac`, under `topology.a2a_capacity_factor` only: by the padded
+all-to-all's fixed capacity, docs/metrics.md §4.1); `aux` the alpha-weighted auxiliary
+losses summed over layers (mean over micro-batches); `loss` = ce_loss + sum(aux). A
+dense model (no MoE layer: the dense baseline) trains the same way; its MaxVio and drop
+fractions are null, its loads and routing trace empty. The global loss's running count is
+reset at the start of every optimizer step (docs/global_loss.md). MFU = (6 * active
+params + 12 * layers * d_model * seq_len) * tokens/s / peak bf16 FLOP/s (nanoGPT/PaLM
+accounting: embedding lookup excluded, attention counted non-causally; active params count
+top_k of E routed experts); peak is the dense bf16 tensor-core rate of the GPU
+(H100/H200/H800 SXM 989e12, A100 312e12); unknown GPUs and CPUs give null.
 
 Legend: L MoE layers, E routed experts, K experts per token, B batch, S sequence length.
 """
@@ -449,7 +450,7 @@ class Trainer:
         for layer in self.model.moe_layers:  # the global loss counts this step's batch only
             layer.reset_global_counts()
         load_LE = torch.zeros(L, E, dtype=torch.int64, device=self.device)
-        dropped = torch.zeros((), dtype=torch.int64, device=self.device)
+        dropped_2 = torch.zeros(2, dtype=torch.int64, device=self.device)  # capacity, a2a
         ce = torch.zeros((), device=self.device)
         aux: dict[str, torch.Tensor] = {}
         bad_L = torch.zeros(L + 1, dtype=torch.int32, device=self.device)
@@ -470,7 +471,9 @@ class Trainer:
                 aux[name] = aux.get(name, 0.0) + value.detach() / t.grad_accum
             for i, routing in enumerate(out.layers):
                 load_LE[i] += expert_load(routing.experts_TK, E)
-                dropped += (~routing.keep_TK).sum()
+                dropped_2[0] += (~routing.keep_TK).sum()
+                if routing.comm is not None and routing.comm.dropped is not None:
+                    dropped_2[1] += routing.comm.dropped
                 if self.bias is not None:
                     self.bias.observe(i, routing.experts_TK, routing.keep_TK, training=True)
         self._check_finite(bad_L, step)
@@ -488,7 +491,7 @@ class Trainer:
         ce_f, *aux_fs = [float(ce), *(float(aux[n]) for n in names)]
         if self.par is not None:  # the global batch's loads, drops and mean losses
             self.par.sum(load_LE)
-            self.par.sum(dropped)
+            self.par.sum(dropped_2)
             ce_f, *aux_fs = (x / self.world_size for x in self.par.sum_floats([ce_f, *aux_fs]))
             if meter is not None:
                 self._a2a_record = meter.record(self.par)
@@ -496,13 +499,16 @@ class Trainer:
         load = load_LE.cpu()
         layers = [max_vio(load_E) for load_E in load]
         assignments = t.grad_accum * t.batch_size * t.seq_len * cfg.router.top_k * L
+        dropped, a2a_dropped = dropped_2.tolist()
         record = {
             "kind": "train", "step": step, "lr": lr, "ce_loss": ce_f,
             "loss": ce_f + sum(aux_f.values()), "aux": aux_f,
             "maxvio_batch": sum(layers) / L if L else None, "maxvio_batch_layers": layers,
-            "load": load.tolist(), "drop_frac": int(dropped) / assignments if L else None,
+            "load": load.tolist(), "drop_frac": dropped / assignments if L else None,
             "grad_norm": float(grad_norm),
         }
+        if self.par is not None and self.par.ep.a2a_capacity_factor is not None and L:
+            record["a2a_drop_frac"] = a2a_dropped / assignments
         if L:  # a dense model (no MoE layer) has no load: its MaxVio and drops are null
             self.sums["maxvio_batch"] += record["maxvio_batch"]
             self.sums["drop_frac"] += record["drop_frac"]
