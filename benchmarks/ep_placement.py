@@ -90,10 +90,11 @@ def time_layer(args: argparse.Namespace, ep: ExpertParallel, routing_TK: torch.T
     return times, a2a_times, stats
 
 
-def bytes_sent(stats: A2AStats) -> dict[str, dict[str, int]]:
-    """Bytes all ranks sent per phase and link class (collective)."""
+def bytes_sent(link_bytes: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """Bytes all ranks sent per phase and link class, from each rank's `link_bytes` (an
+    `A2AStats` property: useful or moved bytes; collective)."""
     device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
-    sent = torch.tensor([[stats.link_bytes[p][link] for link in LINKS] for p in PHASES],
+    sent = torch.tensor([[link_bytes[p][link] for link in LINKS] for p in PHASES],
                         dtype=torch.int64, device=device)  # NCCL reduces device tensors only
     dist.all_reduce(sent)
     return {p: dict(zip(LINKS, sent[i].tolist(), strict=True)) for i, p in enumerate(PHASES)}
@@ -172,7 +173,7 @@ def _worker(rank: int, args: argparse.Namespace, port: int) -> None:
     for name, placement in placements.items():
         ep = ExpertParallel(placement.layout(), rank, args.world)
         times, _, stats = time_layer(args, ep, timed_TK, device)
-        sent = sum(sum(links.values()) for links in bytes_sent(stats).values())
+        sent = sum(sum(links.values()) for links in bytes_sent(stats.link_bytes).values())
         modelled = judge(placement, timed_TK.numpy(), **topo)
         q20, q50, q80 = np.quantile(times, [0.2, 0.5, 0.8])
         results[name] = {

@@ -3,8 +3,9 @@
 benchmarks/ep_placement.py: under a skewed routing the fitted placement lowers the modelled
 busiest rank, and for both layouts the bytes the real layer's all-to-alls moved equal the
 accounting. benchmarks/ep_dispatch.py: for both real topologies, routings and dispatchers
-the bytes moved equal the accounting, and the measured ratios show dedup's and the group
-limit's savings."""
+the useful bytes moved equal the accounting, the padded per_expert all-to-all moves its
+fixed capacity and drops nothing at its default factor, and the measured ratios show dedup's
+and the group limit's savings."""
 
 from __future__ import annotations
 
@@ -45,17 +46,24 @@ def test_ep_dispatch_bytes_match_the_accounting(tmp_path: Path) -> None:
     cases = [r for r in rows if "bytes_measured" in r]
     assert {(r["topology"], r["routing"], r["dispatcher"]) for r in cases} == {
         (t, r, d) for t in ("2x1", "1x2") for r in ("none", "limited")
-        for d in ("per_expert", "dedup")}
+        for d in ("per_expert", "dedup", "per_expert_padded")}
     for row in cases:
         assert row["bytes_measured"] == row["bytes_accounted"]
         link = "ib" if row["topology"] == "2x1" else "nvlink"
         assert row["bytes_measured"]["dispatch"][link] > 0
+        if row["dispatcher"] == "per_expert_padded":
+            # C = ceil(2 * 64 tokens * 4 / 2) = 256 rows of 16 float32 to the other rank
+            assert (row["a2a_capacity_factor"], row["a2a_dropped"]) == (2, 0)
+            assert row["bytes_moved"] == {p: {link: 2 * 256 * 64, other: 0}
+                                          for p in ("dispatch", "combine")
+                                          for other in {"ib", "nvlink"} - {link}}
     ratios = {(r["topology"], r["routing"], r["dispatcher"]): r for r in rows
               if "bytes_measured" not in r}
-    assert len(ratios) == 8
+    assert len(ratios) == 14
     for topo in ("2x1", "1x2"):
         for routing in ("none", "limited"):
             assert ratios[topo, routing, "dedup / per_expert"]["bytes"] < 1
+            assert ratios[topo, routing, "per_expert_padded / per_expert"]["bytes"] == 1
         # limited: each token on one rank, one row per token under dedup, K = 4 per_expert
         assert ratios[topo, "limited", "dedup / per_expert"]["bytes"] == 0.25
         assert ratios[topo, "limited / none", "dedup"]["bytes"] < 1
