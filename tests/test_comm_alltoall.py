@@ -35,6 +35,7 @@ from local_servers import free_port
 from moebench.comm import Topology, summarize, traffic
 from moebench.comm.alltoall import distinct_groups
 from moebench.model import ExpertParallel, RoutedExperts
+from moebench.model.moe import _capped
 from moebench.routing import Layout, preset, route
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # spawned processes: ~20 s
@@ -212,6 +213,18 @@ def test_distinct_groups_lists_each_group_once(groups: int, k: int, data: st.Dat
     for row, got in zip(rows, group_NS.tolist(), strict=True):
         distinct = sorted(set(row) - {groups})
         assert got == distinct + [groups] * (len(got) - len(distinct))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 5), min_size=3, max_size=3), min_size=1, max_size=4),
+       st.integers(0, 12))
+def test_capped_counts_are_those_of_the_first_rows(counts: list[list[int]], capacity: int
+                                                   ) -> None:
+    """Row w of the padded send: its first `capacity` rows in local-expert order."""
+    got_WL = _capped(torch.tensor(counts), capacity)
+    for row, got in zip(counts, got_WL.tolist(), strict=True):
+        first = [x for x, n in enumerate(row) for _ in range(n)][:capacity]
+        assert got == [first.count(x) for x in range(len(row))]
 
 
 def test_unknown_dispatcher_is_refused() -> None:
