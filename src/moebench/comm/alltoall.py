@@ -14,10 +14,12 @@ The two dispatchers of `moebench.comm.accounting`, made real (`ExpertParallel.di
 expert; "dedup" is two hops, one row per (token, node) to the rank of that node with the
 source's in-node index, then one row per (token, rank) inside the node (`distinct_groups`:
 the nodes / ranks a row goes to). Rows for the rank itself stay local and cost
-no link bytes. `A2AStats.link_bytes` holds the bytes this rank sent per phase and link
+no link bytes. "per_expert" with `ExpertParallel.a2a_capacity_factor` exchanges a fixed
+number of rows per rank pair, padded (`A2AStats.padded`): no host sync, rows beyond it
+dropped. `A2AStats.link_bytes` holds the useful bytes this rank sent per phase and link
 class (NVLink inside its node, IB across; nodes of the real ranks' layout),
-`A2AStats.seconds` the time of each phase (`PhaseTimer`: CUDA events, read only when asked,
-so timing adds no host sync). Autograd: `AllToAll`'s backward is the reverse all-to-all.
+`moved_link_bytes` those really moved (padding included), `A2AStats.seconds` the time of
+each phase (`PhaseTimer`: CUDA events, read only when asked, so timing adds no host sync). Autograd: `AllToAll`'s backward is the reverse all-to-all.
 
 Legend: W ranks, X kinds of row (local experts), N rows, K slots of a row, H hidden.
 """

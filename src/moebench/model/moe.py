@@ -23,17 +23,20 @@ One routed-expert implementation (`RoutedExperts`), whatever the device:
   are sorted by (owning rank, local expert), dropped ones last; the kept rows travel in the
   compute dtype (bf16 under autocast) to their rank by `moebench.comm.alltoall`, are regrouped
   by local expert there, run as one grouped GEMM, and come back to be summed with the gates
-  ("per_expert" dispatcher); or ("dedup", `ExpertParallel.dispatcher`) each token goes once
-  to each node and once to each rank of its kept experts, which sums their gated outputs
-  (docs/metrics.md §4.1). Capacity is then per rank and micro-batch: T in [Switch] eq. 3
-  (and the V2 device budget) counts this rank's tokens, as every rank drops before it
-  dispatches. The batch-wide losses (switch, global) take f from the selection counts
-  all-reduced over the ranks (global: also summed over the optimizer step's micro-batches so
-  far), P from the rank's own tokens, so the mean over ranks of the rank losses is the loss
-  of the whole batch; the per-sequence losses need nothing (ranks hold whole sequences).
+  ("per_expert" dispatcher; with `ExpertParallel.a2a_capacity_factor`, a fixed number of
+  rows per rank pair, padded, so no host sync, rows beyond it dropped); or ("dedup",
+  `ExpertParallel.dispatcher`) each token goes once to each node and once to each rank of
+  its kept experts, which sums their gated outputs (docs/metrics.md §4.1). Capacity is
+  then per rank and micro-batch: T in [Switch] eq. 3 (and the V2 device budget) counts this
+  rank's tokens, as every rank drops before it dispatches. The batch-wide losses (switch,
+  global) take f from the selection counts all-reduced over the ranks (global: also summed
+  over the optimizer step's micro-batches so far), P from the rank's own tokens, so the mean
+  over ranks of the rank losses is the loss of the whole batch; the per-sequence losses need
+  nothing (ranks hold whole sequences).
 
-No host synchronisation in the forward on one GPU: the finiteness of the router logits is
-returned as a device flag (`LayerRouting.finite`) that the trainer checks once per step.
+No host synchronisation in the forward on one GPU, nor under expert parallelism with the
+padded all-to-all: the finiteness of the router logits is returned as a device flag
+(`LayerRouting.finite`) that the trainer checks once per step.
 
 Legend: T tokens, H d_model, F expert hidden width, E routed experts, K experts per token,
 B sequences, S sequence length, A kept (token, slot) assignments, W expert-parallel ranks,
