@@ -19,7 +19,8 @@ number of rows per rank pair, padded (`A2AStats.padded`): no host sync, rows bey
 dropped. `A2AStats.link_bytes` holds the useful bytes this rank sent per phase and link
 class (NVLink inside its node, IB across; nodes of the real ranks' layout),
 `moved_link_bytes` those really moved (padding included), `A2AStats.seconds` the time of
-each phase (`PhaseTimer`: CUDA events, read only when asked, so timing adds no host sync). Autograd: `AllToAll`'s backward is the reverse all-to-all.
+each phase (`PhaseTimer`: CUDA events, read only when asked, so timing adds no host sync).
+Autograd: `AllToAll`'s backward is the reverse all-to-all.
 
 Legend: W ranks, X kinds of row (local experts), N rows, K slots of a row, H hidden.
 """
