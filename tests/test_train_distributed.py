@@ -231,6 +231,12 @@ def test_measured_all_to_all_equals_the_accounting(run: str, request: pytest.Fix
         a2a = record["a2a"]
         measured, predicted = a2a["measured"], a2a["predicted"]
         assert measured["bytes"] == predicted["bytes"]
+        moved = [measured[key][p][link] for key in ("bytes", "moved_bytes")
+                 for p in ("dispatch", "combine") for link in ("nvlink", "ib")]
+        if run == "padded_run":  # C = T K rows to each other rank: more than the useful
+            assert all(m > b for b, m in zip(moved[:4], moved[4:], strict=True))
+        else:
+            assert moved[:4] == moved[4:]
         assert measured["copies"] == predicted["copies"]
         assert min(measured["bytes"]["dispatch"].values()) > 0  # NVLink and IB both used
         assert a2a["elem_bytes"] == {"dispatch": 4, "combine": 4}  # float32 on CPU

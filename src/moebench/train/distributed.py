@@ -359,12 +359,15 @@ class A2AMeter:
             timed = timer.seconds()
             for i, phase in enumerate(phases):
                 seconds[i] += timed.get(phase, 0.0)
-        sent = torch.zeros(2, 2, 2, dtype=torch.int64, device=par.device)  # phase, link, bytes|rows
+        # phase, link, useful bytes | rows | bytes moved (padding included), summed on the host
+        sent = torch.zeros(2, 2, 3, dtype=torch.int64)
         for st in self.stats:
+            counted = (st.link_bytes, st.link_rows, st.moved_link_bytes)
             for i, phase in enumerate(PHASES):
                 for j, link in enumerate(LINKS):
-                    sent[i, j, 0] += st.link_bytes[phase][link]
-                    sent[i, j, 1] += st.link_rows[phase][link]
+                    for k, per_link in enumerate(counted):
+                        sent[i, j, k] += per_link[phase][link]
+        sent = sent.to(par.device)
         par.max(seconds)
         par.sum(sent)
         predicted = self._predict(par)
@@ -375,6 +378,8 @@ class A2AMeter:
                           for i, p in enumerate(PHASES)},
                 "copies": {p: {link: int(sent[i, j, 1]) for j, link in enumerate(LINKS)}
                            for i, p in enumerate(PHASES)},
+                "moved_bytes": {p: {link: int(sent[i, j, 2]) for j, link in enumerate(LINKS)}
+                                for i, p in enumerate(PHASES)},
             },
             "predicted": predicted,
             "elem_bytes": {p: self.stats[0].row_bytes // self.cfg.model.d_model for p in PHASES},
