@@ -400,7 +400,7 @@ class RoutedExperts(nn.Module):
         E, W, L = ep.layout.num_experts, ep.world_size, ep.experts_per_rank
         C = ep.a2a_capacity(T * K)
         dev = x_TH.device
-        j_WC = torch.arange(C, device=dev).expand(W, C)  # slot j of the rows to each rank
+        j_WC = torch.arange(C, device=dev).repeat(W, 1)  # slot j of the rows to each rank
         with timer("permute"):
             plan, xs_AH = self._permute(x_TH, experts_TK, keep_TK)
             counts_WL = plan.counts[:E].view(W, L)
