@@ -73,22 +73,27 @@ SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "non
 """Tensor methods (and torch functions of the same name) that read device data on the host."""
 
 
+def _syncs(name: str, args: tuple, kwargs: dict) -> bool:
+    """Whether the call `name(*args, **kwargs)` (a `no_host_sync` name) reads device data."""
+    if name in ("__getitem__", "__setitem__"):  # a bool mask: nonzero
+        index = args[1] if isinstance(args[1], tuple) else (args[1],)
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
+    if name == "repeat_interleave":  # its output size
+        return kwargs.get("output_size") is None
+    return True
+
+
 @contextlib.contextmanager
 def no_host_sync() -> Iterator[None]:
     """Make every Python-level call that needs device data on the host raise: `SYNCS`,
     `repeat_interleave` without `output_size`, indexing by a bool mask. The grouped GEMM's
-    CPU fallback (a loop over host offsets; on a GPU `torch._grouped_mm` reads them on the
-    device) is exempt."""
+    CPU fallback (a loop over host offsets) is exempt: on a GPU, in bf16 on sm90+,
+    `torch._grouped_mm` reads the offsets on the device."""
     allowed = [False]
 
     def guard(name: str, original: Callable) -> Callable:
         def call(*args: object, **kwargs: object) -> object:
-            bad = name != "__getitem__" or any(
-                isinstance(i, torch.Tensor) and i.dtype == torch.bool
-                for i in (args[1] if isinstance(args[1], tuple) else (args[1],)))
-            if name == "repeat_interleave":
-                bad = kwargs.get("output_size") is None
-            if bad and not allowed[0]:
+            if not allowed[0] and _syncs(name, args, kwargs):
                 raise RuntimeError(f"host sync: {name}")
             return original(*args, **kwargs)
         return call
@@ -101,12 +106,12 @@ def no_host_sync() -> Iterator[None]:
             allowed[0] = False
 
     grouped_mm = kernel_experts.grouped_mm
-    with pytest.MonkeyPatch.context() as mp_:
-        for name in (*SYNCS, "repeat_interleave", "__getitem__"):
+    with pytest.MonkeyPatch.context() as patch:
+        for name in (*SYNCS, "repeat_interleave", "__getitem__", "__setitem__"):
             for owner in (torch.Tensor, torch):
                 if hasattr(owner, name):
-                    mp_.setattr(owner, name, guard(name, getattr(owner, name)))
-        mp_.setattr(kernel_experts, "grouped_mm", exempt)
+                    patch.setattr(owner, name, guard(name, getattr(owner, name)))
+        patch.setattr(kernel_experts, "grouped_mm", exempt)
         yield
 
 
