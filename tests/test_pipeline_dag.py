@@ -111,6 +111,17 @@ def snakemake(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_every_rule_activates_the_named_conda_environment(jobs: list[Any]) -> None:
+    """`--sdm conda` activates environment.yml's named environment, never a copy of the file
+    (whose `-e .` would find no project under .snakemake/conda/)."""
+    from snakemake.deployment.conda import CondaEnvSpecType
+
+    name = yaml.safe_load((REPO / "environment.yml").read_text())["name"]
+    specs = {job.rule.name: job.rule.conda_env for job in jobs if job.rule.name != "all"}
+    assert set(specs.values()) == {name}
+    assert CondaEnvSpecType.from_spec(name) is CondaEnvSpecType.NAME
+
+
 def test_lint_is_clean(tmp_path: Path) -> None:
     res = snakemake("--lint", "--configfile", str(DEFAULT), cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr

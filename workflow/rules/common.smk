@@ -44,7 +44,10 @@ DATASETS = sorted(STUDY.datasets)
 TRACKING = STUDY.tracking.uri is not None
 # The validated study as the rules' `moebench` calls read it (configfile + --config).
 STUDY_FILE = str(write_study_copy(STUDY))
-ENV = "../../environment.yml"
+# `--sdm conda`: jobs activate the named environment that `conda env create -f environment.yml`
+# makes, not the file: Snakemake would build a file's environment from a copy under
+# .snakemake/conda/, where environment.yml's `-e .` finds no project to install.
+ENV = read_yaml_mapping(Path(workflow.basedir) / "environment.yml", "conda environment")["name"]
 # Jobs find the tools installed beside the interpreter running Snakemake (moebench, torchrun)
 # at the end of PATH, locally and in SLURM jobs (srun passes PATH on): no activated
 # environment needed. (At the end, so a test's wrapper earlier on PATH still comes first.)
