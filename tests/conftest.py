@@ -98,9 +98,10 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
                   "--disable-sync"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def chromium() -> Iterator[Browser]:
-    """Debian's headless Chromium (installed with apt-get if absent), driven by Playwright."""
+    """Debian's headless Chromium (installed with apt-get if absent), driven by Playwright; per
+    test, because Playwright's event loop, while it runs, breaks Snakemake's API in-process."""
     if not Path(CHROMIUM).exists():
         if os.geteuid() != 0 or shutil.which("apt-get") is None:
             pytest.skip("Chromium is absent and installing it needs root with apt-get")
