@@ -15,7 +15,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
-from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, ScalarFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from moebench.io import atomic_path
 from moebench.report.stats import mean_ci95, strategy_order
@@ -31,11 +31,10 @@ _RATIO_CMAP = "RdBu_r"
 
 
 def _log_axis(axis: matplotlib.axis.Axis) -> None:
-    """Ticks at 1, 2, 5 x 10^n with plain-number labels (0.1, 0.2, 0.5, 1, 2) on a log axis."""
-    fmt = ScalarFormatter()
-    fmt.set_scientific(False)
+    """Ticks at 1, 2, 5 x 10^n with plain-number labels (0.001, 0.1, 0.2, 1, 2) on a log axis:
+    each label its own shortest form, never a shared number of decimals (0.00 for 0.001)."""
     axis.set_major_locator(LogLocator(base=10.0, subs=(1.0, 2.0, 5.0)))
-    axis.set_major_formatter(fmt)
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axis.set_minor_formatter(NullFormatter())
 
 
@@ -82,14 +81,16 @@ def _save_heatmaps(fig: Figure, axes: np.ndarray, image: Any, label: str, path: 
 
 
 def _mean_band(ax: Any, x: Any, values_XS: np.ndarray, color: Any, label: str,
-               floor: float = -np.inf, **line: Any) -> None:
+               floor: float = -np.inf, **line: Any) -> np.ndarray:
     """The mean over seeds (columns) of each row as a line, its 95% CI as a band; values
-    below `floor` are drawn at it (a log axis)."""
+    below `floor` are drawn at it (a log axis). Returns the drawn means."""
     mean, half = np.array([mean_ci95(row) for row in values_XS]).T
-    ax.plot(x, np.clip(mean, floor, None), label=label, color=color, **line)
+    mean = np.clip(mean, floor, None)
+    ax.plot(x, mean, label=label, color=color, **line)
     if np.isfinite(half).any():
         lo, hi = np.clip(mean - half, floor, None), np.clip(mean + half, floor, None)
         ax.fill_between(x, lo, hi, color=color, alpha=0.2, linewidth=0)
+    return mean
 
 
 def _by_strategy(
@@ -111,16 +112,21 @@ def maxvio_curves(curves: pd.DataFrame, path: Path, smooth: int = 5) -> None:
     """MaxVio_batch (mean over layers) against step per strategy: each seed's curve smoothed
     by a centred moving average over `smooth` logged steps ([LF] Fig. 3 averages over 100
     neighbouring steps), then the mean over seeds with its 95% CI as a band. Runs without
-    MaxVio (a dense model) are left out."""
+    MaxVio (a dense model) are left out. The axis starts at half the lowest mean: a band
+    whose CI reaches 0 (few seeds) runs off the bottom instead of squashing the curves."""
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.subplots()
+    lowest = np.inf
     for strategy, color, by_seed in _by_strategy(curves.dropna(subset=["maxvio_batch"]),
                                                  "step", "maxvio_batch"):
         smoothed = by_seed.rolling(smooth, center=True, min_periods=1).mean().to_numpy()
-        _mean_band(ax, by_seed.index, smoothed, color, strategy, floor=_LOG_FLOOR)
+        mean = _mean_band(ax, by_seed.index, smoothed, color, strategy, floor=_LOG_FLOOR)
+        lowest = min(lowest, float(np.nanmin(mean)))
     ax.set_xlabel("training step")
     ax.set_ylabel("MaxVio_batch (mean over MoE layers)")
     ax.set_yscale("log")
+    if np.isfinite(lowest):
+        ax.set_ylim(bottom=lowest / 2)
     _log_axis(ax.yaxis)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
