@@ -14,6 +14,10 @@
 # the corpus must be the carried one (its CPython part depends on the interpreter's stdlib).
 set -uo pipefail
 [ -d work/data/gpu_study ] || tar xJf work/gpu_study_data.tar.xz || exit 1
+# the corpus every committed run trained on (results/reference/gpu_study/data.json), or nothing
+sha256sum --quiet -c <(python3 -c 'import json
+for s in json.load(open("results/reference/gpu_study/data.json"))["splits"].values():
+    print(s["sha256"] + "  work/data/gpu_study/mixed/" + s["file"])') || exit 1
 budget=$1
 shift
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
