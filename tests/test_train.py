@@ -380,6 +380,38 @@ def test_mlflow_sqlite_logs_params_metrics_and_artifacts(
     assert child.data.tags["seed"] == "1" and child.data.params["seed"] == "1"
 
 
+def test_a_run_that_loses_the_dataset_insert_race_keeps_tracking(
+    shakespeare_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Concurrent runs of a study log the same dataset; the SQL store looks the row up, then
+    inserts it, so the slower run's insert fails (seen in CI: "IntegrityError: UNIQUE
+    constraint failed: datasets.experiment_id, datasets.name, datasets.digest"). Here the
+    other run's insert lands between this run's lookup and insert, once, on a real store."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = make_cfg(shakespeare_dir, study="demo", tracking={"uri": uri, "experiment": "demo"})
+    winner = Tracker(cfg)
+    real = MlflowClient.log_inputs
+    raced: list[str] = []
+
+    def lose_once(client: MlflowClient, run_id: str, datasets: Any = None, **kw: Any) -> None:
+        if not raced:
+            raced.append(run_id)
+            real(client, winner.run_id, datasets)  # the other run's insert, just before ours
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: "
+                                  "datasets.experiment_id, datasets.name, datasets.digest")
+        real(client, run_id, datasets, **kw)
+
+    monkeypatch.setattr(MlflowClient, "log_inputs", lose_once)
+    loser = Tracker(cfg.model_copy(update={"seed": 1}))
+    assert raced == [loser.run_id] and loser.lost is None
+    runs = [MlflowClient(uri).get_run(t.run_id) for t in (winner, loser)]
+    (a,), (b,) = (r.inputs.dataset_inputs for r in runs)
+    assert a.dataset.digest == b.dataset.digest and a.dataset.name == "shakespeare"
+
+
 def test_lr_schedule_warmup_then_cosine_to_floor(tmp_path: Path) -> None:
     cfg = RunConfig.model_validate(
         {"train": {"steps": 100, "lr": 1e-3, "warmup_steps": 10, "min_lr_frac": 0.1}})

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import update_config, validate
 
 from moebench.config import RunConfig, read_yaml_mapping, study_from_dict
@@ -49,8 +50,18 @@ DATASETS = sorted(STUDY.datasets)
 TRACKING = STUDY.tracking.uri is not None
 # The validated study as the rules' `moebench` calls read it (configfile + --config).
 STUDY_FILE = str(write_study_copy(STUDY))
-# `--sdm conda`: environment.yml with the project installed from this checkout's path.
-ENV = str(write_conda_env(Path(workflow.basedir)))
+
+
+def conda_env() -> str:
+    """The rules' `conda:` environment: environment.yml, or under `--sdm conda` its copy that
+    installs this checkout by path (written only then: `write_conda_env`)."""
+    settings = workflow.deployment_settings
+    if settings is not None and DeploymentMethod.CONDA in settings.deployment_method:
+        return str(write_conda_env(Path(workflow.basedir)))
+    return "../../environment.yml"
+
+
+ENV = conda_env()
 # Jobs find the tools installed beside the interpreter running Snakemake (moebench, torchrun)
 # at the end of PATH, locally and in SLURM jobs (srun passes PATH on): no activated
 # environment needed. (At the end, so a test's wrapper earlier on PATH still comes first.)

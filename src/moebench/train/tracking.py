@@ -236,6 +236,7 @@ class Tracker:
         from mlflow.data.dataset_source_registry import get_registered_sources
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
+        from mlflow.exceptions import MlflowException
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
         folder = Path(cfg.data_dir).resolve()
@@ -247,7 +248,14 @@ class Tracker:
         local = next(s for s in get_registered_sources() if s._get_source_type() == "local")
         data = MetaDataset(local(str(folder)), name=cfg.dataset, digest=digest)
         context = InputTag(MLFLOW_DATASET_CONTEXT, "training")
-        self.client.log_inputs(self.run_id, [DatasetInput(data._to_mlflow_entity(), [context])])
+        inputs = [DatasetInput(data._to_mlflow_entity(), [context])]
+        try:
+            self.client.log_inputs(self.run_id, inputs)
+        except MlflowException:
+            # Concurrent runs of a study insert the same dataset row: the SQL store looks it
+            # up, then inserts it, so the slower one fails (UNIQUE constraint) and rolls back.
+            # Once more, it finds the row; any other failure repeats and stops tracking.
+            self.client.log_inputs(self.run_id, inputs)
 
     def start_system_metrics(self, resumed: bool) -> None:
         """Sample CPU, memory, disk, network (and GPU) into `system/*` metrics until finish."""
