@@ -28,16 +28,23 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "configs/default.yaml"
 
 
+def workflow_api(api: SnakemakeApi, workdir: Path, configfile: Path,
+                 deployment: frozenset[DeploymentMethod] = frozenset()) -> Any:
+    """The workflow of a study file in `workdir`, through Snakemake's API (which changes the
+    working directory and is not re-entrant: never call it from two threads)."""
+    return api.workflow(
+        snakefile=REPO / "Snakefile",
+        workdir=workdir,
+        config_settings=ConfigSettings(configfiles=[configfile]),
+        resource_settings=ResourceSettings(cores=2),
+        deployment_settings=DeploymentSettings(deployment_method=deployment),
+    )
+
+
 def dry_run(workdir: Path, configfile: Path = DEFAULT) -> list[Any]:
-    """Jobs Snakemake would run in `workdir` (the API changes the working directory, and it is
-    not re-entrant: never call it from two threads)."""
+    """Jobs Snakemake would run in `workdir`."""
     with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
-        wf = api.workflow(
-            snakefile=REPO / "Snakefile",
-            workdir=workdir,
-            config_settings=ConfigSettings(configfiles=[configfile]),
-            resource_settings=ResourceSettings(cores=2),
-        )
+        wf = workflow_api(api, workdir, configfile)
         wf.dag().execute_workflow(executor="dryrun")
         return list(wf._workflow.dag.needrun_jobs(exclude_finished=False))
 
@@ -118,15 +125,16 @@ def conda_envs(workdir: Path) -> set[str | None]:
     """The `conda:` environments of the test study's rules as `--sdm conda` builds its DAG
     (planning needs no conda; running would)."""
     with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
-        wf = api.workflow(
-            snakefile=REPO / "Snakefile",
-            workdir=workdir,
-            config_settings=ConfigSettings(configfiles=[REPO / "configs/test.yaml"]),
-            resource_settings=ResourceSettings(cores=2),
-            deployment_settings=DeploymentSettings(deployment_method={DeploymentMethod.CONDA}),
-        )
+        wf = workflow_api(api, workdir, REPO / "configs/test.yaml",
+                          frozenset({DeploymentMethod.CONDA}))
         wf.dag()
         return {rule.conda_env for rule in wf._workflow.rules if rule.name != "all"}
+
+
+def pip_section(env: dict[str, Any]) -> list[str]:
+    """The pip requirements of a conda environment file."""
+    (pip,) = [d["pip"] for d in env["dependencies"] if isinstance(d, dict)]
+    return pip
 
 
 def test_under_sdm_conda_every_rule_installs_this_checkout(tmp_path: Path) -> None:
@@ -137,9 +145,7 @@ def test_under_sdm_conda_every_rule_installs_this_checkout(tmp_path: Path) -> No
     assert env == str(tmp_path / "work/conda/environment.yaml")
     made = yaml.safe_load(Path(env).read_text())
     source = yaml.safe_load((REPO / "environment.yml").read_text())
-    (pip,) = [d["pip"] for d in made["dependencies"] if isinstance(d, dict)]
-    (source_pip,) = [d["pip"] for d in source["dependencies"] if isinstance(d, dict)]
-    assert pip == [f"-e {REPO}" if p == "-e ." else p for p in source_pip]
+    assert pip_section(made) == [f"-e {REPO}" if p == "-e ." else p for p in pip_section(source)]
     assert {k: v for k, v in made.items() if k != "dependencies"} == {
         k: v for k, v in source.items() if k != "dependencies"
     }

@@ -20,6 +20,7 @@ from moebench.report.published import match_settings
 from moebench.report.study import grid_override_problem, typed_overrides
 from moebench.report.summary import load_settings
 from moebench.train.loop import epochs_warning
+from test_pipeline_dag import pip_section
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_STUDY = REPO / "configs/test.yaml"
@@ -183,7 +184,7 @@ def test_environment_yml_pins_the_runtime_dependencies_of_pyproject() -> None:
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     env = yaml.safe_load((REPO / "environment.yml").read_text())
-    (pip,) = [d["pip"] for d in env["dependencies"] if isinstance(d, dict)]
+    pip = pip_section(env)
     assert [p for p in pip if p != "-e ."] == project["dependencies"]
     assert not set(project["optional-dependencies"]["dev"]) & set(pip)  # no test tools
 
